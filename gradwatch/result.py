@@ -1,0 +1,81 @@
+"""What a check returns: pydantic models at the edge, filled from plain numpy in `check`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["CheckResult", "Component", "Diagnosis", "Status", "TensorResult"]
+
+Status = Literal["ok", "warn", "fail", "nondeterministic"]
+Diagnosis = Literal["bug", "truncation", "roundoff", "kink", "nondeterministic"]
+Mode = Literal["full", "sampled", "directional"]
+
+# Infinity and NaN are written as JSON constants so they survive a round trip
+# (pydantic's default would write them as null).
+_MODEL_CONFIG = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
+
+
+class Component(BaseModel):
+    """One checked component of theta, e.g. ``W2[0, 3]``."""
+
+    model_config = _MODEL_CONFIG
+
+    tensor: str
+    index: list[int]
+    name: str
+    analytic: float
+    numeric: float
+    abs_error: float
+    rel_error: float
+    diagnosis: Diagnosis | None = None
+    """Label from re-evaluating with a second step size; None when not diagnosed."""
+
+
+class TensorResult(BaseModel):
+    """The verdict for one named tensor."""
+
+    model_config = _MODEL_CONFIG
+
+    ratio: float
+    checked: int
+    size: int
+    max_abs_error: float
+    status: Status
+
+
+class CheckResult(BaseModel):
+    """The outcome of one gradient check.
+
+    ``ratio`` is ||numeric - analytic|| / (||numeric|| + ||analytic||) over the
+    checked components (0 when both norms are 0). ``status`` is the worse of the
+    global verdict and the per-tensor verdicts.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    ratio: float
+    status: Status
+    tensors: dict[str, TensorResult]
+    worst: list[Component]
+    eps: float
+    eps_policy: str
+    checked: int
+    size: int
+    loss: float
+    loss_evals: int
+    seconds: float
+    regularization: dict[str, float]
+    step: int | None = None
+    mode: Mode = "full"
+    dtype: str = "float64"
+    warn: float = 1e-5
+    threshold: float = 1e-3
+    seed: int = 0
+    notes: list[str] = []
+
+    @property
+    def failed(self) -> bool:
+        """True when this check should raise an alert."""
+        return self.status == "fail"
