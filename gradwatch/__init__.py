@@ -1,5 +1,6 @@
 """gradwatch: two-sided finite-difference gradient checks inside a training loop."""
 
+from gradwatch.check import check
 from gradwatch.errors import (
     GradientCheckError,
     GradwatchError,
@@ -9,9 +10,11 @@ from gradwatch.errors import (
     ParameterError,
     ReportError,
 )
+from gradwatch.regularization import L2, Penalty, RegularizationTerm
 from gradwatch.result import CheckResult, Component, TensorResult
 
 __all__ = [
+    "L2",
     "CheckResult",
     "Component",
     "GradientCheckError",
@@ -20,6 +23,9 @@ __all__ = [
     "MissingBatchError",
     "OptionError",
     "ParameterError",
+    "Penalty",
+    "RegularizationTerm",
     "ReportError",
     "TensorResult",
+    "check",
 ]

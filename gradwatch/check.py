@@ -1,0 +1,705 @@
+"""The two-sided gradient check of the lecture.
+
+For each checked component i of theta::
+
+    numeric_i = (J(theta + h e_i) - J(theta - h e_i)) / 2h
+    ratio     = ||numeric - analytic|| / (||numeric|| + ||analytic||)
+
+The caller's arrays are perturbed in place, one component at a time, and the
+original value is written back (bit for bit, also when ``loss`` raises). A full
+check costs 2n evaluations of J plus a handful: two to probe for
+nondeterminism, two per diagnosed worst component.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from gradwatch.errors import LossError, OptionError
+from gradwatch.params import NamedTensors, component_name, named_tensors
+from gradwatch.regularization import RegularizationTerm
+from gradwatch.result import CheckResult, Component, Diagnosis, Status, TensorResult
+
+__all__ = ["AUTO_FULL_MAX_SIZE", "NEAR_ZERO_FLOOR", "check", "default_step"]
+
+F64 = npt.NDArray[np.float64]
+Sample = int | float | Literal["auto", "directional"] | None
+
+NEAR_ZERO_FLOOR = 1e-3
+"""Per-tensor denominators are floored at this fraction of the whole gradient's scale,
+so a tensor whose true gradient is about 0 is not judged on noise over noise."""
+
+AUTO_FULL_MAX_SIZE = 2000
+"""``sample="auto"`` checks every component up to this size, above it it detects per
+tensor with random directions and localizes by sampling inside flagged tensors."""
+
+AUTO_LOCALIZE_COMPONENTS = 256
+"""Components sampled inside each tensor that ``sample="auto"`` flags."""
+
+_STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
+
+
+def default_step(dtype: np.dtype[np.floating]) -> float:
+    """The base step cbrt(machine eps): it balances truncation (h^2) against roundoff (eps/h).
+
+    >>> round(default_step(np.dtype(np.float64)), 9)
+    6.055e-06
+    """
+    return float(np.cbrt(np.finfo(dtype).eps))
+
+
+def check(
+    loss: Callable[[], object],
+    params: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+    grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+    *,
+    eps: float | None = None,
+    sample: Sample = None,
+    seed: int = 0,
+    top_k: int = 10,
+    regularization: Iterable[RegularizationTerm] = (),
+    warn: float = 1e-5,
+    threshold: float = 1e-3,
+    diagnose: bool = True,
+) -> CheckResult:
+    """Compare ``grads`` with two-sided finite differences of ``loss`` (+ regularization).
+
+    Args:
+        loss: zero-argument callable returning J at the current values of ``params``.
+        params: named writable float arrays (or one array, named ``theta``); mapping
+            order is the flattening order of theta.
+        grads: the analytic gradient of J, same keys and shapes.
+        eps: step size. None picks cbrt(machine eps) * max(1, |theta_i|) per component
+            and divides by the step actually realized in the dtype; a float is used as
+            given, dividing by 2 * eps (``eps=1e-7`` reproduces the lecture).
+        sample: None checks every component; an int k checks k components; a float in
+            (0, 1] checks that fraction; both drawn with ``seed``, stratified so every
+            tensor is represented (at least one component each). ``"directional"``
+            checks each tensor along one random unit direction (two evaluations per
+            tensor); ``"auto"`` is full up to ``AUTO_FULL_MAX_SIZE`` components, else
+            directional with sampled localization inside the flagged tensors.
+        seed: seed of the sampling and of the random directions.
+        top_k: how many worst components to report.
+        regularization: terms added to J on the numeric side, e.g. ``gradwatch.L2``.
+        warn: ratios at or above it are ``"warn"``.
+        threshold: ratios at or above it are ``"fail"``.
+        diagnose: re-evaluate the worst components with half the step to label them.
+
+    Returns:
+        The ``CheckResult``; ``status`` is the worse of the global verdict and the
+        per-tensor verdicts, or ``"nondeterministic"`` when J(theta) evaluated twice
+        differs beyond roundoff.
+
+    Raises:
+        ParameterError: bad ``params`` / ``grads``.
+        OptionError: an option out of range.
+        LossError: ``loss`` returned a non-scalar or non-finite value.
+
+    Example:
+        >>> import numpy as np, gradwatch
+        >>> w = np.array([1.0, -2.0])
+        >>> result = gradwatch.check(lambda: float(np.sum(w**2)), {"w": w}, {"w": 2 * w})
+        >>> result.status, result.checked
+        ('ok', 2)
+    """
+    started = time.perf_counter()
+    _validate_options(eps, top_k, warn, threshold)
+    tensors = named_tensors(params, grads)
+    terms = _validate_terms(regularization, tensors)
+    objective = _Objective(loss, tensors, terms)
+    policy = "given" if eps is not None else "cbrt(machine eps) * max(1, |theta_i|)"
+    base_step = eps if eps is not None else default_step(_coarsest_dtype(tensors))
+
+    loss0 = objective.loss("J(theta)")
+    loss0_again = objective.loss("J(theta), evaluated again")
+    notes: list[str] = []
+    nondeterministic = abs(loss0 - loss0_again) > 64 * objective.roundoff * max(abs(loss0), 1e-300)
+    if nondeterministic:
+        notes.append(
+            f"J(theta) evaluated twice gave {loss0!r} and {loss0_again!r}: the loss is "
+            "nondeterministic (dropout or other randomness not replayed?); no alert"
+        )
+
+    def compare_components(
+        plan: dict[str, npt.NDArray[np.intp]],
+    ) -> tuple[_Comparison, list[Component]]:
+        comparison = _componentwise(objective, tensors, plan, loss0, base_step, eps is not None)
+        worst = comparison.worst_components(top_k)
+        if diagnose:
+            _diagnose(worst, comparison, objective, tensors, loss0, nondeterministic, warn)
+        kinks = [c for c in worst if c.diagnosis == "kink"]
+        if kinks:
+            comparison.exclude([comparison.position[c.name] for c in kinks])
+            notes.append(
+                "left out of the ratios as kinks (one-sided slopes differ at two step sizes): "
+                + ", ".join(c.name for c in kinks)
+            )
+        return comparison, worst
+
+    if sample == "auto" and tensors.size <= AUTO_FULL_MAX_SIZE:
+        sample = None
+    if _is_directional(sample):
+        comparison = _directional(objective, tensors, base_step, seed)
+        worst = comparison.worst_components(top_k)
+        notes.append("directional: one random unit direction per tensor, 2 evaluations each")
+        flagged = [
+            name
+            for name, verdict in comparison.per_tensor(tensors, warn, threshold).items()
+            if verdict.status != "ok"
+        ]
+        if sample == "auto" and flagged:
+            plan = _localization_plan(tensors, flagged, seed)
+            worst = compare_components(plan)[1]
+            notes.append(
+                f"localized by sampling up to {AUTO_LOCALIZE_COMPONENTS} components in "
+                + ", ".join(flagged)
+            )
+    else:
+        assert not isinstance(sample, str)
+        plan = _sample_plan(tensors, sample, seed)
+        comparison, worst = compare_components(plan)
+
+    ratio = comparison.ratio()
+    per_tensor = comparison.per_tensor(tensors, warn, threshold)
+    status = _status(ratio, warn, threshold)
+    for verdict in per_tensor.values():
+        if _STATUS_ORDER[verdict.status] > _STATUS_ORDER[status]:
+            status = verdict.status
+    if nondeterministic:
+        status = "nondeterministic"
+
+    return CheckResult(
+        ratio=ratio,
+        status=status,
+        tensors=per_tensor,
+        worst=worst,
+        eps=base_step,
+        eps_policy=policy,
+        checked=comparison.checked,
+        size=tensors.size,
+        loss=loss0 + sum(term.value(tensors.params) for term in terms),
+        loss_evals=objective.evaluations,
+        seconds=time.perf_counter() - started,
+        regularization={term.name: term.value(tensors.params) for term in terms},
+        mode=comparison.mode,
+        dtype=str(_coarsest_dtype(tensors)),
+        warn=warn,
+        threshold=threshold,
+        seed=seed,
+        notes=notes,
+    )
+
+
+class _Objective:
+    """J = loss() + regularization, evaluated at the current (possibly perturbed) theta.
+
+    Terms that are sums over components (L2) are not re-evaluated per component:
+    their change is added exactly, in O(1), by the component loop.
+    """
+
+    def __init__(
+        self,
+        loss: Callable[[], object],
+        tensors: NamedTensors,
+        terms: Sequence[RegularizationTerm],
+    ) -> None:
+        if not callable(loss):
+            raise LossError(
+                f"loss: expected a zero-argument callable returning J, "
+                f"received {type(loss).__name__}"
+            )
+        self._loss = loss
+        self._params = tensors.params
+        self.terms = terms
+        self.evaluations = 0
+        self.roundoff = float(np.finfo(_coarsest_dtype(tensors)).eps)
+
+    def value(self, where: str) -> float:
+        """Full J: the loss plus every term."""
+        return self.loss(where) + sum(term.value(self._params) for term in self.terms)
+
+    def loss(self, where: str | tuple[str, int, str]) -> float:
+        self.evaluations += 1
+        raw = self._loss()
+        # float is the hot path: no numpy round trip
+        value = raw if type(raw) is float else _as_scalar(raw, _where(where))
+        if not math.isfinite(value):
+            raise LossError(
+                f"loss at {_where(where)}: expected a finite scalar, received {value!r}"
+            )
+        return value
+
+
+def _where(where: str | tuple[str, int, str]) -> str:
+    """Where J was evaluated; a tuple (tensor, flat index, side) is formatted only on error."""
+    if isinstance(where, str):
+        return where
+    tensor, flat_index, side = where
+    return f"{tensor} flat index {flat_index} {side}"
+
+
+def _as_scalar(raw: object, where: str) -> float:
+    try:
+        array = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        try:
+            return float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise LossError(
+                f"loss at {where}: expected a float or 0-d array, received {type(raw).__name__}"
+            ) from None
+    if array.size != 1:
+        raise LossError(
+            f"loss at {where}: expected a scalar (float or 0-d array), "
+            f"received an array of shape {array.shape}"
+        )
+    return float(array.reshape(()))
+
+
+@dataclass
+class _Comparison:
+    """Numeric and analytic values of the checked components, in theta order."""
+
+    mode: Literal["full", "sampled", "directional"]
+    names: list[str]
+    tensors: list[str]
+    indices: list[tuple[int, ...]]
+    numeric: F64
+    analytic: F64
+    steps: F64
+    plus: F64
+    """J(theta + h e_i) - J(theta), kept for the one-sided slopes of the diagnosis."""
+    minus: F64
+    gradient_scale: float
+    """||numeric|| + ||analytic|| over the whole comparison, for the near-zero floor."""
+    included: npt.NDArray[np.bool_] = field(init=False)
+    position: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.included = np.ones(len(self.names), dtype=bool)
+        self.position = {name: i for i, name in enumerate(self.names)}
+
+    @property
+    def checked(self) -> int:
+        return len(self.names)
+
+    def exclude(self, positions: list[int]) -> None:
+        self.included[positions] = False
+
+    def ratio(self) -> float:
+        keep = self.included
+        return _ratio(self.numeric[keep], self.analytic[keep])
+
+    def per_tensor(
+        self, tensors: NamedTensors, warn: float, threshold: float
+    ) -> dict[str, TensorResult]:
+        owner = np.array(self.tensors)
+        results: dict[str, TensorResult] = {}
+        for name in tensors.names:
+            members = owner == name
+            keep = members & self.included
+            numeric, analytic = self.numeric[keep], self.analytic[keep]
+            error = float(np.linalg.norm(numeric - analytic))
+            scale = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
+            floor = NEAR_ZERO_FLOOR * self.gradient_scale * self._floor_weight(tensors, name)
+            denominator = max(scale, floor)
+            ratio = error / denominator if denominator > 0 else 0.0
+            results[name] = TensorResult(
+                ratio=ratio,
+                checked=int(members.sum()),
+                size=tensors.params[name].size,
+                max_abs_error=float(np.max(np.abs(numeric - analytic), initial=0.0)),
+                status=_status(ratio, warn, threshold),
+            )
+        return results
+
+    def _floor_weight(self, tensors: NamedTensors, name: str) -> float:
+        # A directional value is one projection of the tensor's gradient: compare
+        # it with the projection of the whole gradient onto one random direction.
+        if self.mode == "directional":
+            return 1.0 / math.sqrt(tensors.params[name].size)
+        return 1.0
+
+    def worst_components(self, top_k: int) -> list[Component]:
+        errors = np.abs(self.numeric - self.analytic)
+        count = min(top_k, len(errors))
+        if count == 0:
+            return []
+        order = np.argpartition(-errors, count - 1)[:count]
+        order = order[np.argsort(-errors[order], kind="stable")]
+        worst = []
+        for i in order:
+            numeric, analytic = float(self.numeric[i]), float(self.analytic[i])
+            denominator = abs(numeric) + abs(analytic)
+            worst.append(
+                Component(
+                    tensor=self.tensors[i],
+                    index=list(self.indices[i]),
+                    name=self.names[i],
+                    analytic=analytic,
+                    numeric=numeric,
+                    abs_error=float(errors[i]),
+                    rel_error=float(errors[i]) / denominator if denominator > 0 else 0.0,
+                )
+            )
+        return worst
+
+
+def _componentwise(
+    objective: _Objective,
+    tensors: NamedTensors,
+    plan: dict[str, npt.NDArray[np.intp]],
+    loss0: float,
+    base_step: float,
+    step_given: bool,
+) -> _Comparison:
+    names: list[str] = []
+    owners: list[str] = []
+    indices: list[tuple[int, ...]] = []
+    plus_changes: list[float] = []
+    minus_changes: list[float] = []
+    steps: list[float] = []
+    analytic_parts: list[F64] = []
+    separable, generic = _split_terms(objective.terms)
+    generic0 = sum(term.value(tensors.params) for term in generic)
+
+    for tensor in tensors.names:
+        chosen = plan[tensor]
+        if chosen.size == 0:
+            continue
+        view = tensors.flat_param(tensor)
+        as_dtype = view.dtype.type
+        shape = tensors.params[tensor].shape
+        for j in chosen.tolist():
+            old = view[j]
+            h = base_step if step_given else base_step * max(1.0, abs(float(old)))
+            up = as_dtype(old + h)
+            down = as_dtype(old - h)
+            try:
+                view[j] = up
+                plus = objective.loss((tensor, j, "+ h")) - loss0
+                if generic:
+                    plus += sum(t.value(tensors.params) for t in generic) - generic0
+                view[j] = down
+                minus = objective.loss((tensor, j, "- h")) - loss0
+                if generic:
+                    minus += sum(t.value(tensors.params) for t in generic) - generic0
+            finally:
+                view[j] = old
+            for term in separable:
+                plus += term.component_change(tensor, float(old), float(up)) or 0.0
+                minus += term.component_change(tensor, float(old), float(down)) or 0.0
+            plus_changes.append(plus)
+            minus_changes.append(minus)
+            steps.append(2 * h if step_given else float(up) - float(down))
+            index = tuple(int(i) for i in np.unravel_index(j, shape)) if shape else ()
+            indices.append(index)
+            names.append(component_name(tensor, index))
+            owners.append(tensor)
+        analytic_parts.append(tensors.grads[tensor].reshape(-1)[chosen].astype(np.float64))
+
+    plus_array = np.array(plus_changes)
+    minus_array = np.array(minus_changes)
+    step_array = np.array(steps)
+    numeric = (plus_array - minus_array) / step_array
+    analytic = np.concatenate(analytic_parts) if analytic_parts else np.zeros(0)
+    full = all(plan[t].size == tensors.params[t].size for t in tensors.names)
+    return _Comparison(
+        mode="full" if full else "sampled",
+        names=names,
+        tensors=owners,
+        indices=indices,
+        numeric=numeric,
+        analytic=analytic,
+        steps=step_array,
+        plus=plus_array,
+        minus=minus_array,
+        gradient_scale=float(np.linalg.norm(numeric) + np.linalg.norm(analytic)),
+    )
+
+
+def _directional(
+    objective: _Objective,
+    tensors: NamedTensors,
+    base_step: float,
+    seed: int,
+) -> _Comparison:
+    """One random unit direction v per tensor: (J(theta + h v) - J(theta - h v)) / 2h vs g . v."""
+    rng = np.random.default_rng(seed)
+    numeric: list[float] = []
+    analytic: list[float] = []
+    for tensor in tensors.names:
+        array = tensors.params[tensor]
+        direction = rng.standard_normal(array.shape)
+        direction /= np.linalg.norm(direction)
+        h = base_step * max(1.0, float(np.max(np.abs(array))))
+        original = array.copy()
+        try:
+            array[...] = original + h * direction
+            plus = objective.value(f"{tensor} + h v")
+            array[...] = original - h * direction
+            minus = objective.value(f"{tensor} - h v")
+        finally:
+            array[...] = original
+        numeric.append((plus - minus) / (2 * h))
+        analytic.append(float(np.sum(tensors.grads[tensor] * direction, dtype=np.float64)))
+
+    names = list(tensors.names)
+    numeric_array, analytic_array = np.array(numeric), np.array(analytic)
+    # A projection onto one random unit direction has about 1/sqrt(size) of the norm;
+    # rescale so the floor compares like with like.
+    sizes = np.array([tensors.params[t].size for t in names], dtype=np.float64)
+    scale = float(np.linalg.norm(numeric_array * np.sqrt(sizes)))
+    scale += float(np.linalg.norm(analytic_array * np.sqrt(sizes)))
+    return _Comparison(
+        mode="directional",
+        names=[f"{t} (direction)" for t in names],
+        tensors=names,
+        indices=[() for _ in names],
+        numeric=numeric_array,
+        analytic=analytic_array,
+        steps=np.zeros(len(names)),
+        plus=np.zeros(len(names)),
+        minus=np.zeros(len(names)),
+        gradient_scale=scale,
+    )
+
+
+def _diagnose(
+    worst: list[Component],
+    comparison: _Comparison,
+    objective: _Objective,
+    tensors: NamedTensors,
+    loss0: float,
+    nondeterministic: bool,
+    warn: float,
+) -> None:
+    """Label the worst components by re-evaluating them with half the step.
+
+    The rule, in order (h is the step, noise = eps_J * |J| / h):
+      nondeterministic: J(theta) itself was not reproducible.
+      roundoff / truncation for a component that agrees (relative error below
+            ``warn``): truncation when the error at h/2 is at most half the error
+            at h, else roundoff.
+      kink: the one-sided slopes (J(theta+h)-J(theta))/h and (J(theta)-J(theta-h))/h
+            differ by at least half the error and by more than 16 noise, and the gap
+            stays the same size at h/2 (ratio 0.75..1.5). For a smooth J the gap is
+            about h * J'' (it halves); for roundoff it is about noise (it doubles).
+      roundoff: the error is within 4 noise, the noise taken as the gap itself
+            when the gap grows like 1/h.
+      truncation: the error at h/2 is at most half the error at h (it shrinks like h^2).
+      bug: none of the above: the error is stable under a change of step.
+    """
+    if not worst:
+        return
+    separable, generic = _split_terms(objective.terms)
+    generic0 = sum(term.value(tensors.params) for term in generic)
+    j_scale = max(abs(loss0 + generic0), 1e-300) * objective.roundoff
+    for component in worst:
+        if nondeterministic:
+            component.diagnosis = "nondeterministic"
+            continue
+        i = comparison.position[component.name]
+        h_plus, h_minus, plus_half, minus_half = _half_step(
+            objective, tensors, comparison, i, component, loss0, separable, generic, generic0
+        )
+        step = comparison.steps[i] / 2
+        error_h = abs(component.numeric - component.analytic)
+        numeric_half = (plus_half - minus_half) / (h_plus + h_minus)
+        error_half = abs(numeric_half - component.analytic)
+        noise = j_scale / step
+        gap_h = abs(comparison.plus[i] / step + comparison.minus[i] / step)
+        gap_half = abs(plus_half / h_plus + minus_half / h_minus)
+        gap_growth = gap_half / gap_h if gap_h > 0 else 0.0
+        if gap_growth >= 1.5:
+            noise = max(noise, gap_h)
+        label: Diagnosis
+        if component.rel_error < warn:
+            label = "truncation" if error_half <= 0.5 * error_h else "roundoff"
+        elif gap_h >= 0.5 * error_h and gap_h > 16 * noise and 0.75 <= gap_growth <= 1.5:
+            label = "kink"
+        elif error_h <= 4 * noise:
+            label = "roundoff"
+        elif error_half <= 0.5 * error_h:
+            label = "truncation"
+        else:
+            label = "bug"
+        component.diagnosis = label
+
+
+def _half_step(
+    objective: _Objective,
+    tensors: NamedTensors,
+    comparison: _Comparison,
+    i: int,
+    component: Component,
+    loss0: float,
+    separable: list[RegularizationTerm],
+    generic: list[RegularizationTerm],
+    generic0: float,
+) -> tuple[float, float, float, float]:
+    """J(theta +- h/2 e_i) - J(theta) and the realized half steps."""
+    tensor = component.tensor
+    view = tensors.flat_param(tensor)
+    shape = tensors.params[tensor].shape
+    j = int(np.ravel_multi_index(tuple(component.index), shape)) if shape else 0
+    old = view[j]
+    half = float(comparison.steps[i]) / 4
+    up = view.dtype.type(old + half)
+    down = view.dtype.type(old - half)
+    try:
+        view[j] = up
+        plus = objective.loss(f"{component.name} + h/2") - loss0
+        plus += sum(t.value(tensors.params) for t in generic) - generic0 if generic else 0.0
+        view[j] = down
+        minus = objective.loss(f"{component.name} - h/2") - loss0
+        minus += sum(t.value(tensors.params) for t in generic) - generic0 if generic else 0.0
+    finally:
+        view[j] = old
+    for term in separable:
+        plus += term.component_change(tensor, float(old), float(up)) or 0.0
+        minus += term.component_change(tensor, float(old), float(down)) or 0.0
+    return float(up) - float(old), float(old) - float(down), plus, minus
+
+
+def _split_terms(
+    terms: Sequence[RegularizationTerm],
+) -> tuple[list[RegularizationTerm], list[RegularizationTerm]]:
+    """Terms whose per-component change is exact in O(1), and the rest."""
+    separable = [t for t in terms if t.component_change("", 0.0, 0.0) is not None]
+    generic = [t for t in terms if t not in separable]
+    return separable, generic
+
+
+def _sample_plan(
+    tensors: NamedTensors, sample: int | float | None, seed: int
+) -> dict[str, npt.NDArray[np.intp]]:
+    """Which flat indices of each tensor to check, sorted."""
+    sizes = {name: tensors.params[name].size for name in tensors.names}
+    total = tensors.size
+    if sample is None:
+        return {name: np.arange(size) for name, size in sizes.items()}
+    if isinstance(sample, bool) or not isinstance(sample, int | float):
+        raise OptionError(
+            f"sample: expected None, an int k >= 1, a float in (0, 1], 'auto' or "
+            f"'directional', received {sample!r}"
+        )
+    if isinstance(sample, float):
+        if not 0.0 < sample <= 1.0:
+            raise OptionError(f"sample: expected a fraction in (0, 1], received {sample!r}")
+        count = max(1, round(sample * total))
+    else:
+        if not 1 <= sample <= total:
+            raise OptionError(
+                f"sample: expected an int between 1 and the {total} components of theta, "
+                f"received {sample!r}"
+            )
+        count = sample
+    if count >= total:
+        return {name: np.arange(size) for name, size in sizes.items()}
+    allocation = _stratified_allocation(sizes, count)
+    rng = np.random.default_rng(seed)
+    return {
+        name: np.sort(rng.choice(sizes[name], size=allocation[name], replace=False))
+        for name in tensors.names
+    }
+
+
+def _stratified_allocation(sizes: dict[str, int], count: int) -> dict[str, int]:
+    """Components per tensor: proportional to size (largest remainder), at least one each."""
+    total = sum(sizes.values())
+    shares = {name: count * size / total for name, size in sizes.items()}
+    allocation = {name: min(sizes[name], max(1, math.floor(s))) for name, s in shares.items()}
+    by_remainder = sorted(sizes, key=lambda n: shares[n] - math.floor(shares[n]), reverse=True)
+    while sum(allocation.values()) < count:
+        for name in by_remainder:
+            if allocation[name] < sizes[name] and sum(allocation.values()) < count:
+                allocation[name] += 1
+    return allocation
+
+
+def _is_directional(sample: Sample) -> bool:
+    if isinstance(sample, str):
+        if sample not in ("auto", "directional"):
+            raise OptionError(
+                f"sample: expected None, an int, a float in (0, 1], 'auto' or 'directional', "
+                f"received {sample!r}"
+            )
+        return True
+    return False
+
+
+def _localization_plan(
+    tensors: NamedTensors, flagged: list[str], seed: int
+) -> dict[str, npt.NDArray[np.intp]]:
+    """Up to AUTO_LOCALIZE_COMPONENTS sampled components in each flagged tensor, none elsewhere."""
+    rng = np.random.default_rng(seed)
+    plan = {}
+    for name in tensors.names:
+        size = tensors.params[name].size if name in flagged else 0
+        count = min(size, AUTO_LOCALIZE_COMPONENTS)
+        plan[name] = (
+            np.sort(rng.choice(size, size=count, replace=False))
+            if count
+            else np.zeros(0, dtype=np.intp)
+        )
+    return plan
+
+
+def _validate_options(eps: float | None, top_k: int, warn: float, threshold: float) -> None:
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf
+    ):
+        raise OptionError(f"eps: expected None or a finite float > 0, received {eps!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise OptionError(f"top_k: expected an int >= 0, received {top_k!r}")
+    for name, value in (("warn", warn), ("threshold", threshold)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise OptionError(f"{name}: expected a float > 0, received {value!r}")
+    if warn > threshold:
+        raise OptionError(
+            f"warn: expected warn <= threshold ({threshold!r}), received warn={warn!r}"
+        )
+
+
+def _validate_terms(
+    regularization: Iterable[RegularizationTerm], tensors: NamedTensors
+) -> list[RegularizationTerm]:
+    if isinstance(regularization, RegularizationTerm):
+        regularization = [regularization]
+    terms = list(regularization)
+    for term in terms:
+        if not isinstance(term, RegularizationTerm):
+            raise OptionError(
+                "regularization: expected terms such as gradwatch.L2(...) or "
+                f"gradwatch.Penalty(fn), received {type(term).__name__}"
+            )
+        validate = getattr(term, "validate", None)
+        if validate is not None:
+            validate(tensors.params)
+    return terms
+
+
+def _coarsest_dtype(tensors: NamedTensors) -> np.dtype[np.floating]:
+    return max((tensors.params[n].dtype for n in tensors.names), key=lambda d: np.finfo(d).eps)
+
+
+def _ratio(numeric: F64, analytic: F64) -> float:
+    difference = float(np.linalg.norm(numeric - analytic))
+    denominator = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
+    return difference / denominator if denominator > 0 else 0.0
+
+
+def _status(ratio: float, warn: float, threshold: float) -> Status:
+    if ratio >= threshold:
+        return "fail"
+    if ratio >= warn:
+        return "warn"
+    return "ok"
