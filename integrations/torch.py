@@ -1,0 +1,671 @@
+"""PyTorch modules as gradient-check parameters: a float64 shadow, RNG replay, restore.
+
+``check_module`` checks the gradient of J = ``loss_fn(model, batch)`` (+ penalties)
+in *recompute* mode: it never touches ``model``. It deep-copies the model into a
+*shadow* (float64 by default), runs autograd on the shadow for the analytic
+gradient, and hands the shadow's parameters to ``gradwatch.check`` as numpy arrays
+that share memory with the shadow's tensors, so the core's in-place perturbation of
+one component is what the shadow's next forward sees. Every evaluation of J (and
+the analytic pass) starts from the same forked RNG state, so dropout draws the same
+mask every time; afterwards every global RNG (python, numpy, torch, CUDA) and
+torch's default dtype are put back as they were. The model's parameters, ``.grad``,
+buffers (BatchNorm running stats), train/eval mode and the optimizer are never
+written to, so training continues bit for bit as if no check had run.
+
+Plain PyTorch loop, after ``loss.backward()`` and before ``optimizer.step()``::
+
+    import gradwatch
+    from gradwatch.integrations.torch import after_backward
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    watch = gradwatch.GradWatch(every=500, report_dir="runs/exp1/gradwatch")
+    for step, batch in enumerate(loader):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        after_backward(watch, step, model, loss_fn, batch, optimizer=optimizer)
+        optimizer.step()
+    watch.close()
+
+The framework callbacks (``gradwatch.integrations.transformers`` and
+``gradwatch.integrations.lightning``) use the same pieces: `BatchCapture` to see the
+batch, `weight_decay_notes`, and `check_due` to run and record a due check.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+import gradwatch
+from gradwatch.errors import LossError, OptionError, ParameterError
+from gradwatch.result import CheckResult
+
+if TYPE_CHECKING:
+    from gradwatch.callback import GradWatch
+
+__all__ = [
+    "NATIVE_TOLERANCE_SCALE",
+    "STATUS_CODES",
+    "BatchCapture",
+    "LossFn",
+    "Penalties",
+    "Penalty",
+    "Precision",
+    "RngState",
+    "after_backward",
+    "check_due",
+    "check_module",
+    "check_step_notes",
+    "is_shadow",
+    "module_gradients",
+    "result_metrics",
+    "trainable_parameters",
+    "weight_decay_notes",
+]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss_fn(model, batch) -> scalar tensor``: the data part of J."""
+Penalty = Callable[[nn.Module], torch.Tensor]
+"""``penalty(model) -> scalar tensor``: a regularization term of J, on both sides."""
+Penalties = Sequence[Penalty] | Mapping[str, Penalty]
+Precision = Literal["float64", "native"]
+Analytic = Literal["recompute", "live"]
+
+NATIVE_TOLERANCE_SCALE: dict[torch.dtype, float] = {
+    torch.float64: 1.0,
+    torch.float32: 100.0,
+    torch.float16: 1000.0,
+}
+"""Factor applied to ``warn`` and ``threshold`` when the check runs in native precision.
+
+Two-sided differences in float32 give ratios near 1e-4 on correct code (roundoff
+over a step of cbrt(2^-23) ~ 5e-3), so the float64 verdicts would cry wolf; the
+factor moves them to 1e-3 / 1e-1 for float32, still far below the ratio of a real
+bug (a wrong backward is typically >= 0.1, most are ~1). The result's notes say
+which thresholds were used.
+"""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a check covers: ``model.named_parameters()`` with ``requires_grad``.
+
+    Frozen parameters (``requires_grad=False``) are left out; a parameter shared by
+    two modules (tied weights) appears once, under its first name.
+    """
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def module_gradients(
+    model: nn.Module, dtype: npt.DTypeLike = np.float64
+) -> tuple[dict[str, npt.NDArray[np.floating]], list[str]]:
+    """The ``.grad`` of each trainable parameter as a numpy array (a copy), plus notes.
+
+    A parameter whose ``.grad`` is None (unused in the forward, or a path cut by
+    ``.detach()``) gets zeros and a note naming it, instead of an error: if the
+    true gradient is not zero the check then fails on that tensor.
+    """
+    grads: dict[str, npt.NDArray[np.floating]] = {}
+    missing: list[str] = []
+    for name, p in trainable_parameters(model).items():
+        if p.grad is None:
+            missing.append(name)
+            grads[name] = np.zeros(tuple(p.shape), dtype=dtype)
+        else:
+            grads[name] = _to_numpy(p.grad).astype(dtype, copy=True)
+    notes = []
+    if missing:
+        notes.append(
+            "no gradient (.grad is None after backward), compared as zeros: " + ", ".join(missing)
+        )
+    return grads, notes
+
+
+# --------------------------------------------------------------------------- global state
+
+
+@dataclass(frozen=True)
+class RngState:
+    """Every global random generator a forward pass may draw from.
+
+    ``capture()`` forks the state; ``restore()`` puts it back bit for bit, as often
+    as needed: the check restores it before every evaluation of J (so dropout draws
+    the same mask each time) and once more at the end (so training draws as if no
+    check had run).
+    """
+
+    python: tuple[Any, ...]
+    numpy: Any
+    torch_cpu: torch.Tensor
+    cuda: tuple[torch.Tensor, ...] | None
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = tuple(torch.cuda.get_rng_state_all())
+        return cls(
+            python=random.getstate(),
+            numpy=np.random.get_state(),
+            torch_cpu=torch.get_rng_state(),
+            cuda=cuda,
+        )
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(list(self.cuda))
+
+
+@contextmanager
+def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
+    """Fork the RNGs; on exit restore them, the default dtype, grad mode and train modes."""
+    rng = RngState.capture()
+    default_dtype = torch.get_default_dtype()
+    grad_enabled = torch.is_grad_enabled()
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield rng
+    finally:
+        rng.restore()
+        torch.set_default_dtype(default_dtype)
+        torch.set_grad_enabled(grad_enabled)
+        for module, training in modes:
+            module.training = training
+
+
+# --------------------------------------------------------------------------- the shadow
+
+
+_SHADOW_FLAG = "_gradwatch_shadow"
+
+
+def is_shadow(module: nn.Module) -> bool:
+    """True for a module built by a check (hooks use it to ignore the shadow's forwards)."""
+    return bool(getattr(module, _SHADOW_FLAG, False))
+
+
+class _Shadow:
+    """A deep copy of the model whose trainable parameters are views of numpy arrays."""
+
+    def __init__(self, model: nn.Module, precision: Precision) -> None:
+        try:
+            shadow = copy.deepcopy(model)
+        except Exception as error:
+            raise ParameterError(
+                f"model: expected a module that copy.deepcopy can copy (the check runs on "
+                f"a copy and never touches the model), received {type(model).__name__}, "
+                f"whose copy failed: {error}"
+            ) from error
+        object.__setattr__(shadow, _SHADOW_FLAG, True)
+        self.native_dtype = _floating_dtype(model)
+        if precision == "float64":
+            shadow.to(torch.float64)
+            self.dtype = torch.float64
+        else:
+            self.dtype = self.native_dtype
+            if self.dtype not in NATIVE_TOLERANCE_SCALE:
+                raise OptionError(
+                    f"precision: 'native' needs parameters numpy can hold (float64, float32, "
+                    f"float16), received {self.dtype}; use precision='float64'"
+                )
+        self.module = shadow
+        self.params = trainable_parameters(shadow)
+        self.arrays: dict[str, npt.NDArray[np.floating]] = {}
+        self._synced: list[tuple[torch.Tensor, npt.NDArray[np.floating]]] = []
+        for name, p in self.params.items():
+            p.grad = None
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if p.device.type == "cpu":
+                self.arrays[name] = p.detach().numpy()  # shares memory with the shadow
+            else:  # copied into the device tensor before each evaluation
+                self.arrays[name] = p.detach().cpu().numpy().copy()
+                self._synced.append((p, self.arrays[name]))
+
+    def arrays_dtype(self) -> npt.DTypeLike:
+        """The numpy dtype of the checked arrays (float64, or the native dtype)."""
+        first = next(iter(self.arrays.values()), None)
+        return np.float64 if first is None else first.dtype
+
+    def sync(self) -> None:
+        """Make a non-CPU shadow see the (possibly perturbed) numpy arrays."""
+        with torch.no_grad():
+            for tensor, array in self._synced:
+                tensor.copy_(torch.from_numpy(array))
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.detach().cpu().numpy()
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a nested batch; containers are rebuilt (never mutated)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        items = {key: _map_tensors(item, fn) for key, item in value.items()}
+        try:
+            return type(value)(items)
+        except Exception:
+            return items
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_map_tensors(item, fn) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(item, fn) for item in value)
+    return value
+
+
+def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
+    if isinstance(regularization, Mapping):
+        items = list(regularization.items())
+    else:
+        items = []
+        for i, penalty in enumerate(regularization):
+            name = str(getattr(penalty, "__name__", ""))
+            items.append((name if name and name != "<lambda>" else f"penalty[{i}]", penalty))
+    for name, penalty in items:
+        if not callable(penalty):
+            raise OptionError(
+                f"regularization[{name!r}]: expected a callable (model) -> scalar tensor, "
+                f"received {type(penalty).__name__}"
+            )
+    return items
+
+
+def _scalar(value: Any, where: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise LossError(f"{where}: expected a scalar torch.Tensor, received {type(value).__name__}")
+    if value.numel() != 1:
+        raise LossError(
+            f"{where}: expected a scalar tensor, received one of shape {tuple(value.shape)}"
+        )
+    return value.reshape(())
+
+
+class _Objective:
+    """J(shadow) = loss_fn(shadow, batch) + penalties, with the forked RNG state replayed."""
+
+    def __init__(
+        self,
+        shadow: _Shadow,
+        loss_fn: LossFn,
+        batch: Any,
+        penalties: list[tuple[str, Penalty]],
+        rng: RngState,
+    ) -> None:
+        self.shadow = shadow
+        self.loss_fn = loss_fn
+        dtype = shadow.dtype
+        self._batch = _map_tensors(
+            batch,
+            lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t,
+        )
+        self.penalties = penalties
+        self.rng = rng
+
+    def terms(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The data loss and each penalty, from the same RNG state every time."""
+        self.rng.restore()
+        model = self.shadow.module
+        batch = _map_tensors(self._batch, lambda t: t)  # loss_fn may pop from its dict
+        loss = _scalar(self.loss_fn(model, batch), "loss_fn(model, batch)")
+        penalties = {
+            name: _scalar(penalty(model), f"regularization[{name!r}](model)")
+            for name, penalty in self.penalties
+        }
+        return loss, penalties
+
+    def penalty_values(self) -> dict[str, float]:
+        """Each penalty at the current parameters."""
+        self.shadow.sync()
+        with torch.no_grad():
+            return {
+                name: float(_scalar(penalty(self.shadow.module), f"regularization[{name!r}]"))
+                for name, penalty in self.penalties
+            }
+
+    def __call__(self) -> float:
+        """J at the current values of the numpy arrays (the core's loss closure)."""
+        self.shadow.sync()
+        with torch.no_grad():
+            loss, penalties = self.terms()
+            total = loss + sum(penalties.values()) if penalties else loss
+        return float(total)
+
+    def analytic(self) -> tuple[dict[str, npt.NDArray[np.floating]], list[str]]:
+        """The autograd gradient of J on the shadow at the unperturbed parameters."""
+        self.shadow.sync()
+        with torch.enable_grad():
+            loss, penalties = self.terms()
+            total = loss + sum(penalties.values()) if penalties else loss
+            notes = []
+            if total.requires_grad:
+                total.backward()
+            else:
+                notes.append("J does not depend on any trainable parameter through autograd")
+        grads, missing = module_gradients(self.shadow.module, self.shadow.arrays_dtype())
+        return grads, notes + missing
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def weight_decay_notes(optimizer: Any) -> list[str]:
+    """What the optimizer's weight decay means for the check, one note per kind found.
+
+    Coupled decay (``SGD``/``Adam``/... ``weight_decay``) adds λθ inside
+    ``optimizer.step()``: it is not in ``.grad`` and not in J. Decoupled decay
+    (``AdamW``) shrinks θ in the update and is not part of any gradient. Wrappers
+    (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) are
+    looked through.
+    """
+    inner = optimizer
+    for _ in range(4):
+        wrapped = getattr(inner, "optimizer", None)
+        if wrapped is None or wrapped is inner:
+            break
+        inner = wrapped
+    groups = getattr(inner, "param_groups", None)
+    if not groups:
+        return []
+    decays = sorted({float(g.get("weight_decay", 0.0) or 0.0) for g in groups} - {0.0})
+    kind = type(inner).__name__
+    if not decays:
+        return [f"optimizer {kind}: no weight decay"]
+    values = ", ".join(f"{d:g}" for d in decays)
+    if isinstance(inner, torch.optim.AdamW) or any(g.get("decoupled_weight_decay") for g in groups):
+        return [
+            f"optimizer {kind}: decoupled weight decay ({values}) is applied in the update, "
+            "not part of the gradient; it is not in J"
+        ]
+    return [
+        f"optimizer {kind}: coupled weight decay ({values}) is added to the gradient inside "
+        "optimizer.step(), not in .grad; it is not in J (pass a regularization penalty to "
+        "check it)"
+    ]
+
+
+def check_module(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    regularization: Penalties = (),
+    optimizer: Any = None,
+    precision: Precision = "float64",
+    analytic: Analytic = "recompute",
+    notes: Sequence[str] = (),
+    **check_options: Any,
+) -> CheckResult:
+    """Check the gradient of ``loss_fn(model, batch)`` + penalties for ``model``'s parameters.
+
+    Args:
+        model: the module; never modified (parameters, ``.grad``, buffers, modes).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the data part of J.
+        batch: whatever ``loss_fn`` takes; floating tensors in it are cast to the
+            shadow's dtype.
+        regularization: penalties ``(model) -> scalar tensor`` (a sequence, or a
+            mapping name -> penalty), part of J on both sides: in the autograd pass
+            and in every numeric evaluation. Recorded in the result by name and value.
+        optimizer: when given, the notes say whether its weight decay is coupled or
+            decoupled (neither is in J).
+        precision: ``"float64"`` (default) runs on a float64 copy; ``"native"`` keeps
+            the model's dtype (float32/float16): the core picks the step from the
+            dtype, ``warn`` and ``threshold`` are multiplied by
+            ``NATIVE_TOLERANCE_SCALE[dtype]``, and the notes say so.
+        analytic: ``"recompute"`` (default) compares the numeric gradient with autograd
+            on the shadow; ``"live"`` compares it with the model's own ``.grad`` as it
+            is now (finds missing ``zero_grad``, wrong accumulation scaling; a
+            parameter whose ``.grad`` is None is compared as zeros and noted).
+        notes: extra lines for the result's notes (e.g. from a framework callback).
+        **check_options: passed to `gradwatch.check` (``eps``, ``sample``, ``seed``,
+            ``top_k``, ``warn``, ``threshold``, ``diagnose``).
+
+    Returns:
+        The `CheckResult`; its ``regularization`` holds the penalties' values and its
+        ``notes`` the precision, missing gradients, weight decay and ``notes``.
+
+    Example:
+        >>> import torch
+        >>> from gradwatch.integrations.torch import check_module
+        >>> net = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(4, 3)
+        >>> result = check_module(net, lambda m, x: m(x).square().mean(), x)
+        >>> result.status, result.size
+        ('ok', 8)
+    """
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
+    if not callable(loss_fn):
+        raise OptionError(
+            f"loss_fn: expected a callable (model, batch) -> scalar tensor, "
+            f"received {type(loss_fn).__name__}"
+        )
+    if precision not in ("float64", "native"):
+        raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
+    if analytic not in ("recompute", "live"):
+        raise OptionError(f"analytic: expected 'recompute' or 'live', received {analytic!r}")
+    penalties = _penalty_items(regularization)
+    if not trainable_parameters(model):
+        raise ParameterError(
+            f"model: expected at least one parameter with requires_grad=True, "
+            f"received {type(model).__name__} with none"
+        )
+    all_notes = list(notes)
+    options = dict(check_options)
+
+    with _untouched_globals(model) as rng:
+        shadow = _Shadow(model, precision)
+        objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+        if analytic == "recompute":
+            grads, grad_notes = objective.analytic()
+        else:
+            grads, grad_notes = module_gradients(model, shadow.arrays_dtype())
+            all_notes.append(
+                "live: analytic gradient is the model's .grad (after accumulation and any "
+                "clipping done before this point), numeric gradient is of J on this batch"
+            )
+        all_notes.extend(grad_notes)
+        all_notes.extend(_precision_notes(shadow, options))
+        if optimizer is not None:
+            all_notes.extend(weight_decay_notes(optimizer))
+        result = gradwatch.check(objective, shadow.arrays, grads, **options)
+        penalty_values = objective.penalty_values()
+
+    if penalties:
+        all_notes.append("penalties in J (both sides): " + ", ".join(penalty_values))
+    else:
+        all_notes.append("penalties in J: none")
+    return result.model_copy(
+        update={
+            "regularization": {**result.regularization, **penalty_values},
+            "notes": [*result.notes, *all_notes],
+        }
+    )
+
+
+def _precision_notes(shadow: _Shadow, options: dict[str, Any]) -> list[str]:
+    """Scale warn/threshold in native precision (in ``options``) and say what was used."""
+    if shadow.dtype == torch.float64:
+        if shadow.native_dtype != torch.float64:
+            return [f"float64 shadow of a {_dtype_name(shadow.native_dtype)} model"]
+        return []
+    scale = NATIVE_TOLERANCE_SCALE[shadow.dtype]
+    warn = float(options.get("warn", 1e-5)) * scale
+    threshold = float(options.get("threshold", 1e-3)) * scale
+    options["warn"], options["threshold"] = warn, threshold
+    return [
+        f"native precision {_dtype_name(shadow.dtype)}: step from the dtype, warn and "
+        f"threshold scaled x{scale:g} to {warn:g} and {threshold:g}"
+    ]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------- training loops
+
+
+class BatchCapture:
+    """Holds the last inputs of ``model.forward``, seen by a forward pre-hook.
+
+    Trainer callbacks never receive the batch; this hook does (``with_kwargs=True``,
+    so ``model(**inputs)`` is captured too). It keeps references only, and only
+    while ``armed`` (the framework arms it for due steps), and ignores eval-mode
+    forwards and the check's own shadow.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.armed = False
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] | None = None
+        self._handle: RemovableHandle | None = model.register_forward_pre_hook(
+            self._make_hook(), with_kwargs=True
+        )
+
+    def _make_hook(
+        self,
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        # A closure, not a bound method: copy.deepcopy of the model (the shadow)
+        # copies the hook table, and must not copy this object along with it.
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.armed and module.training and module is self.model:
+                self.args, self.kwargs = args, dict(kwargs)
+
+        return hook
+
+    @property
+    def captured(self) -> bool:
+        return self.kwargs is not None
+
+    def clear(self) -> None:
+        self.args = self.kwargs = None
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.clear()
+
+
+def check_due(
+    watch: GradWatch,
+    step: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    optimizer: Any = None,
+    regularization: Penalties = (),
+    precision: Precision = "float64",
+    analytic: Analytic = "recompute",
+    notes: Sequence[str] = (),
+) -> CheckResult:
+    """Run `check_module` with the watch's options and record it (report, logs, alert).
+
+    Raises:
+        GradientCheckError: the check failed and the watch has ``on_alert="raise"``.
+    """
+    started = time.perf_counter()
+    result = check_module(
+        model,
+        loss_fn,
+        batch,
+        regularization=regularization,
+        optimizer=optimizer,
+        precision=precision,
+        analytic=analytic,
+        notes=notes,
+        **watch.check_options(),
+    )
+    return watch.record(result, step, seconds=time.perf_counter() - started)
+
+
+def after_backward(
+    watch: GradWatch,
+    step: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    optimizer: Any = None,
+    regularization: Penalties = (),
+    precision: Precision = "float64",
+    analytic: Analytic = "recompute",
+) -> CheckResult | None:
+    """The plain-loop hook for torch: call after ``loss.backward()``, before ``optimizer.step()``.
+
+    The torch counterpart of ``GradWatch.after_backward``: when ``watch.due(step)``
+    (``step`` = updates completed before this one), checks ``model`` on ``batch``
+    with `check_module` and records the result; otherwise returns None at once.
+    Training is not changed either way.
+    """
+    if not watch.due(step):
+        return None
+    return check_due(
+        watch,
+        step,
+        model,
+        loss_fn,
+        batch,
+        optimizer=optimizer,
+        regularization=regularization,
+        precision=precision,
+        analytic=analytic,
+    )
+
+
+STATUS_CODES: dict[str, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
+"""``gradwatch/status`` as a number, for metric loggers that only take scalars."""
+
+
+def result_metrics(result: CheckResult) -> dict[str, float]:
+    """The scalars a trainer logs after a check (TensorBoard, W&B, CSV...)."""
+    return {
+        "gradwatch/ratio": float(result.ratio),
+        "gradwatch/status": float(STATUS_CODES[result.status]),
+        "gradwatch/alert": float(result.failed),
+        "gradwatch/checked": float(result.checked),
+        "gradwatch/seconds": float(result.seconds),
+    }
+
+
+def check_step_notes(accumulation_steps: int) -> list[str]:
+    """Notes every framework check carries about which batch J is on."""
+    if accumulation_steps > 1:
+        return [
+            f"gradient accumulation over {accumulation_steps} micro-batches: the check "
+            "covers the step's last micro-batch"
+        ]
+    return []
