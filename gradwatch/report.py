@@ -346,24 +346,18 @@ class ReportWriter:
         """True once `close` has run."""
         return self._checks is None
 
-    def append(self, result: CheckResult) -> None:
-        """Append one check to ``checks.jsonl`` (flushed and fsynced) and update the summary."""
+    def append_line(self, result: CheckResult) -> None:
+        """Append one check to ``checks.jsonl``, flushed and fsynced before returning."""
         if self._checks is None:
             raise ReportError(f"the report in {self.directory} is closed; cannot record a check")
-        line = result.model_dump_json() + "\n"
         try:
-            self._checks.write(line)
+            self._checks.write(result.model_dump_json() + "\n")
             self._checks.flush()
             os.fsync(self._checks.fileno())
         except OSError as error:
             raise ReportError(
                 f"could not append to {self.directory / CHECKS_FILE}: {error}"
             ) from error
-        self.summary.series.append(step_record(result))
-        alert = alert_for(result)
-        if alert is not None:
-            self.summary.alerts.append(alert)
-        self.write_summary()
 
     def write_summary(self) -> None:
         """Replace ``report.json`` atomically with the current summary."""

@@ -1,0 +1,581 @@
+"""GradWatch: the framework-neutral callback (schedule, reports, logging, alerts).
+
+A plain training loop calls `GradWatch.after_backward` after backward and before the
+update. Framework integrations reuse the same core in three calls::
+
+    if watch.due(step):                               # schedule (and time budget)
+        result = my_check(..., **watch.check_options())
+        watch.record(result, step)                    # report, log event, alert
+
+and configure it with `GradWatch.set_context` / `GradWatch.note` (what the report should
+say about the run), `GradWatch.open` (a report directory known only at train begin) and
+``write=False`` (ranks other than 0 write no files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from gradwatch.errors import GradientCheckError, OptionError, ReportError
+from gradwatch.regularization import RegularizationTerm
+from gradwatch.report import (
+    Alert,
+    ReportSummary,
+    ReportWriter,
+    RunConfiguration,
+    SkippedCheck,
+    alert_for,
+    current_environment,
+    step_record,
+)
+from gradwatch.result import CheckResult
+
+__all__ = ["GradWatch", "OnAlert", "Sample"]
+
+Sample = int | float | Literal["auto", "directional"] | None
+OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
+ReportDir = str | os.PathLike[str] | None
+
+LOGGER_NAME = "gradwatch"
+CHECK_EVENT = "gradient_check"
+ALERT_EVENT = "gradient_alert"
+SKIP_EVENT = "gradient_check_skipped"
+
+_LEVELS = {"ok": logging.INFO, "warn": logging.WARNING, "nondeterministic": logging.WARNING}
+
+
+class GradWatch:
+    """Check the gradient every `every` optimizer updates, report, and alert on bugs.
+
+    Args:
+        every: check when ``step % every == 0``, where ``step`` counts the optimizer
+            updates completed before this one (0-based), so the first update is checked.
+        sample: what `gradwatch.check` takes (None, an int k, a fraction, "directional"),
+            plus the default "auto": a full check for small models, cheap detection and
+            sampled localization for large ones.
+        eps: finite-difference step; None picks it from dtype and scale.
+        threshold: a check at or above this ratio fails and raises an alert.
+        warn: a check at or above this ratio is flagged "warn" (no alert).
+        top_k: how many worst components each check keeps.
+        seed: seed of the sampled components.
+        report_dir: where ``checks.jsonl`` and ``report.json`` go. Created (and tested for
+            writing) at construction. None defers the choice to `open`; checks recorded
+            before that are kept in memory and written when it opens.
+        on_alert: "log" (an error-level ``gradient_alert`` event), "raise" (raise
+            `GradientCheckError` after the check is written and logged), or a callable
+            receiving the failing `CheckResult`. The error event is logged in every case.
+        budget: the largest share of wall time (in (0, 1]) checks may take. None: no limit.
+            With a budget, a due check is skipped (and recorded as skipped) while the
+            checks so far have taken more than that share of the time since the first
+            step; the first due check always runs.
+        write: False makes this instance write no files (ranks other than 0); it still
+            checks, logs and alerts.
+
+    Raises:
+        OptionError: an option is out of range.
+        ReportError: `report_dir` cannot be created or written.
+
+    Example:
+        >>> import numpy as np, gradwatch
+        >>> w = np.array([1.0, -2.0])
+        >>> with gradwatch.GradWatch(every=10, report_dir=None) as watch:
+        ...     result = watch.after_backward(
+        ...         0, loss=lambda: float(np.sum(w**2)), params={"w": w}, grads={"w": 2 * w}
+        ...     )
+        >>> result.status, result.step
+        ('ok', 0)
+    """
+
+    def __init__(
+        self,
+        every: int = 500,
+        *,
+        sample: Sample = "auto",
+        eps: float | None = None,
+        threshold: float = 1e-3,
+        warn: float = 1e-5,
+        top_k: int = 10,
+        seed: int = 0,
+        report_dir: ReportDir = "gradwatch",
+        on_alert: OnAlert = "log",
+        budget: float | None = None,
+        write: bool = True,
+    ) -> None:
+        _validate(every, sample, eps, threshold, warn, top_k, seed, on_alert, budget)
+        self.every = every
+        self.sample = sample
+        self.eps = eps
+        self.threshold = float(threshold)
+        self.warn = float(warn)
+        self.top_k = top_k
+        self.seed = seed
+        self.on_alert = on_alert
+        self.budget = None if budget is None else float(budget)
+        self._write = bool(write)
+        self._requested_dir: Path | None = None if report_dir is None else Path(report_dir)
+        self._writer: ReportWriter | None = None
+        self._closed = False
+        self._results: list[CheckResult] = []
+        self._started: float | None = None
+        self._check_seconds = 0.0
+        self._decision: tuple[int, bool] | None = None
+        self._log = _StdlibEvents(logging.getLogger(LOGGER_NAME))
+        self._summary = ReportSummary(
+            configuration=RunConfiguration(
+                every=every,
+                schedule=f"every {every} optimizer updates (step % {every} == 0, 0-based)",
+                sample=sample,
+                eps=eps,
+                threshold=self.threshold,
+                warn=self.warn,
+                top_k=top_k,
+                seed=seed,
+                on_alert=_describe(on_alert),
+                budget=self.budget,
+            ),
+            environment=current_environment(),
+        )
+        if self._requested_dir is not None and self._write:
+            self.open(self._requested_dir)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def is_writer(self) -> bool:
+        """True when this instance writes report files (False on ranks other than 0)."""
+        return self._write
+
+    @property
+    def report_dir(self) -> Path | None:
+        """The open report directory, or None while deferred or not writing."""
+        return None if self._writer is None else self._writer.directory
+
+    @property
+    def results(self) -> list[CheckResult]:
+        """The checks recorded so far, in recording order."""
+        return list(self._results)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """The alerts raised so far."""
+        return list(self._summary.alerts)
+
+    @property
+    def skipped(self) -> list[SkippedCheck]:
+        """The due checks skipped to stay within `budget`."""
+        return list(self._summary.skipped)
+
+    def __repr__(self) -> str:
+        where = self.report_dir if self._write else "no files (write=False)"
+        return (
+            f"GradWatch(every={self.every}, sample={self.sample!r}, "
+            f"threshold={self.threshold:g}, report_dir={str(where)!r})"
+        )
+
+    # -- configuration for integrations --------------------------------------------------
+
+    def open(self, report_dir: ReportDir = None, *, write: bool | None = None) -> None:
+        """Open the report directory (for integrations that learn it at train begin).
+
+        Checks recorded before are written at once. Calling it again with the directory
+        already open is a no-op.
+
+        Args:
+            report_dir: the directory; None uses the one given at construction.
+            write: override the constructor's `write` (e.g. False on ranks other than 0).
+
+        Raises:
+            ReportError: the directory cannot be written, no directory is known, or another
+                directory is already open.
+        """
+        if write is not None:
+            if self._writer is not None and not write:
+                raise ReportError(
+                    f"write: expected to be set before the report opens; {self._writer.directory} "
+                    "is already open"
+                )
+            self._write = bool(write)
+        if self._closed:
+            raise ReportError("expected an open GradWatch, received one that is closed")
+        directory = Path(report_dir) if report_dir is not None else self._requested_dir
+        if self._writer is not None:
+            if directory is None or directory.absolute() == self._writer.directory:
+                return
+            raise ReportError(
+                f"report_dir: {self._writer.directory} is already open, received another "
+                f"directory {str(directory)!r}"
+            )
+        if not self._write:
+            return
+        if directory is None:
+            raise ReportError(
+                "report_dir: expected a directory (given to GradWatch or to open), received None"
+            )
+        self._requested_dir = directory
+        writer = ReportWriter(directory, self._summary)
+        for result in self._results:  # checks recorded before the directory was known
+            writer.append_line(result)
+        self._writer = writer
+
+    def set_context(self, **info: Any) -> None:
+        """Add run information to ``report.json``'s configuration (``context``).
+
+        Integrations say what they know: ``set_context(framework="transformers",
+        integration="gradwatch.integrations.transformers", loss="model output")``.
+
+        Raises:
+            OptionError: a value cannot be written as JSON.
+        """
+        for key, value in info.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise OptionError(
+                    f"set_context {key}: expected a JSON-serializable value, received "
+                    f"{type(value).__name__}"
+                ) from error
+        self._summary.configuration.context.update(info)
+        self._flush_summary()
+
+    def note(self, text: str) -> None:
+        """Add a sentence to ``report.json``'s ``configuration.notes`` (once).
+
+        For example ``"gradient accumulation: the check covers the last micro-batch"``.
+        """
+        if not isinstance(text, str) or not text:
+            raise OptionError(f"note: expected a non-empty str, received {text!r}")
+        if text not in self._summary.configuration.notes:
+            self._summary.configuration.notes.append(text)
+            self._flush_summary()
+
+    def check_options(self) -> dict[str, Any]:
+        """The options to pass to a check function: eps, sample, seed, top_k, warn, threshold.
+
+        >>> GradWatch(every=5, report_dir=None).check_options()["sample"]
+        'auto'
+        """
+        return {
+            "eps": self.eps,
+            "sample": self.sample,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "warn": self.warn,
+            "threshold": self.threshold,
+        }
+
+    # -- the schedule --------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """True when a check should run at `step` (updates completed before this one).
+
+        Due when ``step % every == 0``. With a `budget`, a due check is skipped while the
+        checks so far took more than that share of the wall time since the first call;
+        the skip is recorded in the report once per step.
+
+        Raises:
+            OptionError: `step` is not an int >= 0.
+        """
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise OptionError(f"step: expected an int >= 0, received {step!r}")
+        step = int(step)
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        if step % self.every:
+            return False
+        if self._decision is not None and self._decision[0] == step:
+            return self._decision[1]
+        decision = self._within_budget(step, now)
+        self._decision = (step, decision)
+        return decision
+
+    def _within_budget(self, step: int, now: float) -> bool:
+        if self.budget is None or not self._results or self._started is None:
+            return True
+        elapsed = now - self._started
+        share = self._check_seconds / elapsed if elapsed > 0 else math.inf
+        if share <= self.budget:
+            return True
+        skip = SkippedCheck(
+            step=step,
+            reason=f"checks took {share:.0%} of wall time, above the budget {self.budget:.0%}",
+            share=share,
+            budget=self.budget,
+        )
+        self._summary.skipped.append(skip)
+        self._log.event(logging.INFO, SKIP_EVENT, step=step, share=share, budget=self.budget)
+        self._flush_summary()
+        return False
+
+    # -- checking and recording ----------------------------------------------------------
+
+    def after_backward(
+        self,
+        step: int,
+        *,
+        loss: Callable[[], object],
+        params: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+        grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+        regularization: Iterable[RegularizationTerm] = (),
+    ) -> CheckResult | None:
+        """The plain-loop hook: call after backward, before the optimizer update.
+
+        Args:
+            step: optimizer updates completed before this one (0-based).
+            loss: zero-argument callable returning J at the current `params` (data loss;
+                penalties the backward adds go in `regularization`).
+            params: the named parameter arrays (perturbed in place and restored).
+            grads: the backprop gradient, same keys and shapes.
+            regularization: terms such as ``gradwatch.L2(lambd, m, tensors=[...])``.
+
+        Returns:
+            The recorded `CheckResult`, or None when no check is due.
+
+        Raises:
+            GradientCheckError: the check failed and ``on_alert="raise"``.
+        """
+        if not self.due(step):
+            return None
+        from gradwatch.check import check
+
+        started = time.perf_counter()
+        result = check(loss, params, grads, regularization=regularization, **self.check_options())
+        return self.record(result, step, seconds=time.perf_counter() - started)
+
+    def record(
+        self, result: CheckResult, step: int, *, seconds: float | None = None
+    ) -> CheckResult:
+        """Stamp `step` on `result`, write it to the report, log it and fire the alert.
+
+        Args:
+            result: a check's outcome (from `gradwatch.check` or an integration).
+            step: the step it belongs to.
+            seconds: wall time the check cost the training loop, for the `budget`
+                (default ``result.seconds``).
+
+        Returns:
+            The stamped copy of `result`.
+
+        Raises:
+            GradientCheckError: the check failed and ``on_alert="raise"``.
+            ReportError: the watch is closed or the report cannot be written.
+        """
+        if self._closed:
+            raise ReportError(
+                f"expected an open GradWatch, received one that is closed (step {step})"
+            )
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise OptionError(f"step: expected an int >= 0, received {step!r}")
+        stamped = result.model_copy(update={"step": int(step)})
+        self._results.append(stamped)
+        self._check_seconds += stamped.seconds if seconds is None else seconds
+        configuration = self._summary.configuration
+        configuration.eps_policy = stamped.eps_policy
+        configuration.dtype = stamped.dtype
+        for name in stamped.regularization:
+            if name not in configuration.regularization:
+                configuration.regularization.append(name)
+        self._summary.series.append(step_record(stamped))
+        alert = alert_for(stamped)
+        if alert is not None:
+            self._summary.alerts.append(alert)
+        if self._writer is not None:
+            self._writer.append_line(stamped)
+            self._writer.write_summary()
+        self._log_check(stamped)
+        if alert is not None:
+            self._fire(stamped, alert)
+        return stamped
+
+    def _log_check(self, result: CheckResult) -> None:
+        worst = result.worst[0] if result.worst else None
+        self._log.event(
+            _LEVELS.get(result.status, logging.WARNING),
+            CHECK_EVENT,
+            step=result.step,
+            ratio=result.ratio,
+            status=result.status,
+            mode=result.mode,
+            checked=result.checked,
+            size=result.size,
+            seconds=round(result.seconds, 6),
+            worst=worst.name if worst else None,
+            worst_tensor=worst.tensor if worst else None,
+        )
+
+    def _fire(self, result: CheckResult, alert: Alert) -> None:
+        self._log.event(
+            logging.ERROR,
+            ALERT_EVENT,
+            step=alert.step,
+            ratio=alert.ratio,
+            threshold=alert.threshold,
+            tensor=alert.tensor,
+            tensor_ratio=alert.tensor_ratio,
+            component=alert.component,
+            detail=alert.message,
+            report_dir=str(self.report_dir) if self.report_dir else None,
+        )
+        if self.on_alert == "raise":
+            raise GradientCheckError(alert.message, result)
+        if callable(self.on_alert):
+            self.on_alert(result)
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the report (``report.json`` marked closed). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _flush_summary(self) -> None:
+        if self._writer is not None and not self._writer.closed:
+            self._writer.write_summary()
+
+
+class _StdlibEvents:
+    """Structured events sent to the stdlib logger ``gradwatch``; configures nothing.
+
+    When the application configured structlog, its processors render the event. When it
+    did not, the event reaches the stdlib logger as ``"gradient_check step=0 ratio=..."``
+    with the event dict attached to the record as ``record.gradwatch``.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def event(self, level: int, name: str, **fields: Any) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        if structlog.is_configured():
+            bound = structlog.wrap_logger(self.logger, wrapper_class=structlog.stdlib.BoundLogger)
+        else:
+            bound = structlog.wrap_logger(
+                self.logger,
+                processors=[structlog.stdlib.add_log_level, _render_for_stdlib],
+                wrapper_class=structlog.stdlib.BoundLogger,
+            )
+        bound.log(level, name, **fields)
+
+
+def _render_for_stdlib(
+    logger: object, method: str, event_dict: structlog.typing.EventDict
+) -> dict[str, Any]:
+    """A plain ``key=value`` message, and the whole event on ``record.gradwatch``."""
+    fields = " ".join(
+        f"{key}={_format(value)}"
+        for key, value in event_dict.items()
+        if key not in ("event", "level", "message")
+    )
+    return {"msg": f"{event_dict['event']} {fields}", "extra": {"gradwatch": dict(event_dict)}}
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, str) and (" " in value or not value):
+        return repr(value)
+    return str(value)
+
+
+def _describe(on_alert: OnAlert) -> str:
+    if isinstance(on_alert, str):
+        return on_alert
+    return f"callable {getattr(on_alert, '__qualname__', type(on_alert).__name__)}"
+
+
+def _validate(
+    every: object,
+    sample: object,
+    eps: object,
+    threshold: object,
+    warn: object,
+    top_k: object,
+    seed: object,
+    on_alert: object,
+    budget: object,
+) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise OptionError(f"every: expected an int >= 1 (optimizer updates), received {every!r}")
+    _validate_sample(sample)
+    if eps is not None and not _positive_number(eps):
+        raise OptionError(f"eps: expected None or a finite float > 0, received {eps!r}")
+    for name, value in (("threshold", threshold), ("warn", warn)):
+        if not _positive_number(value):
+            raise OptionError(f"{name}: expected a finite float > 0, received {value!r}")
+    if warn > threshold:  # type: ignore[operator]
+        raise OptionError(
+            f"warn: expected warn <= threshold ({threshold!r}), received warn={warn!r}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise OptionError(f"top_k: expected an int >= 0, received {top_k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(f"seed: expected an int, received {seed!r}")
+    if not (on_alert in ("log", "raise") or callable(on_alert)):
+        raise OptionError(
+            f'on_alert: expected "log", "raise" or a callable taking the CheckResult, '
+            f"received {on_alert!r}"
+        )
+    if budget is not None and not (_positive_number(budget) and budget <= 1):  # type: ignore[operator]
+        raise OptionError(
+            f"budget: expected None or a share of training time in (0, 1], received {budget!r}"
+        )
+
+
+def _validate_sample(sample: object) -> None:
+    if sample is None or sample in ("auto", "directional"):
+        return
+    if isinstance(sample, str):
+        raise OptionError(
+            'sample: expected None, "auto", "directional", an int >= 1 or a fraction in (0, 1], '
+            f"received {sample!r}"
+        )
+    if isinstance(sample, bool):
+        raise OptionError(f"sample: expected an int >= 1 or a fraction, received {sample!r}")
+    if isinstance(sample, int):
+        if sample < 1:
+            raise OptionError(f"sample: expected an int >= 1, received {sample!r}")
+        return
+    if isinstance(sample, float):
+        if not 0 < sample <= 1:
+            raise OptionError(f"sample: expected a fraction in (0, 1], received {sample!r}")
+        return
+    raise OptionError(
+        'sample: expected None, "auto", "directional", an int or a float, received '
+        f"{type(sample).__name__}"
+    )
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
