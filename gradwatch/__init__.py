@@ -1,5 +1,6 @@
 """gradwatch: two-sided finite-difference gradient checks inside a training loop."""
 
+from gradwatch.callback import GradWatch
 from gradwatch.check import check
 from gradwatch.errors import (
     GradientCheckError,
@@ -11,12 +12,15 @@ from gradwatch.errors import (
     ReportError,
 )
 from gradwatch.regularization import L2, Penalty, RegularizationTerm
+from gradwatch.report import Alert, Report, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult, Component, TensorResult
 
 __all__ = [
     "L2",
+    "Alert",
     "CheckResult",
     "Component",
+    "GradWatch",
     "GradientCheckError",
     "GradwatchError",
     "LossError",
@@ -25,7 +29,10 @@ __all__ = [
     "ParameterError",
     "Penalty",
     "RegularizationTerm",
+    "Report",
     "ReportError",
     "TensorResult",
+    "TruncatedReportWarning",
     "check",
+    "load_report",
 ]
