@@ -1,0 +1,400 @@
+"""The ``gradwatch`` command: post-mortem views of a report directory.
+
+``gradwatch show DIR`` (exit 0 clean, 1 alert, 2 missing/unreadable), ``gradwatch trend DIR``,
+``gradwatch worst DIR [--step N]``, ``gradwatch plot DIR -o FILE.png``; each takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradwatch.errors import GradwatchError
+from gradwatch.report import Report, TruncatedReportWarning, load_report
+from gradwatch.result import CheckResult
+
+__all__ = ["main"]
+
+EXIT_CLEAN = 0
+EXIT_ALERT = 1
+EXIT_ERROR = 2
+
+_SPARK = "▁▂▃▄▅▆▇█"
+_SPARK_ASCII = "_.-:=+*#"
+_LOG_RANGE = (-12.0, 0.0)
+_TREND_WIDTH = 60
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncatedReportWarning)
+            report = load_report(arguments.report_dir)
+        for message in report.warnings:
+            print(f"gradwatch: warning: {message}", file=sys.stderr)
+        code: int = arguments.handler(report, arguments)
+    except BrokenPipeError:  # output piped into `head`: not an error of the report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return EXIT_CLEAN
+    except (GradwatchError, OSError) as error:
+        print(f"gradwatch: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwatch", description="Read the reports that gradwatch.GradWatch writes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("report_dir", metavar="DIR", help="report directory (with report.json)")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    show = command("show", "summary of a run; exit 1 when it raised an alert, 2 when unreadable")
+    show.set_defaults(handler=_show)
+    trend = command("trend", "ratio per step, globally and per tensor, as text")
+    trend.set_defaults(handler=_trend)
+    worst = command("worst", "the worst components of one check")
+    worst.add_argument("--step", type=int, help="the checked step (default: highest ratio)")
+    worst.add_argument("--top", type=int, default=10, help="how many components (default 10)")
+    worst.set_defaults(handler=_worst)
+    plot = command("plot", "PNG of ratio per step per tensor (needs matplotlib)")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write")
+    plot.set_defaults(handler=_plot)
+    return parser
+
+
+# -- show ---------------------------------------------------------------------------------
+
+
+def _show(report: Report, arguments: argparse.Namespace) -> int:
+    code = EXIT_ALERT if report.alerts else EXIT_CLEAN
+    worst_check = _worst_check(report)
+    if arguments.json:
+        payload: dict[str, Any] = {
+            "directory": str(report.directory),
+            "closed": report.closed,
+            "steps": report.steps,
+            "ratio": _ratio_summary(report),
+            "threshold": _threshold(report),
+            "alerts": [alert.model_dump() for alert in report.alerts],
+            "worst": None if worst_check is None else _worst_payload(worst_check, 10),
+            "skipped": [skip.model_dump() for skip in report.skipped],
+            "configuration": report.configuration.model_dump() if report.configuration else None,
+            "warnings": report.warnings,
+            "exit_code": code,
+        }
+        _print_json(payload)
+        return code
+
+    state = "closed" if report.closed else "not closed: still running, or killed"
+    print(f"gradwatch report {report.directory} ({state})")
+    if not report.checks:
+        print("no checks recorded")
+        return code
+    print(f"steps checked: {len(report.checks)} ({_steps_text(report.steps)}){_setup_text(report)}")
+    summary = _ratio_summary(report)
+    print(
+        f"ratio: first {_g(summary['first'])} (step {summary['first_step']}), "
+        f"last {_g(summary['last'])} (step {summary['last_step']}), "
+        f"max {_g(summary['max'])} (step {summary['max_step']}); "
+        f"threshold {_g(_threshold(report))}"
+    )
+    if report.skipped:
+        print(f"skipped for the time budget: {len(report.skipped)} due checks")
+    if report.alerts:
+        first = report.alerts[0]
+        print(f"alerts: {len(report.alerts)}, first at step {first.step}")
+        for alert in report.alerts[:5]:
+            tensor = f"{alert.tensor} ({_g(alert.tensor_ratio)})" if alert.tensor else "-"
+            print(
+                f"  step {alert.step}: ratio {_g(alert.ratio)}, tensor {tensor}, "
+                f"worst {alert.component or '-'}"
+            )
+        if len(report.alerts) > 5:
+            print(f"  ... and {len(report.alerts) - 5} more")
+    else:
+        print("alerts: none")
+    if worst_check is not None:
+        print(
+            f"worst check: step {worst_check.step}, ratio {_g(worst_check.ratio)} "
+            f"({worst_check.status})"
+        )
+        print("  tensors: " + _tensors_text(worst_check))
+        for component in worst_check.worst[:5]:
+            print("  " + _component_text(component.model_dump()))
+    return code
+
+
+def _setup_text(report: Report) -> str:
+    configuration = report.configuration
+    if configuration is None:
+        return ""
+    parts = [f"every {configuration.every}"]
+    mode = report.checks[-1].mode if report.checks else None
+    parts.append(f"sample {configuration.sample!r}" + (f" ({mode})" if mode else ""))
+    if configuration.dtype:
+        parts.append(configuration.dtype)
+    if configuration.regularization:
+        parts.append("J includes " + ", ".join(configuration.regularization))
+    return "; " + ", ".join(parts)
+
+
+# -- trend --------------------------------------------------------------------------------
+
+
+def _trend(report: Report, arguments: argparse.Namespace) -> int:
+    threshold = _threshold(report)
+    rows: list[tuple[str, list[tuple[int, float]]]] = [
+        (
+            "global",
+            [(step, check.ratio) for step, check in zip(report.steps, report.checks, strict=True)],
+        )
+    ]
+    rows.extend(report.tensor_series().items())
+    if arguments.json:
+        _print_json(
+            {
+                "steps": report.steps,
+                "threshold": threshold,
+                "series": {
+                    name: [{"step": step, "ratio": ratio} for step, ratio in points]
+                    for name, points in rows
+                },
+            }
+        )
+        return EXIT_CLEAN
+    if not report.checks:
+        print("no checks recorded")
+        return EXIT_CLEAN
+    blocks = _spark_characters()
+    low, high = _LOG_RANGE
+    print(
+        f"ratio per check, steps {report.steps[0]} .. {report.steps[-1]} "
+        f"({len(report.checks)} checks); log scale 1e{low:.0f} {blocks[0]} .. {blocks[-1]} "
+        f"1e{high:.0f}; threshold {_g(threshold)}"
+    )
+    width = max(len(name) for name, _ in rows)
+    for name, points in rows:
+        ratios = [ratio for _, ratio in points]
+        line = _sparkline(ratios, blocks)
+        over = [step for step, ratio in points if _at_or_above(ratio, threshold)]
+        since = f"  >= threshold from step {over[0]}" if over else ""
+        maximum = max(ratios, key=_nan_last)
+        print(
+            f"{name:<{width}}  {line:<{min(_TREND_WIDTH, len(report.checks))}}  "
+            f"last {_g(ratios[-1])}  max {_g(maximum)}{since}"
+        )
+    return EXIT_CLEAN
+
+
+def _sparkline(ratios: list[float], blocks: str) -> str:
+    if len(ratios) > _TREND_WIDTH:  # one character per bin, showing the bin's worst ratio
+        edges = [round(i * len(ratios) / _TREND_WIDTH) for i in range(_TREND_WIDTH + 1)]
+        ratios = [max(ratios[a:b], key=_nan_last) for a, b in itertools.pairwise(edges)]
+    low, high = _LOG_RANGE
+    characters = []
+    for ratio in ratios:
+        if math.isnan(ratio):
+            characters.append("?")
+            continue
+        level = math.log10(ratio) if ratio > 0 else low
+        fraction = (min(max(level, low), high) - low) / (high - low)
+        characters.append(blocks[min(int(fraction * len(blocks)), len(blocks) - 1)])
+    return "".join(characters)
+
+
+def _spark_characters() -> str:
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        _SPARK.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return _SPARK_ASCII
+    return _SPARK
+
+
+# -- worst --------------------------------------------------------------------------------
+
+
+def _worst(report: Report, arguments: argparse.Namespace) -> int:
+    if arguments.top < 1:
+        raise GradwatchError(f"--top: expected an int >= 1, received {arguments.top}")
+    if arguments.step is not None:
+        check = report.check_at(arguments.step)
+    else:
+        found = _worst_check(report)
+        if found is None:
+            raise GradwatchError(f"{report.directory} has no checks; nothing to show")
+        check = found
+    if arguments.json:
+        _print_json(_worst_payload(check, arguments.top))
+        return EXIT_CLEAN
+    print(
+        f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
+        f"{check.checked} of {check.size} components checked ({check.mode})"
+    )
+    print("tensors: " + _tensors_text(check))
+    if not check.worst:
+        print("no components recorded")
+    for component in check.worst[: arguments.top]:
+        print("  " + _component_text(component.model_dump()))
+    return EXIT_CLEAN
+
+
+def _worst_payload(check: CheckResult, top: int) -> dict[str, Any]:
+    return {
+        "step": check.step,
+        "ratio": check.ratio,
+        "status": check.status,
+        "tensors": {name: tensor.model_dump() for name, tensor in check.tensors.items()},
+        "components": [component.model_dump() for component in check.worst[:top]],
+    }
+
+
+# -- plot ---------------------------------------------------------------------------------
+
+
+def _plot(report: Report, arguments: argparse.Namespace) -> int:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise GradwatchError(
+            "gradwatch plot needs matplotlib, which is not installed: pip install 'gradwatch[plot]'"
+        ) from error
+    if not report.checks:
+        raise GradwatchError(f"{report.directory} has no checks; nothing to plot")
+    output = Path(arguments.output)
+    threshold = _threshold(report)
+    floor = 1e-16  # a ratio of exactly 0 has no place on a log axis
+
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for name, points in report.tensor_series().items():
+        steps = [step for step, _ in points]
+        axes.plot(steps, [max(ratio, floor) for _, ratio in points], marker=".", lw=1, label=name)
+    axes.plot(
+        report.steps,
+        [max(check.ratio, floor) for check in report.checks],
+        color="black",
+        lw=2.2,
+        marker="o",
+        label="global",
+    )
+    axes.axhline(threshold, color="dimgray", ls="--", lw=1.2, label=f"threshold {threshold:g}")
+    alerts = [alert for alert in report.alerts if alert.step is not None]
+    if alerts:
+        axes.scatter(
+            [alert.step or 0 for alert in alerts],
+            [max(alert.ratio, floor) for alert in alerts],
+            marker="x",
+            s=80,
+            color="red",
+            zorder=5,
+            label="alert",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("step (optimizer updates)")
+    axes.set_ylabel("ratio  ‖numeric − analytic‖ / (‖numeric‖ + ‖analytic‖)")
+    axes.set_title(f"gradwatch: {Path(*report.directory.parts[-2:])}")
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.savefig(output, dpi=120)
+    if arguments.json:
+        _print_json({"output": str(output.absolute()), "checks": len(report.checks)})
+    else:
+        print(f"wrote {output}")
+    return EXIT_CLEAN
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _worst_check(report: Report) -> CheckResult | None:
+    if not report.checks:
+        return None
+    return max(report.checks, key=lambda check: _nan_last(check.ratio))
+
+
+def _ratio_summary(report: Report) -> dict[str, Any]:
+    if not report.checks:
+        return {}
+    first, last = report.checks[0], report.checks[-1]
+    worst = _worst_check(report)
+    assert worst is not None
+    return {
+        "first": first.ratio,
+        "first_step": first.step,
+        "last": last.ratio,
+        "last_step": last.step,
+        "max": worst.ratio,
+        "max_step": worst.step,
+    }
+
+
+def _threshold(report: Report) -> float:
+    if report.configuration is not None:
+        return report.configuration.threshold
+    return report.checks[-1].threshold if report.checks else 1e-3
+
+
+def _tensors_text(check: CheckResult) -> str:
+    ordered = sorted(check.tensors.items(), key=lambda item: -_nan_last(item[1].ratio))
+    return ", ".join(
+        f"{name} {_g(tensor.ratio)}" + ("" if tensor.status == "ok" else f" {tensor.status}")
+        for name, tensor in ordered
+    )
+
+
+def _component_text(component: dict[str, Any]) -> str:
+    diagnosis = component.get("diagnosis") or ""
+    return (
+        f"{component['name']:<14} analytic {component['analytic']:+.6e}  "
+        f"numeric {component['numeric']:+.6e}  abs error {component['abs_error']:.2e}  "
+        f"rel error {component['rel_error']:.2e}  {diagnosis}"
+    ).rstrip()
+
+
+def _steps_text(steps: list[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(str(step) for step in steps)
+    return ", ".join(str(step) for step in steps[:3]) + ", ..., " + str(steps[-1])
+
+
+def _at_or_above(ratio: float, threshold: float) -> bool:
+    return math.isnan(ratio) or ratio >= threshold
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _print_json(payload: object) -> None:
+    # NaN and Infinity stay what they are (as in checks.jsonl), never null.
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
