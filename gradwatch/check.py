@@ -131,7 +131,7 @@ def check(
         plan: dict[str, npt.NDArray[np.intp]],
     ) -> tuple[_Comparison, list[Component]]:
         comparison = _componentwise(objective, tensors, plan, loss0, base_step, eps is not None)
-        worst = comparison.worst_components(top_k)
+        worst = comparison.worst_components(tensors, top_k)
         if diagnose:
             _diagnose(worst, comparison, objective, tensors, loss0, nondeterministic, warn)
         kinks = [c for c in worst if c.diagnosis == "kink"]
@@ -147,7 +147,7 @@ def check(
         sample = None
     if _is_directional(sample):
         comparison = _directional(objective, tensors, base_step, seed)
-        worst = comparison.worst_components(top_k)
+        worst = comparison.worst_components(tensors, top_k)
         notes.append("directional: one random unit direction per tensor, 2 evaluations each")
         flagged = [
             name
@@ -246,15 +246,17 @@ def _where(where: str | tuple[str, int, str]) -> str:
 
 
 def _as_scalar(raw: object, where: str) -> float:
+    """A Python float from a number, a size-1 array or a 0-d tensor (anything with __array__)."""
+    if raw is None or isinstance(raw, str | bytes):
+        raise LossError(
+            f"loss at {where}: expected a float or 0-d array, received {type(raw).__name__}"
+        )
     try:
         array = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
-        try:
-            return float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise LossError(
-                f"loss at {where}: expected a float or 0-d array, received {type(raw).__name__}"
-            ) from None
+        raise LossError(
+            f"loss at {where}: expected a float or 0-d array, received {type(raw).__name__}"
+        ) from None
     if array.size != 1:
         raise LossError(
             f"loss at {where}: expected a scalar (float or 0-d array), "
@@ -268,9 +270,11 @@ class _Comparison:
     """Numeric and analytic values of the checked components, in theta order."""
 
     mode: Literal["full", "sampled", "directional"]
-    names: list[str]
-    tensors: list[str]
-    indices: list[tuple[int, ...]]
+    tensor_names: tuple[str, ...]
+    owner: npt.NDArray[np.intp]
+    """Position in ``tensor_names`` of each component's tensor."""
+    flat_index: npt.NDArray[np.intp]
+    """Row-major index of each component inside its tensor (unused when directional)."""
     numeric: F64
     analytic: F64
     steps: F64
@@ -280,15 +284,15 @@ class _Comparison:
     gradient_scale: float
     """||numeric|| + ||analytic|| over the whole comparison, for the near-zero floor."""
     included: npt.NDArray[np.bool_] = field(init=False)
-    position: dict[str, int] = field(init=False)
+    position: dict[str, int] = field(default_factory=dict)
+    """Position of each component that ``worst_components`` returned, by name."""
 
     def __post_init__(self) -> None:
-        self.included = np.ones(len(self.names), dtype=bool)
-        self.position = {name: i for i, name in enumerate(self.names)}
+        self.included = np.ones(len(self.numeric), dtype=bool)
 
     @property
     def checked(self) -> int:
-        return len(self.names)
+        return len(self.numeric)
 
     def exclude(self, positions: list[int]) -> None:
         self.included[positions] = False
@@ -300,10 +304,9 @@ class _Comparison:
     def per_tensor(
         self, tensors: NamedTensors, warn: float, threshold: float
     ) -> dict[str, TensorResult]:
-        owner = np.array(self.tensors)
         results: dict[str, TensorResult] = {}
-        for name in tensors.names:
-            members = owner == name
+        for position, name in enumerate(self.tensor_names):
+            members = self.owner == position
             keep = members & self.included
             numeric, analytic = self.numeric[keep], self.analytic[keep]
             error = float(np.linalg.norm(numeric - analytic))
@@ -327,7 +330,8 @@ class _Comparison:
             return 1.0 / math.sqrt(tensors.params[name].size)
         return 1.0
 
-    def worst_components(self, top_k: int) -> list[Component]:
+    def worst_components(self, tensors: NamedTensors, top_k: int) -> list[Component]:
+        shapes = {name: tensors.params[name].shape for name in self.tensor_names}
         errors = np.abs(self.numeric - self.analytic)
         count = min(top_k, len(errors))
         if count == 0:
@@ -335,14 +339,23 @@ class _Comparison:
         order = np.argpartition(-errors, count - 1)[:count]
         order = order[np.argsort(-errors[order], kind="stable")]
         worst = []
-        for i in order:
+        for i in order.tolist():
+            tensor = self.tensor_names[self.owner[i]]
+            if self.mode == "directional":
+                index: tuple[int, ...] = ()
+                name = f"{tensor} (direction)"
+            else:
+                shape = shapes[tensor]
+                index = tuple(int(k) for k in np.unravel_index(self.flat_index[i], shape))
+                name = component_name(tensor, index)
+            self.position[name] = i
             numeric, analytic = float(self.numeric[i]), float(self.analytic[i])
             denominator = abs(numeric) + abs(analytic)
             worst.append(
                 Component(
-                    tensor=self.tensors[i],
-                    index=list(self.indices[i]),
-                    name=self.names[i],
+                    tensor=tensor,
+                    index=list(index),
+                    name=name,
                     analytic=analytic,
                     numeric=numeric,
                     abs_error=float(errors[i]),
@@ -360,9 +373,6 @@ def _componentwise(
     base_step: float,
     step_given: bool,
 ) -> _Comparison:
-    names: list[str] = []
-    owners: list[str] = []
-    indices: list[tuple[int, ...]] = []
     plus_changes: list[float] = []
     minus_changes: list[float] = []
     steps: list[float] = []
@@ -372,11 +382,8 @@ def _componentwise(
 
     for tensor in tensors.names:
         chosen = plan[tensor]
-        if chosen.size == 0:
-            continue
         view = tensors.flat_param(tensor)
         as_dtype = view.dtype.type
-        shape = tensors.params[tensor].shape
         for j in chosen.tolist():
             old = view[j]
             h = base_step if step_given else base_step * max(1.0, abs(float(old)))
@@ -399,10 +406,6 @@ def _componentwise(
             plus_changes.append(plus)
             minus_changes.append(minus)
             steps.append(2 * h if step_given else float(up) - float(down))
-            index = tuple(int(i) for i in np.unravel_index(j, shape)) if shape else ()
-            indices.append(index)
-            names.append(component_name(tensor, index))
-            owners.append(tensor)
         analytic_parts.append(tensors.grads[tensor].reshape(-1)[chosen].astype(np.float64))
 
     plus_array = np.array(plus_changes)
@@ -413,9 +416,9 @@ def _componentwise(
     full = all(plan[t].size == tensors.params[t].size for t in tensors.names)
     return _Comparison(
         mode="full" if full else "sampled",
-        names=names,
-        tensors=owners,
-        indices=indices,
+        tensor_names=tensors.names,
+        owner=np.repeat(np.arange(len(tensors.names)), [plan[t].size for t in tensors.names]),
+        flat_index=np.concatenate([plan[t] for t in tensors.names]),
         numeric=numeric,
         analytic=analytic,
         steps=step_array,
@@ -443,15 +446,19 @@ def _directional(
         original = array.copy()
         try:
             array[...] = original + h * direction
+            # The step realized in the array's dtype, so float32 rounding is not an error.
+            displacement = array.astype(np.float64) - original
             plus = objective.value(f"{tensor} + h v")
             array[...] = original - h * direction
+            displacement -= array.astype(np.float64) - original
             minus = objective.value(f"{tensor} - h v")
         finally:
             array[...] = original
         numeric.append((plus - minus) / (2 * h))
-        analytic.append(float(np.sum(tensors.grads[tensor] * direction, dtype=np.float64)))
+        projection = np.sum(tensors.grads[tensor] * displacement, dtype=np.float64)
+        analytic.append(float(projection) / (2 * h))
 
-    names = list(tensors.names)
+    names = tensors.names
     numeric_array, analytic_array = np.array(numeric), np.array(analytic)
     # A projection onto one random unit direction has about 1/sqrt(size) of the norm;
     # rescale so the floor compares like with like.
@@ -460,9 +467,9 @@ def _directional(
     scale += float(np.linalg.norm(analytic_array * np.sqrt(sizes)))
     return _Comparison(
         mode="directional",
-        names=[f"{t} (direction)" for t in names],
-        tensors=names,
-        indices=[() for _ in names],
+        tensor_names=names,
+        owner=np.arange(len(names)),
+        flat_index=np.zeros(len(names), dtype=np.intp),
         numeric=numeric_array,
         analytic=analytic_array,
         steps=np.zeros(len(names)),
@@ -613,15 +620,23 @@ def _sample_plan(
 
 
 def _stratified_allocation(sizes: dict[str, int], count: int) -> dict[str, int]:
-    """Components per tensor: proportional to size (largest remainder), at least one each."""
-    total = sum(sizes.values())
-    shares = {name: count * size / total for name, size in sizes.items()}
-    allocation = {name: min(sizes[name], max(1, math.floor(s))) for name, s in shares.items()}
+    """Components per tensor: one each, the rest proportional to size (largest remainder).
+
+    When ``count`` is below the number of tensors every tensor still gets one.
+    """
+    allocation = {name: 1 for name in sizes}
+    spare = {name: size - 1 for name, size in sizes.items()}
+    remaining = count - len(sizes)
+    total_spare = sum(spare.values())
+    if remaining <= 0 or total_spare == 0:
+        return allocation
+    shares = {name: remaining * room / total_spare for name, room in spare.items()}
+    for name, share in shares.items():
+        allocation[name] += math.floor(share)
+    leftover = count - sum(allocation.values())
     by_remainder = sorted(sizes, key=lambda n: shares[n] - math.floor(shares[n]), reverse=True)
-    while sum(allocation.values()) < count:
-        for name in by_remainder:
-            if allocation[name] < sizes[name] and sum(allocation.values()) < count:
-                allocation[name] += 1
+    for name in by_remainder[:leftover]:
+        allocation[name] += 1
     return allocation
 
 
