@@ -317,6 +317,7 @@ class GradWatch:
         self._summary.skipped.append(skip)
         self._log.event(logging.INFO, SKIP_EVENT, step=step, share=share, budget=self.budget)
         self._flush_summary()
+        self._check_seconds += time.perf_counter() - now  # writing the skip is overhead too
         return False
 
     # -- checking and recording ----------------------------------------------------------
@@ -378,6 +379,7 @@ class GradWatch:
             )
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise OptionError(f"step: expected an int >= 0, received {step!r}")
+        recording_started = time.perf_counter()
         stamped = result.model_copy(update={"step": int(step)})
         self._results.append(stamped)
         self._check_seconds += stamped.seconds if seconds is None else seconds
@@ -395,6 +397,8 @@ class GradWatch:
             self._writer.append_line(stamped)
             self._writer.write_summary()
         self._log_check(stamped)
+        # Writing the report is part of what checks cost the training loop.
+        self._check_seconds += time.perf_counter() - recording_started
         if alert is not None:
             self._fire(stamped, alert)
         return stamped
