@@ -37,11 +37,13 @@ batch, `weight_decay_notes`, and `check_due` to run and record a due check.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -55,7 +57,7 @@ from gradwatch.errors import LossError, OptionError, ParameterError
 from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
-    from gradwatch.callback import GradWatch
+    from gradwatch.callback import GradWatch, OnAlert, Sample
 
 __all__ = [
     "NATIVE_TOLERANCE_SCALE",
@@ -66,6 +68,7 @@ __all__ = [
     "Penalty",
     "Precision",
     "RngState",
+    "TrainingWatch",
     "after_backward",
     "check_due",
     "check_module",
@@ -240,6 +243,42 @@ class _Shadow:
             else:  # copied into the device tensor before each evaluation
                 self.arrays[name] = p.detach().cpu().numpy().copy()
                 self._synced.append((p, self.arrays[name]))
+
+    def freeze_padding_rows(self) -> list[str]:
+        """Hold each ``nn.Embedding``'s ``padding_idx`` row constant; returns notes.
+
+        Torch never gives that row a gradient (by design, it is not trained), but J
+        does depend on it wherever the padding token is not masked: left alone, the
+        check would report a correct model as failing on that row. A forward
+        pre-hook writes the row back before every forward, so it is a constant of J
+        on both sides (its numeric and analytic gradients are both 0).
+        """
+        names = {id(p): name for name, p in self.params.items()}
+        frozen = []
+        for module in self.module.modules():
+            if not isinstance(module, nn.Embedding) or module.padding_idx is None:
+                continue
+            name = names.get(id(module.weight))
+            if name is None:
+                continue
+            row = module.weight.detach()[module.padding_idx].clone()
+
+            def hold(
+                embedding: nn.Module,
+                args: tuple[Any, ...],
+                row: torch.Tensor = row,
+                index: int = module.padding_idx,
+            ) -> None:
+                with torch.no_grad():
+                    embedding.weight[index] = row
+
+            module.register_forward_pre_hook(hold)
+            frozen.append(f"{name}[{module.padding_idx}]")
+        if not frozen:
+            return []
+        return [
+            "padding_idx rows (never trained by torch) held constant in J: " + ", ".join(frozen)
+        ]
 
     def arrays_dtype(self) -> npt.DTypeLike:
         """The numpy dtype of the checked arrays (float64, or the native dtype)."""
@@ -484,6 +523,7 @@ def check_module(
 
     with _untouched_globals(model) as rng:
         shadow = _Shadow(model, precision)
+        all_notes.extend(shadow.freeze_padding_rows())
         objective = _Objective(shadow, loss_fn, batch, penalties, rng)
         if analytic == "recompute":
             grads, grad_notes = objective.analytic()
@@ -669,3 +709,112 @@ def check_step_notes(accumulation_steps: int) -> list[str]:
             "covers the step's last micro-batch"
         ]
     return []
+
+
+class TrainingWatch:
+    """The torch side of a framework callback, shared by the Trainer and Lightning ones.
+
+    Holds the core `GradWatch` (schedule, report, alerts) and what J is (``loss_fn``,
+    ``regularization``, ``precision``); the framework callback only says when
+    (`start`, `due`, `check`, `finish`) and on which batch.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        *,
+        loss_fn: LossFn | None,
+        regularization: Penalties,
+        precision: Precision,
+        report_dir: str | os.PathLike[str] | None,
+        sample: Sample,
+        eps: float | None,
+        threshold: float,
+        warn: float,
+        top_k: int,
+        seed: int,
+        on_alert: OnAlert,
+        budget: float | None,
+    ) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise OptionError(
+                f"loss_fn: expected None or a callable (model, batch) -> scalar tensor, "
+                f"received {type(loss_fn).__name__}"
+            )
+        if precision not in ("float64", "native"):
+            raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
+        _penalty_items(regularization)
+        self.loss_fn = loss_fn
+        self.regularization = regularization
+        self.precision: Precision = precision
+        self.report_dir = None if report_dir is None else Path(report_dir)
+        self._options: dict[str, Any] = {
+            "every": every,
+            "sample": sample,
+            "eps": eps,
+            "threshold": threshold,
+            "warn": warn,
+            "top_k": top_k,
+            "seed": seed,
+            "on_alert": on_alert,
+            "budget": budget,
+        }
+        self.watch = self._new_watch()  # validates the options now, not at train begin
+        self.notes: list[str] = []
+        self._finished = False
+
+    def _new_watch(self) -> GradWatch:
+        from gradwatch.callback import GradWatch
+
+        options = dict(self._options)
+        return GradWatch(options.pop("every"), report_dir=None, **options)
+
+    def start(
+        self,
+        default_dir: str | os.PathLike[str],
+        *,
+        writer: bool,
+        context: Mapping[str, Any],
+        notes: Sequence[str],
+    ) -> None:
+        """Open the report (``report_dir`` or ``default_dir``); a second fit starts a new watch."""
+        if self._finished:
+            self.watch = self._new_watch()
+            self._finished = False
+        directory = self.report_dir if self.report_dir is not None else Path(default_dir)
+        self.watch.open(directory, write=writer)
+        self.watch.set_context(precision=self.precision, **context)
+        self.notes = list(notes)
+        for note in self.notes:
+            self.watch.note(note)
+
+    def due(self, step: int) -> bool:
+        return self.watch.due(step)
+
+    def check(
+        self,
+        step: int,
+        model: nn.Module,
+        default_loss_fn: LossFn,
+        batch: Any,
+        *,
+        optimizer: Any = None,
+    ) -> CheckResult:
+        """Check and record (raises `GradientCheckError` with ``on_alert="raise"``)."""
+        return check_due(
+            self.watch,
+            step,
+            model,
+            self.loss_fn if self.loss_fn is not None else default_loss_fn,
+            batch,
+            optimizer=optimizer,
+            regularization=self.regularization,
+            precision=self.precision,
+            notes=self.notes,
+        )
+
+    def finish(self) -> None:
+        """Close the report."""
+        if not self._finished:
+            self.watch.close()
+            self._finished = True

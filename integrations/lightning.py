@@ -1,0 +1,220 @@
+"""Gradient checks inside a Lightning ``Trainer`` run.
+
+One line::
+
+    from gradwatch.integrations.lightning import GradWatch
+
+    trainer = lightning.Trainer(callbacks=[GradWatch(every=500)])
+
+How it works. ``on_train_batch_start`` keeps a reference to the batch on due steps;
+``on_before_optimizer_step`` (after backward, before Lightning clips and steps;
+``trainer.global_step`` is the number of updates completed before this one)
+recomputes J on that batch on a float64 copy of the LightningModule, as
+`gradwatch.integrations.torch.check_module` does, and records it. J is the copy's
+``training_step(batch, batch_idx)`` loss (its ``self.log`` calls are dropped, so
+they never reach the trainer's metrics), or ``loss_fn(module, batch)``. Only global
+rank zero checks and writes, to ``<trainer.log_dir or default_root_dir>/gradwatch``;
+the metrics ``gradwatch/ratio``, ``gradwatch/status``, ... go through
+``pl_module.log``. With ``accumulate_grad_batches > 1`` the check covers the step's
+last micro-batch, and the report says so. Training is not changed: a run with the
+callback ends with bit-identical weights and losses.
+
+Manual optimization (``automatic_optimization = False``): ``training_step`` steps
+the optimizer itself, so pass ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from gradwatch.integrations.torch import (
+    LossFn,
+    Penalties,
+    Precision,
+    TrainingWatch,
+    check_step_notes,
+    result_metrics,
+)
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from gradwatch.callback import OnAlert, Sample
+from gradwatch.errors import LossError, MissingBatchError
+from gradwatch.result import CheckResult
+
+__all__ = ["GradWatch", "training_step_loss"]
+
+
+def _ignore_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``self.log`` / ``self.log_dict`` on the check's copy of the module."""
+
+
+def training_step_loss(batch_idx: int, trainer: pl.Trainer | None = None) -> LossFn:
+    """J as Lightning takes it: the loss ``training_step(batch, batch_idx)`` returns.
+
+    The module passed in is the check's copy (a deep copy drops the trainer): it is
+    attached to ``trainer`` for reading (``self.trainer.global_step`` works) and its
+    ``log``/``log_dict`` are no-ops, so nothing it logs reaches the trainer.
+    """
+
+    def loss(module: nn.Module, batch: Any) -> torch.Tensor:
+        for submodule in module.modules():
+            if isinstance(submodule, pl.LightningModule):
+                submodule._trainer = trainer
+                object.__setattr__(submodule, "log", _ignore_log)
+                object.__setattr__(submodule, "log_dict", _ignore_log)
+        output = module.training_step(batch, batch_idx)  # type: ignore[operator]
+        if isinstance(output, Mapping):
+            output = output.get("loss")
+        if not isinstance(output, torch.Tensor):
+            raise LossError(
+                f"training_step: expected a loss tensor or a dict with 'loss', received "
+                f"{type(output).__name__}; pass GradWatch(loss_fn=...) to say what J is"
+            )
+        return output
+
+    return loss
+
+
+class GradWatch(Callback):
+    """A Lightning `Callback` that checks the backprop gradient every `every` optimizer updates.
+
+    Args:
+        every: check when ``trainer.global_step % every == 0`` (0-based, so the first
+            update is checked).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``, J on the captured batch.
+            None: the loss of the module's own ``training_step``.
+        regularization: penalties ``(module) -> scalar tensor`` that are part of J on
+            both sides (see `gradwatch.integrations.torch.check_module`).
+        precision: ``"float64"`` (default, a float64 copy of the module) or
+            ``"native"`` (the module's dtype; thresholds scaled and noted).
+        report_dir: where the report goes; None:
+            ``<trainer.log_dir or trainer.default_root_dir>/gradwatch``.
+        sample, eps, threshold, warn, top_k, seed, on_alert, budget: as for the core
+            `gradwatch.GradWatch`.
+
+    Attributes:
+        watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
+            ``watch.report_dir``).
+
+    Raises:
+        OptionError: an option is out of range (at construction).
+        MissingBatchError: a due step whose batch ``on_train_batch_start`` did not see.
+        GradientCheckError: a failed check with ``on_alert="raise"``.
+    """
+
+    def __init__(
+        self,
+        every: int = 500,
+        *,
+        loss_fn: LossFn | None = None,
+        regularization: Penalties = (),
+        precision: Precision = "float64",
+        report_dir: str | os.PathLike[str] | None = None,
+        sample: Sample = "auto",
+        eps: float | None = None,
+        threshold: float = 1e-3,
+        warn: float = 1e-5,
+        top_k: int = 10,
+        seed: int = 0,
+        on_alert: OnAlert = "log",
+        budget: float | None = None,
+    ) -> None:
+        self._training = TrainingWatch(
+            every,
+            loss_fn=loss_fn,
+            regularization=regularization,
+            precision=precision,
+            report_dir=report_dir,
+            sample=sample,
+            eps=eps,
+            threshold=threshold,
+            warn=warn,
+            top_k=top_k,
+            seed=seed,
+            on_alert=on_alert,
+            budget=budget,
+        )
+        self._batch: Any = None
+        self._batch_idx: int | None = None
+        self._armed = False
+        self._checking = False
+
+    @property
+    def watch(self) -> Any:
+        """The core `gradwatch.GradWatch` of the current (or last) run."""
+        return self._training.watch
+
+    @property
+    def results(self) -> list[CheckResult]:
+        """The checks recorded in the current (or last) run."""
+        return self._training.watch.results  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"lightning.{self._training.watch!r}"
+
+    # -- Lightning hooks --------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._checking = bool(trainer.is_global_zero)
+        root = trainer.log_dir or trainer.default_root_dir
+        notes = [
+            "J = user loss_fn(module, batch) on the captured batch"
+            if self._training.loss_fn is not None
+            else "J = the loss of training_step(batch, batch_idx) on a copy of the module "
+            "(its self.log calls dropped)",
+            *check_step_notes(trainer.accumulate_grad_batches),
+        ]
+        if not pl_module.automatic_optimization and self._training.loss_fn is None:
+            notes.append("manual optimization: training_step steps the optimizer; pass loss_fn")
+        self._training.start(
+            Path(root) / "gradwatch",
+            writer=self._checking,
+            context={
+                "framework": "lightning",
+                "integration": "gradwatch.integrations.lightning.GradWatch",
+                "model": type(pl_module).__name__,
+                "loss": "user loss_fn" if self._training.loss_fn else "training_step loss",
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "gradient_clip_val": trainer.gradient_clip_val,
+            },
+            notes=notes,
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._armed:
+            self._armed = self._checking and self._training.due(trainer.global_step)
+        if self._armed:
+            self._batch, self._batch_idx = batch, batch_idx
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        step = trainer.global_step
+        batch, batch_idx = self._batch, self._batch_idx
+        self._batch = self._batch_idx = None
+        if batch_idx is None:
+            raise MissingBatchError(
+                f"step {step}: expected the batch of this step from on_train_batch_start, "
+                "received none"
+            )
+        result = self._training.check(
+            step, pl_module, training_step_loss(batch_idx, trainer), batch, optimizer=optimizer
+        )
+        for name, value in result_metrics(result).items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch = self._batch_idx = None
+        self._armed = False
+        self._training.finish()

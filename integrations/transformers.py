@@ -1,0 +1,296 @@
+"""Gradient checks inside a Hugging Face `transformers.Trainer` run.
+
+One line::
+
+    from gradwatch.integrations.transformers import GradWatch
+
+    trainer.add_callback(GradWatch(every=500))     # or add_callback(GradWatch)
+    trainer.train()
+    # $ gradwatch show <output_dir>/gradwatch
+
+How it works. Trainer callbacks never receive the batch, so at train begin a
+forward pre-hook (``with_kwargs=True``) goes on the model; on a due step it keeps a
+reference to the inputs of the model's training forward. In
+``on_pre_optimizer_step`` (after backward and clipping, before the update; there
+``state.global_step`` is still the number of updates completed before this one)
+the check recomputes J on those inputs on a float64 copy of the model, as
+`gradwatch.integrations.torch.check_module` does, and records it: the report goes
+to ``<args.output_dir>/gradwatch`` (only the world process zero writes and checks)
+and ``gradwatch/ratio``, ``gradwatch/status``, ... reach the Trainer's logs (and so
+TensorBoard, W&B, ...). The hook is removed at train end. Training is not changed:
+a run with the callback ends with bit-identical weights and losses.
+
+What J is: the model's own ``loss`` output on the captured inputs. Where the
+Trainer computes its training loss otherwise (label smoothing,
+``compute_loss_func``, an overridden ``compute_loss``) the report says so; pass
+``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
+the check covers the step's last micro-batch, and the report says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from gradwatch.integrations.torch import (
+    BatchCapture,
+    LossFn,
+    Penalties,
+    Precision,
+    TrainingWatch,
+    check_step_notes,
+    result_metrics,
+)
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gradwatch.callback import OnAlert, Sample
+from gradwatch.errors import LossError, MissingBatchError
+from gradwatch.result import CheckResult
+
+__all__ = ["GradWatch", "model_loss"]
+
+
+def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """J as the Trainer's default ``compute_loss`` takes it: the model's ``loss`` output.
+
+    ``inputs`` is the dict of keyword arguments the Trainer passed to ``model.forward``
+    (or ``(args, kwargs)`` when positional arguments were captured too).
+    """
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
+        outputs = model(*inputs[0], **inputs[1])
+    else:
+        outputs = model(**inputs)
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+        if loss is None:
+            raise LossError(
+                f"model output: expected a `loss` (the model computes its loss when the "
+                f"inputs hold labels), received only {list(outputs.keys())}; pass "
+                f"GradWatch(loss_fn=...) to say what J is"
+            )
+        return loss  # type: ignore[no-any-return]
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return outputs[0]  # type: ignore[no-any-return]
+    raise LossError(
+        f"model output: expected a ModelOutput with `loss` or a tuple whose first item is "
+        f"the loss, received {type(outputs).__name__}; pass GradWatch(loss_fn=...)"
+    )
+
+
+class GradWatch(TrainerCallback):
+    """A `TrainerCallback` that checks the backprop gradient every `every` optimizer updates.
+
+    Args:
+        every: check when ``state.global_step % every == 0`` (0-based, so the first
+            update is checked).
+        loss_fn: ``loss_fn(model, inputs) -> scalar tensor``, J on the captured inputs
+            (the dict of keyword arguments of ``model.forward``). None: the model's
+            own ``loss`` output (`model_loss`).
+        regularization: penalties ``(model) -> scalar tensor`` that are part of J on
+            both sides (see `gradwatch.integrations.torch.check_module`).
+        precision: ``"float64"`` (default, a float64 copy of the model) or
+            ``"native"`` (the model's dtype; thresholds scaled and noted).
+        report_dir: where the report goes; None: ``<args.output_dir>/gradwatch``.
+        sample, eps, threshold, warn, top_k, seed, on_alert, budget: as for the core
+            `gradwatch.GradWatch`.
+
+    Attributes:
+        watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
+            ``watch.report_dir``).
+
+    Raises:
+        OptionError: an option is out of range (at construction).
+        MissingBatchError: a due step whose training forward the hook did not see.
+        GradientCheckError: a failed check with ``on_alert="raise"``.
+    """
+
+    def __init__(
+        self,
+        every: int = 500,
+        *,
+        loss_fn: LossFn | None = None,
+        regularization: Penalties = (),
+        precision: Precision = "float64",
+        report_dir: str | os.PathLike[str] | None = None,
+        sample: Sample = "auto",
+        eps: float | None = None,
+        threshold: float = 1e-3,
+        warn: float = 1e-5,
+        top_k: int = 10,
+        seed: int = 0,
+        on_alert: OnAlert = "log",
+        budget: float | None = None,
+    ) -> None:
+        self._training = TrainingWatch(
+            every,
+            loss_fn=loss_fn,
+            regularization=regularization,
+            precision=precision,
+            report_dir=report_dir,
+            sample=sample,
+            eps=eps,
+            threshold=threshold,
+            warn=warn,
+            top_k=top_k,
+            seed=seed,
+            on_alert=on_alert,
+            budget=budget,
+        )
+        self._capture: BatchCapture | None = None
+        self._trainer: Trainer | None = None
+        self._checking = False
+
+    @property
+    def watch(self) -> Any:
+        """The core `gradwatch.GradWatch` of the current (or last) run."""
+        return self._training.watch
+
+    @property
+    def results(self) -> list[CheckResult]:
+        """The checks recorded in the current (or last) run."""
+        return self._training.watch.results  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"transformers.{self._training.watch!r}"
+
+    # -- Trainer events ---------------------------------------------------------------
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise MissingBatchError(
+                "on_train_begin: expected the Trainer to pass `model` to its callbacks, "
+                "received none; cannot hook the model's forward to capture batches"
+            )
+        self._trainer = _find_trainer()
+        self._checking = bool(state.is_world_process_zero)
+        notes = [
+            *self._loss_notes(args),
+            *check_step_notes(args.gradient_accumulation_steps),
+        ]
+        self._training.start(
+            Path(args.output_dir or ".") / "gradwatch",
+            writer=self._checking,
+            context={
+                "framework": "transformers",
+                "integration": "gradwatch.integrations.transformers.GradWatch",
+                "model": type(model).__name__,
+                "loss": "user loss_fn" if self._training.loss_fn else "model output `loss`",
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "max_grad_norm": args.max_grad_norm,
+            },
+            notes=notes,
+        )
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture = BatchCapture(model)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._capture is None:
+            return
+        self._capture.clear()
+        self._capture.armed = self._checking and self._training.due(state.global_step)
+
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        capture = self._capture
+        if capture is None or not capture.armed:
+            return
+        capture.armed = False
+        step = state.global_step
+        if not capture.captured or model is None:
+            raise MissingBatchError(
+                f"step {step}: expected the inputs of this step's training forward, captured "
+                f"by a forward pre-hook on {type(capture.model).__name__}, received none "
+                "(was the forward called on another module, or in eval mode?)"
+            )
+        args_, kwargs_ = capture.args or (), capture.kwargs or {}
+        batch: Any = (args_, kwargs_) if args_ else kwargs_
+        capture.clear()
+        result = self._training.check(step, model, model_loss, batch, optimizer=optimizer)
+        self._log_metrics(result, state)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._trainer = None
+        self._training.finish()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _log_metrics(self, result: CheckResult, state: TrainerState) -> None:
+        metrics = result_metrics(result)
+        if self._trainer is not None:
+            self._trainer.log(dict(metrics))  # reaches TensorBoard, W&B, ... via on_log
+        else:
+            state.log_history.append({**metrics, "step": state.global_step})
+
+    def _loss_notes(self, args: TrainingArguments) -> list[str]:
+        user = self._training.loss_fn is not None
+        notes = [
+            "J = user loss_fn(model, inputs) on the captured inputs"
+            if user
+            else "J = the model's own `loss` output on the captured inputs"
+        ]
+        trainer = self._trainer
+        differences: list[str] = []
+        if trainer is None:
+            notes.append(
+                "the Trainer was not found from the callback; compute_loss overrides and "
+                "compute_loss_func could not be inspected"
+            )
+            if args.label_smoothing_factor > 0:
+                differences.append(f"label smoothing {args.label_smoothing_factor:g}")
+        else:
+            if getattr(trainer, "label_smoother", None) is not None:
+                differences.append(f"label smoothing {args.label_smoothing_factor:g}")
+            if getattr(trainer, "compute_loss_func", None) is not None:
+                differences.append("compute_loss_func")
+            if type(trainer).compute_loss is not Trainer.compute_loss:
+                differences.append(f"{type(trainer).__name__}.compute_loss overridden")
+        if differences:
+            notes.append(
+                "the Trainer computes its training loss otherwise ("
+                + ", ".join(differences)
+                + (
+                    "): J is the user loss_fn"
+                    if user
+                    else "): J is the model's own loss, not "
+                    "the Trainer's; pass loss_fn to check the Trainer's loss"
+                )
+            )
+        return notes
+
+
+def _find_trainer() -> Trainer | None:
+    """The Trainer running this callback event (callbacks get no reference to it)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
