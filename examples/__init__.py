@@ -1,1 +1,1 @@
-"""Runnable examples; also importable (``from examples.lecture_net import ...``) by tests and benchmarks."""
+"""Runnable examples, also importable by tests and benchmarks (``examples.lecture_net``)."""

@@ -7,6 +7,8 @@ over the m examples, optional L2 penalty lambd/(2m) * sum ||W||^2 on the weights
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import numpy.typing as npt
 
@@ -34,7 +36,7 @@ def exercise_setup() -> tuple[Array, Array, Params]:
 def init_params(layer_sizes: list[int], rng: np.random.Generator) -> Params:
     """He-initialized parameters for layer sizes [n_x, n_1, ..., 1]."""
     params: Params = {}
-    for layer, (fan_in, fan_out) in enumerate(zip(layer_sizes, layer_sizes[1:], strict=False), 1):
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(layer_sizes), 1):
         params[f"W{layer}"] = rng.standard_normal((fan_out, fan_in)) * np.sqrt(2.0 / fan_in)
         params[f"b{layer}"] = 0.1 * rng.standard_normal((fan_out, 1))
     return params
@@ -45,7 +47,9 @@ def cost(params: Params, x: Array, y: Array, lambd: float = 0.0) -> float:
     return forward(params, x, y, lambd)[0]
 
 
-def forward(params: Params, x: Array, y: Array, lambd: float = 0.0) -> tuple[float, tuple[Array, ...]]:
+def forward(
+    params: Params, x: Array, y: Array, lambd: float = 0.0
+) -> tuple[float, tuple[Array, ...]]:
     m = x.shape[1]
     z1 = params["W1"] @ x + params["b1"]
     a1 = np.maximum(0, z1)
@@ -60,12 +64,10 @@ def forward(params: Params, x: Array, y: Array, lambd: float = 0.0) -> tuple[flo
     return float(loss), (z1, a1, z2, a2, a3)
 
 
-def backward(
-    params: Params, x: Array, y: Array, lambd: float = 0.0, bugs: bool = False
-) -> Params:
+def backward(params: Params, x: Array, y: Array, lambd: float = 0.0, bugs: bool = False) -> Params:
     """Hand-written gradients of ``cost``; ``bugs`` plants the exercise's two bugs."""
     m = x.shape[1]
-    _, (z1, a1, z2, a2, a3) = forward(params, x, y)
+    _, (_z1, a1, _z2, a2, a3) = forward(params, x, y)
     dz3 = a3 - y
     dw3 = 1.0 / m * dz3 @ a2.T
     db3 = 1.0 / m * np.sum(dz3, axis=1, keepdims=True)

@@ -31,6 +31,10 @@ __all__ = ["AUTO_FULL_MAX_SIZE", "NEAR_ZERO_FLOOR", "check", "default_step"]
 
 F64 = npt.NDArray[np.float64]
 Sample = int | float | Literal["auto", "directional"] | None
+BatchedEvaluation = Callable[[str, npt.NDArray[np.intp], npt.NDArray[np.floating]], npt.ArrayLike]
+"""``evaluate_batch(tensor, flat_indices, values)``: J at theta with only
+``params[tensor].flat[flat_indices[k]]`` set to ``values[k]``, for every k. A loss
+callable that has this method is evaluated in batches (e.g. torch vmap)."""
 
 NEAR_ZERO_FLOOR = 1e-3
 """Per-tensor denominators are floored at this fraction of the whole gradient's scale,
@@ -216,6 +220,7 @@ class _Objective:
                 f"received {type(loss).__name__}"
             )
         self._loss = loss
+        self.batched: BatchedEvaluation | None = getattr(loss, "evaluate_batch", None)
         self._params = tensors.params
         self.terms = terms
         self.evaluations = 0
@@ -373,44 +378,38 @@ def _componentwise(
     base_step: float,
     step_given: bool,
 ) -> _Comparison:
-    plus_changes: list[float] = []
-    minus_changes: list[float] = []
-    steps: list[float] = []
+    plus_changes: list[F64] = []
+    minus_changes: list[F64] = []
+    steps: list[F64] = []
     analytic_parts: list[F64] = []
     separable, generic = _split_terms(objective.terms)
-    generic0 = sum(term.value(tensors.params) for term in generic)
-
+    # A batched loss sees only the parameters, not a generic term: those go one by one.
+    batched = objective.batched if not generic else None
     for tensor in tensors.names:
         chosen = plan[tensor]
         view = tensors.flat_param(tensor)
-        as_dtype = view.dtype.type
-        for j in chosen.tolist():
-            old = view[j]
-            h = base_step if step_given else base_step * max(1.0, abs(float(old)))
-            up = as_dtype(old + h)
-            down = as_dtype(old - h)
-            try:
-                view[j] = up
-                plus = objective.loss((tensor, j, "+ h")) - loss0
-                if generic:
-                    plus += sum(t.value(tensors.params) for t in generic) - generic0
-                view[j] = down
-                minus = objective.loss((tensor, j, "- h")) - loss0
-                if generic:
-                    minus += sum(t.value(tensors.params) for t in generic) - generic0
-            finally:
-                view[j] = old
-            for term in separable:
-                plus += term.component_change(tensor, float(old), float(up)) or 0.0
-                minus += term.component_change(tensor, float(old), float(down)) or 0.0
-            plus_changes.append(plus)
-            minus_changes.append(minus)
-            steps.append(2 * h if step_given else float(up) - float(down))
+        olds = view[chosen].astype(np.float64)
+        h = np.full(olds.shape, base_step) if step_given else base_step * np.maximum(1, abs(olds))
+        ups = (olds + h).astype(view.dtype)
+        downs = (olds - h).astype(view.dtype)
+        if batched is not None and chosen.size:
+            plus, minus = _evaluate_in_batch(batched, objective, tensor, chosen, ups, downs, loss0)
+        else:
+            plus, minus = _evaluate_one_by_one(
+                objective, tensors, tensor, chosen, ups, downs, loss0, generic
+            )
+        for term in separable:
+            plus += _term_changes(term, tensor, olds, ups.astype(np.float64))
+            minus += _term_changes(term, tensor, olds, downs.astype(np.float64))
+        plus_changes.append(plus)
+        minus_changes.append(minus)
+        # Divide by the step realized in the dtype, unless eps was given (the lecture's 2 eps).
+        steps.append(2 * h if step_given else ups.astype(np.float64) - downs.astype(np.float64))
         analytic_parts.append(tensors.grads[tensor].reshape(-1)[chosen].astype(np.float64))
 
-    plus_array = np.array(plus_changes)
-    minus_array = np.array(minus_changes)
-    step_array = np.array(steps)
+    plus_array = np.concatenate(plus_changes)
+    minus_array = np.concatenate(minus_changes)
+    step_array = np.concatenate(steps)
     numeric = (plus_array - minus_array) / step_array
     analytic = np.concatenate(analytic_parts) if analytic_parts else np.zeros(0)
     full = all(plan[t].size == tensors.params[t].size for t in tensors.names)
@@ -425,6 +424,75 @@ def _componentwise(
         plus=plus_array,
         minus=minus_array,
         gradient_scale=float(np.linalg.norm(numeric) + np.linalg.norm(analytic)),
+    )
+
+
+def _evaluate_one_by_one(
+    objective: _Objective,
+    tensors: NamedTensors,
+    tensor: str,
+    chosen: npt.NDArray[np.intp],
+    ups: npt.NDArray[np.floating],
+    downs: npt.NDArray[np.floating],
+    loss0: float,
+    generic: list[RegularizationTerm],
+) -> tuple[F64, F64]:
+    """J(theta +- h e_j) - J(theta) for each chosen j, perturbing in place and restoring.
+
+    The hot loop of a full check: per component two writes, two loss calls and
+    one restore, nothing that grows with n.
+    """
+    view = tensors.flat_param(tensor)
+    plus = np.empty(chosen.size)
+    minus = np.empty(chosen.size)
+    generic0 = sum(term.value(tensors.params) for term in generic)
+    for k, j in enumerate(chosen.tolist()):
+        old = view[j]
+        try:
+            view[j] = ups[k]
+            plus[k] = objective.loss((tensor, j, "+ h")) - loss0
+            if generic:
+                plus[k] += sum(t.value(tensors.params) for t in generic) - generic0
+            view[j] = downs[k]
+            minus[k] = objective.loss((tensor, j, "- h")) - loss0
+            if generic:
+                minus[k] += sum(t.value(tensors.params) for t in generic) - generic0
+        finally:
+            view[j] = old
+    return plus, minus
+
+
+def _evaluate_in_batch(
+    batched: BatchedEvaluation,
+    objective: _Objective,
+    tensor: str,
+    chosen: npt.NDArray[np.intp],
+    ups: npt.NDArray[np.floating],
+    downs: npt.NDArray[np.floating],
+    loss0: float,
+) -> tuple[F64, F64]:
+    """The same differences from one call of the loss's ``evaluate_batch``."""
+    indices = np.concatenate([chosen, chosen])
+    raw = batched(tensor, indices, np.concatenate([ups, downs]))
+    objective.evaluations += indices.size
+    values = np.asarray(raw, dtype=np.float64)
+    if values.shape != indices.shape:
+        raise LossError(
+            f"evaluate_batch for {tensor}: expected {indices.size} values, one per "
+            f"perturbation, received shape {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        bad = int(np.argmin(np.isfinite(values)))
+        raise LossError(
+            f"evaluate_batch at {tensor} flat index {indices[bad]}: expected finite values, "
+            f"received {values[bad]!r}"
+        )
+    return values[: chosen.size] - loss0, values[chosen.size :] - loss0
+
+
+def _term_changes(term: RegularizationTerm, tensor: str, old: F64, new: F64) -> F64:
+    return np.array(
+        [term.component_change(tensor, o, n) or 0.0 for o, n in zip(old, new, strict=True)]
     )
 
 

@@ -80,7 +80,7 @@ def test_bad_params_and_grads(
 
 def test_params_of_the_wrong_type() -> None:
     """A list instead of a mapping or array is named in the error."""
-    with pytest.raises(ParameterError, match="expected a Mapping.*received list"):
+    with pytest.raises(ParameterError, match=r"expected a Mapping.*received list"):
         gradwatch.check(lambda: 0.0, [1.0, 2.0], [1.0, 2.0])  # type: ignore[arg-type]
 
 
@@ -132,7 +132,10 @@ def test_bad_regularization_terms(make_l2: Callable[[], object], fragment: str) 
 @pytest.mark.parametrize(
     ("returned", "fragment"),
     [
-        (np.array([1.0, 2.0]), "expected a scalar (float or 0-d array), received an array of shape (2,)"),
+        (
+            np.array([1.0, 2.0]),
+            "expected a scalar (float or 0-d array), received an array of shape (2,)",
+        ),
         (float("nan"), "expected a finite scalar, received nan"),
         (float("inf"), "expected a finite scalar, received inf"),
         ("loss", "expected a float or 0-d array, received str"),
@@ -152,7 +155,7 @@ def test_bad_loss_values(returned: object, fragment: str) -> None:
 def test_loss_that_is_not_callable() -> None:
     """Passing a number as loss names the expected callable."""
     params, grads, _ = quadratic()
-    with pytest.raises(LossError, match="expected a zero-argument callable.*received float"):
+    with pytest.raises(LossError, match=r"expected a zero-argument callable.*received float"):
         gradwatch.check(1.0, params, grads)  # type: ignore[arg-type]
 
 

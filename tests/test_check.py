@@ -16,7 +16,7 @@ def lecture_check(bugs: bool, **options: object) -> gradwatch.CheckResult:
 
 
 def test_one_dimensional_example_matches_the_lecture() -> None:
-    """J(theta) = theta * x with x = 2, theta = 4, eps = 1e-7 gives a difference of about 2.9e-10."""
+    """J = theta * x with x = 2, theta = 4, eps = 1e-7 gives a difference of about 2.9e-10."""
     theta = np.array(4.0)
     result = gradwatch.check(lambda: float(theta * 2.0), theta, np.array(2.0), eps=1e-7)
     assert result.ratio == pytest.approx(2.9e-10, rel=0.01)
@@ -152,7 +152,9 @@ def test_generic_penalty_from_a_callable_is_part_of_j() -> None:
     w = np.array([0.5, -1.5, 2.0])
     smooth_l1 = gradwatch.Penalty(lambda p: float(np.sum(np.log(np.cosh(p["w"])))), name="logcosh")
     grads = {"w": 2 * w + np.tanh(w)}
-    result = gradwatch.check(lambda: float(np.sum(w**2)), {"w": w}, grads, regularization=[smooth_l1])
+    result = gradwatch.check(
+        lambda: float(np.sum(w**2)), {"w": w}, grads, regularization=[smooth_l1]
+    )
     assert result.status == "ok"
     assert "logcosh" in result.regularization
 
@@ -189,7 +191,9 @@ def test_truncation_is_diagnosed_with_a_large_step() -> None:
 def test_roundoff_is_diagnosed_with_a_tiny_step() -> None:
     """With a step near machine precision the error grows as h shrinks: roundoff."""
     w = np.array([1.0, 2.0])
-    result = gradwatch.check(lambda: float(np.sum(np.exp(w))), {"w": w}, {"w": np.exp(w)}, eps=1e-12)
+    result = gradwatch.check(
+        lambda: float(np.sum(np.exp(w))), {"w": w}, {"w": np.exp(w)}, eps=1e-12
+    )
     assert result.worst[0].diagnosis == "roundoff"
 
 
@@ -214,7 +218,9 @@ def test_near_zero_tensor_is_judged_against_the_whole_gradient() -> None:
     def loss() -> float:
         return float(np.sum(w**3) + 1e-13 * np.sum(unused))
 
-    result = gradwatch.check(loss, {"w": w, "unused": unused}, {"w": 3 * w**2, "unused": np.zeros(2)})
+    result = gradwatch.check(
+        loss, {"w": w, "unused": unused}, {"w": 3 * w**2, "unused": np.zeros(2)}
+    )
     assert result.tensors["unused"].status == "ok"
     assert result.status == "ok"
 
@@ -272,3 +278,50 @@ def test_auto_localizes_the_wrong_entry_inside_the_flagged_tensor() -> None:
     assert result.worst[0].name == "t9[17]"
     assert result.worst[0].diagnosis == "bug"
     assert result.loss_evals < 2 * 4000 / 10
+
+
+class BatchedCost:
+    """The exercise's cost with an ``evaluate_batch`` that copies theta per perturbation."""
+
+    def __init__(self, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> None:
+        self.params, self.x, self.y = params, x, y
+        self.batches = 0
+
+    def __call__(self) -> float:
+        return cost(self.params, self.x, self.y)
+
+    def evaluate_batch(self, tensor: str, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        self.batches += 1
+        out = []
+        for index, value in zip(indices, values, strict=True):
+            moved = {k: v.copy() for k, v in self.params.items()}
+            moved[tensor].reshape(-1)[index] = value
+            out.append(cost(moved, self.x, self.y))
+        return np.array(out)
+
+
+def test_batched_evaluation_gives_the_same_numbers_as_one_by_one() -> None:
+    """A loss with evaluate_batch is called once per tensor and reproduces the sequential check."""
+    x, y, params = exercise_setup()
+    grads = backward(params, x, y, bugs=True)
+    batched_loss = BatchedCost(params, x, y)
+    batched = gradwatch.check(batched_loss, params, grads, eps=1e-7, sample=30)
+    sequential = gradwatch.check(lambda: cost(params, x, y), params, grads, eps=1e-7, sample=30)
+    assert batched_loss.batches == len(params)
+    assert batched.ratio == sequential.ratio
+    assert [c.name for c in batched.worst] == [c.name for c in sequential.worst]
+    assert batched.loss_evals == sequential.loss_evals
+
+
+def test_batched_evaluation_with_a_wrong_count_is_an_error() -> None:
+    """evaluate_batch returning the wrong number of values raises LossError saying so."""
+
+    class Short(BatchedCost):
+        def evaluate_batch(
+            self, tensor: str, indices: np.ndarray, values: np.ndarray
+        ) -> np.ndarray:
+            return np.zeros(3)
+
+    x, y, params = exercise_setup()
+    with pytest.raises(gradwatch.LossError, match="expected 40 values, one per perturbation"):
+        gradwatch.check(Short(params, x, y), params, backward(params, x, y))

@@ -35,7 +35,7 @@ def _base_env() -> dict[str, str]:
 def test_import_gradwatch_loads_no_framework(tmp_path: Path) -> None:
     """`import gradwatch` leaves torch, transformers, lightning, jax and matplotlib unloaded."""
     loaded = run_python(
-        "import sys, gradwatch; print(' '.join(m for m in %r if m in sys.modules))" % (HEAVY,),
+        f"import sys, gradwatch; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))",
         cwd=tmp_path,
     )
     assert loaded == ""
@@ -55,8 +55,18 @@ def test_installed_package_maps_integrations_under_gradwatch(tmp_path: Path) -> 
 def test_wheel_contains_the_package_typed_and_mapped(tmp_path: Path) -> None:
     """A built wheel holds gradwatch/, gradwatch/integrations/, py.typed and the console script."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -71,14 +81,24 @@ def test_wheel_contains_the_package_typed_and_mapped(tmp_path: Path) -> None:
 
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
     )
     out = run_python(
         "import gradwatch, gradwatch.integrations, numpy as np; "
         "w = np.ones(3); r = gradwatch.check(lambda: float((w**2).sum()), w, 2*w); "
-        "print(gradwatch.__file__.startswith(%r), r.status)" % str(site),
+        f"print(gradwatch.__file__.startswith({str(site)!r}), r.status)",
         cwd=tmp_path,
         env_path=str(site),
     )

@@ -45,7 +45,10 @@ def softmax_cross_entropy(rng: np.random.Generator, n: int, scale: float) -> Pro
     classes, m = 4, 6
     x = rng.standard_normal((n, m))
     labels = rng.integers(0, classes, size=m)
-    params = {"W": scale * rng.standard_normal((classes, n)), "b": rng.standard_normal((classes, 1))}
+    params = {
+        "W": scale * rng.standard_normal((classes, n)),
+        "b": rng.standard_normal((classes, 1)),
+    }
 
     def probabilities() -> np.ndarray:
         logits = params["W"] @ x + params["b"]
@@ -109,7 +112,9 @@ def test_one_corrupted_component_is_the_worst(
     tensor = next(k for k, end in zip(names, np.cumsum(sizes), strict=True) if flat < end)
     local = flat - sum(grads[k].size for k in names[: names.index(tensor)])
     index = np.unravel_index(local, grads[tensor].shape)
-    scale_of_gradient = max(float(np.max(np.abs(np.concatenate([g.ravel() for g in grads.values()])))), 1e-3)
+    scale_of_gradient = max(
+        float(np.max(np.abs(np.concatenate([g.ravel() for g in grads.values()])))), 1e-3
+    )
     grads[tensor][index] += relative_error * scale_of_gradient
     result = gradwatch.check(loss, params, grads)
     expected = f"{tensor}[{', '.join(str(int(i)) for i in index)}]"
