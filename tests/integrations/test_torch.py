@@ -1,0 +1,381 @@
+"""check_module and the plain-loop hook on real torch modules (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from gradwatch.integrations.torch import (  # noqa: E402
+    after_backward,
+    check_module,
+    trainable_parameters,
+    weight_decay_notes,
+)
+from torch import nn  # noqa: E402
+
+import gradwatch  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def make_batch(n: int = 16, features: int = 5, classes: int = 3, seed: int = 0) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    return x, y
+
+
+def mlp(activation: nn.Module, *extra: nn.Module, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), *extra, activation, nn.Linear(12, 3))
+
+
+def failing_tensors(result: gradwatch.CheckResult) -> set[str]:
+    return {name for name, verdict in result.tensors.items() if verdict.status == "fail"}
+
+
+# -- bugs are caught --------------------------------------------------------------------
+
+
+class WrongSquare(torch.autograd.Function):
+    """x**2 whose backward forgets the factor 2."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * x
+
+
+class SquareNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(WrongSquare.apply(self.first(x)))
+
+
+def test_wrong_custom_backward_fails_and_names_the_tensor() -> None:
+    """A custom autograd.Function with a wrong backward fails on the layer before it."""
+    result = check_module(SquareNet(), cross_entropy, make_batch())
+    assert result.status == "fail"
+    assert failing_tensors(result) == {"first.weight", "first.bias"}
+    assert result.worst[0].tensor.startswith("first.")
+
+
+class DetachedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = nn.Linear(5, 3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) * torch.sigmoid(self.gate(x)).detach()
+
+
+def test_detach_cutting_a_path_fails_and_is_noted() -> None:
+    """`.detach()` leaves the gate without .grad: compared as zeros, noted, and failed."""
+    result = check_module(DetachedNet(), cross_entropy, make_batch())
+    assert result.status == "fail"
+    assert failing_tensors(result) == {"gate.weight", "gate.bias"}
+    assert any("gate.weight, gate.bias" in note for note in result.notes)
+
+
+class WrongPenaltyGrad(torch.autograd.Function):
+    """0.5 * lambda * ||W||^2 whose backward returns 2 * lambda * W (should be lambda * W)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, lambd: float) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.lambd = lambd
+        return 0.5 * lambd * weight.square().sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad * 2 * ctx.lambd * weight, None
+
+
+def test_wrong_hand_written_penalty_gradient_fails() -> None:
+    """A penalty is part of J on both sides, so its wrong gradient is caught."""
+    model = mlp(nn.Tanh())
+
+    def weight_penalty(m: nn.Module) -> torch.Tensor:
+        return WrongPenaltyGrad.apply(m[0].weight, 0.5)  # type: ignore[no-any-return]
+
+    result = check_module(model, cross_entropy, make_batch(), regularization=[weight_penalty])
+    assert result.status == "fail"
+    assert failing_tensors(result) == {"0.weight"}
+    assert set(result.regularization) == {"weight_penalty"}
+
+    def correct_penalty(m: nn.Module) -> torch.Tensor:
+        return 0.25 * m[0].weight.square().sum()
+
+    fixed = check_module(model, cross_entropy, make_batch(), regularization={"l2": correct_penalty})
+    assert fixed.status == "ok"
+    expected = 0.25 * float(model[0].weight.detach().double().square().sum())
+    assert fixed.regularization["l2"] == pytest.approx(expected, rel=1e-12)
+
+
+class CorruptedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        out = self.second(hidden)
+        hidden.data.mul_(0.5)  # in place behind autograd's back: tanh and matmul saved it
+        return out
+
+
+def test_in_place_op_corrupting_a_saved_tensor_fails() -> None:
+    """An in-place change of a tensor saved for backward gives wrong gradients: caught."""
+    result = check_module(CorruptedNet(), cross_entropy, make_batch())
+    assert result.status == "fail"
+    assert "second.weight" in failing_tensors(result)
+
+
+# -- no false alarms with default settings --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(mlp(nn.Tanh()), id="float32-tanh"),
+        pytest.param(mlp(nn.ReLU()), id="relu"),
+        pytest.param(mlp(nn.ReLU(), nn.Dropout(0.3)).train(), id="dropout"),
+        pytest.param(mlp(nn.ReLU(), nn.BatchNorm1d(12)).train(), id="batchnorm-train"),
+        pytest.param(mlp(nn.ReLU(), nn.BatchNorm1d(12)).eval(), id="batchnorm-eval"),
+    ],
+)
+def test_correct_models_pass_with_default_settings(model: nn.Module) -> None:
+    """float32 models, dropout, BatchNorm and ReLU do not raise a false alarm."""
+    result = check_module(model, cross_entropy, make_batch())
+    assert result.status == "ok", (result.ratio, result.notes)
+    assert result.ratio < 1e-6
+    assert result.checked == result.size == sum(p.numel() for p in model.parameters())
+
+
+def test_dropout_sees_the_same_mask_in_every_evaluation() -> None:
+    """Dropout draws are replayed: J(theta) twice is equal, so no 'nondeterministic'."""
+    model = mlp(nn.ReLU(), nn.Dropout(0.5)).train()
+    result = check_module(model, cross_entropy, make_batch(), sample=20)
+    assert result.status == "ok"
+    assert not any("nondeterministic" in note for note in result.notes)
+
+
+def test_native_float32_scales_thresholds_says_so_and_still_catches_bugs() -> None:
+    """precision='native' checks in float32 with scaled thresholds, noted in the result."""
+    ok = check_module(mlp(nn.Tanh()), cross_entropy, make_batch(), precision="native")
+    assert ok.dtype == "float32"
+    assert ok.status == "ok", ok.ratio
+    assert ok.threshold == pytest.approx(0.1) and ok.warn == pytest.approx(1e-3)
+    assert any("native precision float32" in note for note in ok.notes)
+    bad = check_module(SquareNet(), cross_entropy, make_batch(), precision="native")
+    assert bad.status == "fail"
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(nn.Tanh())
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def test_frozen_parameters_are_not_checked_and_unused_ones_are_noted() -> None:
+    """requires_grad=False tensors are left out; a parameter without .grad is reported."""
+    model = WithUnused()
+    model.net[0].weight.requires_grad_(False)
+    result = check_module(model, cross_entropy, make_batch())
+    assert "net.0.weight" not in result.tensors
+    assert "unused.weight" in result.tensors
+    assert result.status == "ok"
+    assert any("unused.weight, unused.bias" in note for note in result.notes)
+    assert list(trainable_parameters(model)) == [
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
+        "unused.weight",
+        "unused.bias",
+    ]
+
+
+def test_padding_row_of_an_embedding_is_held_constant() -> None:
+    """nn.Embedding's padding_idx row gets no gradient from torch; it is not a false alarm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 3))
+    tokens = torch.tensor([[0, 1, 2], [3, 0, 4], [5, 6, 0]])
+    labels = torch.tensor([0, 1, 2])
+    result = check_module(model, cross_entropy, (tokens, labels))
+    assert result.status == "ok", result.tensors
+    assert any("0.weight[0]" in note for note in result.notes)
+
+
+# -- side effects ------------------------------------------------------------------------
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "modes": [m.training for m in model.modules()],
+        "dtype": torch.get_default_dtype(),
+    }
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    assert before["grads"].keys() == after["grads"].keys()
+    for key, value in before["grads"].items():
+        assert torch.equal(value, after["grads"][key]), key
+    assert json.dumps(before["optimizer"]["param_groups"]) == json.dumps(
+        after["optimizer"]["param_groups"]
+    )
+    for index, state in before["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, after["optimizer"]["state"][index][key]), (index, key)
+    assert before["modes"] == after["modes"]
+    assert before["dtype"] == after["dtype"]
+
+
+def trained_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = mlp(nn.ReLU(), nn.BatchNorm1d(12), nn.Dropout(0.2)).train()
+    model[1].eval()  # a mixed-mode model: modes must survive exactly
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        cross_entropy(model, make_batch()).backward()
+        optimizer.step()
+    cross_entropy(model, make_batch(seed=1)).backward()
+    return model, optimizer
+
+
+def test_check_leaves_model_optimizer_and_every_rng_untouched() -> None:
+    """Params, grads, BN buffers, optimizer state, modes and python/numpy/torch RNGs."""
+    model, optimizer = trained_model()
+    before = snapshot(model, optimizer)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    rng_before = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    result = check_module(model, cross_entropy, make_batch(), optimizer=optimizer)
+    assert result.status == "ok"
+    assert_same(before, snapshot(model, optimizer))
+    assert random.getstate() == rng_before[0]
+    numpy_after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(rng_before[1], numpy_after, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng_before[2])
+
+
+def test_state_is_restored_when_the_loss_raises() -> None:
+    """A loss_fn that fails mid-check still leaves every RNG and the default dtype alone."""
+    model, optimizer = trained_model()
+    before = snapshot(model, optimizer)
+    torch_rng = torch.get_rng_state()
+    calls = 0
+
+    def flaky(m: nn.Module, batch: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        torch.set_default_dtype(torch.float64)
+        torch.rand(3)
+        if calls == 5:
+            raise RuntimeError("boom")
+        return cross_entropy(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        check_module(model, flaky, make_batch())
+    assert_same(before, snapshot(model, optimizer))
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+
+
+def test_weight_decay_is_described_as_coupled_or_decoupled() -> None:
+    """SGD/Adam weight_decay is coupled (in the update), AdamW decoupled; neither in J."""
+    params = [nn.Parameter(torch.zeros(2))]
+    assert (
+        "coupled weight decay (0.01)"
+        in weight_decay_notes(torch.optim.SGD(params, lr=0.1, weight_decay=0.01))[0]
+    )
+    assert (
+        "decoupled weight decay (0.01)"
+        in weight_decay_notes(torch.optim.AdamW(params, weight_decay=0.01))[0]
+    )
+    assert "no weight decay" in weight_decay_notes(torch.optim.Adam(params))[0]
+    result = check_module(
+        mlp(nn.Tanh()),
+        cross_entropy,
+        make_batch(),
+        optimizer=torch.optim.SGD(params, lr=0.1, weight_decay=0.01),
+    )
+    assert any("coupled weight decay" in note for note in result.notes)
+
+
+def test_live_mode_compares_the_models_own_grad() -> None:
+    """analytic='live' finds a missing zero_grad (gradients accumulated twice)."""
+    model = mlp(nn.Tanh())
+    batch = make_batch()
+    cross_entropy(model, batch).backward()
+    assert check_module(model, cross_entropy, batch, analytic="live").status == "ok"
+    cross_entropy(model, batch).backward()  # forgot zero_grad
+    assert check_module(model, cross_entropy, batch, analytic="live").status == "fail"
+
+
+# -- plain loop ----------------------------------------------------------------------------
+
+
+def train_loop(watch: gradwatch.GradWatch | None, steps: int = 5) -> tuple[nn.Module, list[Any]]:
+    torch.manual_seed(0)
+    model = mlp(nn.ReLU(), nn.Dropout(0.2)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    returned = []
+    for step in range(steps):
+        batch = make_batch(seed=step)
+        optimizer.zero_grad()
+        cross_entropy(model, batch).backward()
+        if watch is not None:
+            returned.append(
+                after_backward(watch, step, model, cross_entropy, batch, optimizer=optimizer)
+            )
+        optimizer.step()
+    return model, returned
+
+
+def test_plain_loop_after_backward_checks_due_steps_and_changes_nothing(tmp_path: Any) -> None:
+    """after_backward checks steps 0, 2, 4, writes the report, and training is bit-identical."""
+    reference, _ = train_loop(None)
+    with gradwatch.GradWatch(every=2, report_dir=tmp_path / "gw") as watch:
+        watched, returned = train_loop(watch)
+    assert [r is None for r in returned] == [False, True, False, True, False]
+    report = gradwatch.load_report(tmp_path / "gw")
+    assert [c.step for c in report.checks] == [0, 2, 4]
+    assert all(c.status == "ok" for c in report.checks)
+    for (name, a), b in zip(
+        reference.state_dict().items(), watched.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
