@@ -589,6 +589,8 @@ class BatchCapture:
         self.armed = False
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] | None = None
+        self.loss_inputs: Any = None
+        """What the trainer's loss function received, when a framework captures it too."""
         self._handle: RemovableHandle | None = model.register_forward_pre_hook(
             self._make_hook(), with_kwargs=True
         )
@@ -609,7 +611,7 @@ class BatchCapture:
         return self.kwargs is not None
 
     def clear(self) -> None:
-        self.args = self.kwargs = None
+        self.args = self.kwargs = self.loss_inputs = None
 
     def remove(self) -> None:
         """Remove the hook (idempotent)."""

@@ -88,9 +88,10 @@ class GradWatch(TrainerCallback):
     Args:
         every: check when ``state.global_step % every == 0`` (0-based, so the first
             update is checked).
-        loss_fn: ``loss_fn(model, inputs) -> scalar tensor``, J on the captured inputs
-            (the dict of keyword arguments of ``model.forward``). None: the model's
-            own ``loss`` output (`model_loss`).
+        loss_fn: ``loss_fn(model, inputs) -> scalar tensor``, J on the captured inputs:
+            the dict ``Trainer.compute_loss`` received (labels included), or when the
+            Trainer could not be found, the keyword arguments of ``model.forward``.
+            None: the model's own ``loss`` output (`model_loss`).
         regularization: penalties ``(model) -> scalar tensor`` that are part of J on
             both sides (see `gradwatch.integrations.torch.check_module`).
         precision: ``"float64"`` (default, a float64 copy of the model) or
@@ -144,6 +145,7 @@ class GradWatch(TrainerCallback):
         self._capture: BatchCapture | None = None
         self._trainer: Trainer | None = None
         self._checking = False
+        self._differences: list[str] = []
 
     @property
     def watch(self) -> Any:
@@ -195,6 +197,24 @@ class GradWatch(TrainerCallback):
         if self._capture is not None:
             self._capture.remove()
         self._capture = BatchCapture(model)
+        self._wrap_compute_loss()
+
+    def _wrap_compute_loss(self) -> None:
+        """Also keep what ``compute_loss`` receives: it still holds the labels, which the
+        Trainer pops before the forward when it computes the loss itself (a user
+        ``loss_fn`` gets these inputs)."""
+        trainer, capture = self._trainer, self._capture
+        if trainer is None or capture is None or self._training.loss_fn is None:
+            return
+        original = trainer.compute_loss
+
+        def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if capture.armed:
+                capture.loss_inputs = dict(inputs)
+            return original(model, inputs, *args, **kwargs)
+
+        compute_loss.__gradwatch_wrapped__ = original  # type: ignore[attr-defined]
+        trainer.compute_loss = compute_loss  # type: ignore[method-assign]
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -226,8 +246,18 @@ class GradWatch(TrainerCallback):
             )
         args_, kwargs_ = capture.args or (), capture.kwargs or {}
         batch: Any = (args_, kwargs_) if args_ else kwargs_
+        if capture.loss_inputs is not None:
+            batch = capture.loss_inputs
         capture.clear()
-        result = self._training.check(step, model, model_loss, batch, optimizer=optimizer)
+        try:
+            result = self._training.check(step, model, model_loss, batch, optimizer=optimizer)
+        except LossError as error:
+            if not self._differences:
+                raise
+            raise LossError(
+                f"{error} (the Trainer computes its training loss otherwise: "
+                f"{', '.join(self._differences)}; pass GradWatch(loss_fn=...))"
+            ) from error
         self._log_metrics(result, state)
 
     def on_train_end(
@@ -236,6 +266,10 @@ class GradWatch(TrainerCallback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._trainer is not None and hasattr(
+            vars(self._trainer).get("compute_loss"), "__gradwatch_wrapped__"
+        ):
+            del self._trainer.compute_loss
         self._trainer = None
         self._training.finish()
 
@@ -271,6 +305,7 @@ class GradWatch(TrainerCallback):
                 differences.append("compute_loss_func")
             if type(trainer).compute_loss is not Trainer.compute_loss:
                 differences.append(f"{type(trainer).__name__}.compute_loss overridden")
+        self._differences = differences
         if differences:
             notes.append(
                 "the Trainer computes its training loss otherwise ("

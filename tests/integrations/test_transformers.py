@@ -1,0 +1,148 @@
+"""The Hugging Face Trainer callback on a tiny 2-layer BERT built from a config (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from gradwatch.integrations.transformers import GradWatch  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+import gradwatch  # noqa: E402
+from examples import hf_trainer  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+
+def run(
+    tmp_path: Path, callback: Any = None, trainer_class: type[Trainer] = Trainer, **args: Any
+) -> tuple[Trainer, Any]:
+    options = {"max_steps": 4, **args}
+    trainer = trainer_class(
+        model=hf_trainer.build_model(),
+        args=hf_trainer.training_arguments(str(tmp_path), **options),
+        train_dataset=hf_trainer.SyntheticTokens(),
+    )
+    if callback is not None:
+        trainer.add_callback(callback)
+    trainer.train()
+    return trainer, callback
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trajectory_is_bit_identical_and_metrics_reach_the_logs(tmp_path: Path) -> None:
+    """GradWatch(every=2) checks steps 0 and 2, logs its metrics and changes no weight."""
+    reference, _ = run(tmp_path / "plain")
+    watched, watch = run(tmp_path / "watched", GradWatch(every=2))
+    for (name, a), b in zip(
+        reference.model.state_dict().items(), watched.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert losses(reference) == losses(watched) and len(losses(watched)) == 4
+    assert [r.step for r in watch.results] == [0, 2]
+    assert all(r.status == "ok" for r in watch.results), [r.ratio for r in watch.results]
+    logged = [e for e in watched.state.log_history if "gradwatch/ratio" in e]
+    assert [e["step"] for e in logged] == [0, 2]
+    assert logged[0]["gradwatch/status"] == 0.0
+    report = gradwatch.load_report(tmp_path / "watched" / "gradwatch")
+    assert [c.step for c in report.checks] == [0, 2]
+    assert not watched.model._forward_pre_hooks  # hook removed at train end
+
+
+def test_add_callback_with_the_class(tmp_path: Path) -> None:
+    """trainer.add_callback(GradWatch) (the class) checks step 0 with the defaults."""
+    trainer = Trainer(
+        model=hf_trainer.build_model(),
+        args=hf_trainer.training_arguments(str(tmp_path), max_steps=1),
+        train_dataset=hf_trainer.SyntheticTokens(),
+    )
+    trainer.add_callback(GradWatch)
+    trainer.train()
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradWatch)]
+    assert [r.step for r in callback.results] == [0]
+    assert (tmp_path / "gradwatch" / "checks.jsonl").exists()
+
+
+def test_gradient_accumulation_checks_the_last_micro_batch(tmp_path: Path) -> None:
+    """With accumulation, the report says the check covers the last micro-batch."""
+    _, watch = run(tmp_path, GradWatch(every=1), max_steps=1, gradient_accumulation_steps=2)
+    (result,) = watch.results
+    assert result.status == "ok"
+    assert any("last micro-batch" in note for note in result.notes)
+    summary = gradwatch.load_report(tmp_path / "gradwatch")
+    assert summary.checks[0].notes == result.notes
+
+
+class SmoothedLossTrainer(Trainer):
+    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+
+
+def smoothed_loss(model: Any, inputs: dict[str, Any]) -> Any:
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+
+
+def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path) -> None:
+    """Label smoothing / an overridden compute_loss are noted; a user loss_fn is J."""
+    with pytest.raises(gradwatch.LossError, match=r"label smoothing 0\.1; pass GradWatch"):
+        run(tmp_path / "smooth", GradWatch(every=1), max_steps=1, label_smoothing_factor=0.1)
+    _, watch = run(
+        tmp_path / "smooth-fn",
+        GradWatch(every=1, loss_fn=smoothed_loss),
+        max_steps=1,
+        label_smoothing_factor=0.1,
+    )
+    (result,) = watch.results
+    assert result.status == "ok"
+    notes = " ".join(result.notes)
+    assert "label smoothing 0.1" in notes and "J is the user loss_fn" in notes
+
+    _, watch = run(
+        tmp_path / "override",
+        GradWatch(every=1, loss_fn=smoothed_loss),
+        trainer_class=SmoothedLossTrainer,
+        max_steps=1,
+    )
+    (result,) = watch.results
+    assert result.status == "ok"
+    notes = " ".join(result.notes)
+    assert "SmoothedLossTrainer.compute_loss overridden" in notes and "user loss_fn" in notes
+
+
+class BypassForwardTrainer(Trainer):
+    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:
+        labels = inputs.pop("labels")
+        pooled = model.bert(**inputs).pooler_output  # model.forward itself never runs
+        return torch.nn.functional.cross_entropy(model.classifier(pooled), labels)
+
+
+def test_missing_batch_is_a_clear_error(tmp_path: Path) -> None:
+    """A due step whose model.forward never ran raises MissingBatchError."""
+    with pytest.raises(gradwatch.MissingBatchError, match="step 0: expected the inputs"):
+        run(tmp_path, GradWatch(every=1), trainer_class=BypassForwardTrainer, max_steps=1)
+
+
+def test_example_with_planted_bug_alerts_on_the_head(tmp_path: Path, capsys: Any) -> None:
+    """examples/hf_trainer.py --bug alerts and names classifier.bias; without it, no alert."""
+    assert hf_trainer.main(["--bug", "--steps", "1", "--report-dir", str(tmp_path / "bug")]) == 1
+    out = capsys.readouterr().out
+    assert "ALERT" in out and "classifier.bias" in out
+    report = gradwatch.load_report(tmp_path / "bug")
+    assert report.checks[0].status == "fail"
+    assert report.checks[0].tensors["classifier.bias"].status == "fail"
+    assert hf_trainer.main(["--steps", "1", "--report-dir", str(tmp_path / "ok")]) == 0
+    assert "ALERT" not in capsys.readouterr().out
