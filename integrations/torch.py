@@ -161,7 +161,7 @@ class RngState:
     @classmethod
     def capture(cls) -> RngState:
         cuda = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             cuda = tuple(torch.cuda.get_rng_state_all())
         return cls(
             python=random.getstate(),
@@ -264,7 +264,7 @@ class _Shadow:
             row = module.weight.detach()[module.padding_idx].clone()
 
             def hold(
-                embedding: nn.Module,
+                embedding: nn.Embedding,
                 args: tuple[Any, ...],
                 row: torch.Tensor = row,
                 index: int = module.padding_idx,
@@ -312,7 +312,7 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, Mapping):
         items = {key: _map_tensors(item, fn) for key, item in value.items()}
         try:
-            return type(value)(items)
+            return type(value)(items)  # type: ignore[call-arg]
         except Exception:
             return items
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
@@ -407,7 +407,7 @@ class _Objective:
             total = loss + sum(penalties.values()) if penalties else loss
             notes = []
             if total.requires_grad:
-                total.backward()
+                total.backward()  # type: ignore[no-untyped-call]
             else:
                 notes.append("J does not depend on any trainable parameter through autograd")
         grads, missing = module_gradients(self.shadow.module, self.shadow.arrays_dtype())
