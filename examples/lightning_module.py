@@ -4,7 +4,8 @@ The LightningModule is an MLP (a few hundred parameters, dropout, ReLU) on
 synthetic data; its first layer is an *adapter* whose tanh is a custom
 ``autograd.Function``. ``--bug`` plants a classic mistake in that backward (the
 derivative of tanh written as ``1 - y`` instead of ``1 - y**2``): the check raises
-an alert naming ``adapter.linear.weight``. Without ``--bug`` there is no alert.
+an alert naming the adapter's tensors
+(``adapter.linear.weight``, ``adapter.linear.bias``). Without ``--bug`` there is no alert.
 
     python examples/lightning_module.py --report-dir /tmp/gw-pl
     python examples/lightning_module.py --bug --report-dir /tmp/gw-pl-bug
