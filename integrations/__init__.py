@@ -1,1 +1,1 @@
-"""Framework integrations, each reached only by its own path (e.g. `gradwatch.integrations.torch`)."""
+"""Framework integrations, each reached by its own path, e.g. gradwatch.integrations.torch."""
