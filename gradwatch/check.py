@@ -151,6 +151,7 @@ def check(
         sample = None
     if _is_directional(sample):
         comparison = _directional(objective, tensors, base_step, seed)
+        checked = comparison.checked
         worst = comparison.worst_components(tensors, top_k)
         notes.append("directional: one random unit direction per tensor, 2 evaluations each")
         flagged = [
@@ -160,7 +161,8 @@ def check(
         ]
         if sample == "auto" and flagged:
             plan = _localization_plan(tensors, flagged, seed)
-            worst = compare_components(plan)[1]
+            localized, worst = compare_components(plan)
+            checked += localized.checked
             notes.append(
                 f"localized by sampling up to {AUTO_LOCALIZE_COMPONENTS} components in "
                 + ", ".join(flagged)
@@ -169,6 +171,7 @@ def check(
         assert not isinstance(sample, str)
         plan = _sample_plan(tensors, sample, seed)
         comparison, worst = compare_components(plan)
+        checked = comparison.checked
 
     ratio = comparison.ratio()
     per_tensor = comparison.per_tensor(tensors, warn, threshold)
@@ -186,7 +189,7 @@ def check(
         worst=worst,
         eps=base_step,
         eps_policy=policy,
-        checked=comparison.checked,
+        checked=checked,
         size=tensors.size,
         loss=loss0 + sum(term.value(tensors.params) for term in terms),
         loss_evals=objective.evaluations,

@@ -50,7 +50,9 @@ class CheckResult(BaseModel):
 
     ``ratio`` is ||numeric - analytic|| / (||numeric|| + ||analytic||) over the
     checked components (0 when both norms are 0). ``status`` is the worse of the
-    global verdict and the per-tensor verdicts.
+    global verdict and the per-tensor verdicts. In directional mode each "component"
+    is one tensor's directional derivative, and ``checked`` also counts the
+    components sampled to localize a flagged tensor.
     """
 
     model_config = _MODEL_CONFIG
