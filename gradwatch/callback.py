@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from gradwatch.check import AUTO_FULL_MAX_SIZE
 from gradwatch.errors import GradientCheckError, OptionError, ReportError
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
@@ -42,7 +44,7 @@ from gradwatch.report import (
 )
 from gradwatch.result import CheckResult
 
-__all__ = ["GradWatch", "OnAlert", "Sample"]
+__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "Sample"]
 
 Sample = int | float | Literal["auto", "directional"] | None
 OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
@@ -52,6 +54,14 @@ LOGGER_NAME = "gradwatch"
 CHECK_EVENT = "gradient_check"
 ALERT_EVENT = "gradient_alert"
 SKIP_EVENT = "gradient_check_skipped"
+
+MIN_SAMPLED_SHARE = 0.25
+"""A budget-sized component sample is used only when it covers at least this share of
+theta; below it the directional check (every entry of every tensor, projected) is the
+better detector for the same time."""
+
+COST_HISTORY = 8
+"""How many recent checks the cost model (fixed seconds + seconds per loss evaluation) fits."""
 
 _LEVELS = {"ok": logging.INFO, "warn": logging.WARNING, "nondeterministic": logging.WARNING}
 
@@ -76,10 +86,20 @@ class GradWatch:
         on_alert: "log" (an error-level ``gradient_alert`` event), "raise" (raise
             `GradientCheckError` after the check is written and logged), or a callable
             receiving the failing `CheckResult`. The error event is logged in every case.
-        budget: the largest share of wall time (in (0, 1]) checks may take. None: no limit.
-            With a budget, a due check is skipped (and recorded as skipped) while the
-            checks so far have taken more than that share of the time since the first
-            step; the first due check always runs.
+        budget: the largest share of training time (in (0, 1]) checks may take; None: no
+            limit. The watch keeps an account: the allowance at a due step is ``budget``
+            times the training time so far (wall time since the first `due` call, minus
+            checks) minus what checks have cost so far, so unused allowance carries over
+            and an overspend is repaid by later checks. A due check runs the configured
+            `sample` when its estimated cost fits the allowance, else the largest
+            cheaper check that fits: a sample of k components sized to the allowance
+            (when k covers at least a quarter of theta), then ``"directional"`` (two loss
+            evaluations per tensor); it is skipped (recorded in ``report.skipped``) only
+            when even the directional check does not fit. The cost is estimated from the
+            checks so far (their seconds and loss evaluations). The first due check,
+            with no estimate yet, runs ``"directional"`` (or the configured sample when it
+            is ``"directional"`` already). Each reduced check says so in its ``notes``.
+        clock: the wall clock the budget reads (seconds); tests inject a fake one.
         write: False makes this instance write no files (ranks other than 0); it still
             checks, logs and alerts.
 
@@ -112,6 +132,7 @@ class GradWatch:
         on_alert: OnAlert = "log",
         budget: float | None = None,
         write: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         _validate(every, sample, eps, threshold, warn, top_k, seed, on_alert, budget)
         self.every = every
@@ -128,9 +149,16 @@ class GradWatch:
         self._writer: ReportWriter | None = None
         self._closed = False
         self._results: list[CheckResult] = []
+        self._plans: list[BudgetPlan] = []
         self._started: float | None = None
         self._check_seconds = 0.0
-        self._decision: tuple[int, bool] | None = None
+        self._clock = clock
+        self._decision: tuple[int, BudgetPlan | None] | None = None
+        self._pending: BudgetPlan | None = None
+        self._costs: list[tuple[int, float]] = []
+        """(loss evaluations, seconds) of the recent checks, for the cost model."""
+        self._shape: tuple[int, int] | None = None
+        """(components, tensors) of theta, learned from the first check."""
         self._log = _StdlibEvents(logging.getLogger(LOGGER_NAME))
         self._summary = ReportSummary(
             configuration=RunConfiguration(
@@ -176,6 +204,11 @@ class GradWatch:
     def skipped(self) -> list[SkippedCheck]:
         """The due checks skipped to stay within `budget`."""
         return list(self._summary.skipped)
+
+    @property
+    def plans(self) -> list[BudgetPlan]:
+        """What the budget decided at each due step (run, reduced or skipped), in order."""
+        return list(self._plans)
 
     def __repr__(self) -> str:
         where = self.report_dir if self._write else "no files (write=False)"
@@ -263,12 +296,16 @@ class GradWatch:
     def check_options(self) -> dict[str, Any]:
         """The options to pass to a check function: eps, sample, seed, top_k, warn, threshold.
 
+        After `due` returned True with a `budget`, ``sample`` is the one the budget chose
+        for that step (see `GradWatch`), until the check is recorded.
+
         >>> GradWatch(every=5, report_dir=None).check_options()["sample"]
         'auto'
         """
+        sample = self.sample if self._pending is None else self._pending.sample
         return {
             "eps": self.eps,
-            "sample": self.sample,
+            "sample": sample,
             "seed": self.seed,
             "top_k": self.top_k,
             "warn": self.warn,
@@ -280,9 +317,9 @@ class GradWatch:
     def due(self, step: int) -> bool:
         """True when a check should run at `step` (updates completed before this one).
 
-        Due when ``step % every == 0``. With a `budget`, a due check is skipped while the
-        checks so far took more than that share of the wall time since the first call;
-        the skip is recorded in the report once per step.
+        Due when ``step % every == 0``. With a `budget`, the due check is sized to the
+        allowance (`check_options` then returns the chosen ``sample``) or, when even the
+        directional check does not fit, skipped and recorded in the report once per step.
 
         Raises:
             OptionError: `step` is not an int >= 0.
@@ -290,35 +327,123 @@ class GradWatch:
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise OptionError(f"step: expected an int >= 0, received {step!r}")
         step = int(step)
-        now = time.perf_counter()
+        now = self._clock()
         if self._started is None:
             self._started = now
         if step % self.every:
             return False
         if self._decision is not None and self._decision[0] == step:
-            return self._decision[1]
-        decision = self._within_budget(step, now)
-        self._decision = (step, decision)
-        return decision
+            return self._decision[1] is not None
+        plan = self._plan(step, now)
+        self._decision = (step, plan)
+        self._pending = plan
+        return plan is not None
 
-    def _within_budget(self, step: int, now: float) -> bool:
-        if self.budget is None or not self._results or self._started is None:
-            return True
+    def _plan(self, step: int, now: float) -> BudgetPlan | None:
+        """The check to run at a due step within the budget, or None to skip it."""
+        if self.budget is None:
+            return BudgetPlan(step=step, sample=self.sample, action="run")
+        assert self._started is not None
+        training = max(now - self._started - self._check_seconds, 0.0)
+        allowance = self.budget * training - self._check_seconds
+        model = self._cost_model()
+        if model is None or self._shape is None:
+            plan = BudgetPlan(
+                step=step,
+                sample="directional",
+                action="run" if self.sample == "directional" else "reduced",
+                allowance=allowance,
+                training_seconds=training,
+                reason="first check: no cost estimate yet, the cheapest check that covers "
+                "every tensor",
+            )
+            self._plans.append(plan)
+            return plan
+        fixed, per_evaluation = model
+        size, tensors = self._shape
+
+        def cost(sample: Sample) -> float:
+            return fixed + per_evaluation * _planned_evaluations(sample, size, tensors, self.top_k)
+
+        candidates: list[Sample] = [self.sample]
+        components = self.sample is None or not isinstance(self.sample, str)
+        if components or (self.sample == "auto" and size <= AUTO_FULL_MAX_SIZE):
+            k = _affordable_components(allowance - fixed, per_evaluation, self.top_k)
+            if MIN_SAMPLED_SHARE * size <= k < _checked_components(self.sample, size, tensors):
+                candidates.append(k)
+        if self.sample != "directional":
+            candidates.append("directional")
+        estimates = {_describe_sample(c): cost(c) for c in candidates}
+        for candidate in candidates:
+            estimate = cost(candidate)
+            if estimate <= allowance:
+                plan = BudgetPlan(
+                    step=step,
+                    sample=candidate,
+                    action="run" if candidate == self.sample else "reduced",
+                    allowance=allowance,
+                    estimate=estimate,
+                    training_seconds=training,
+                    reason=_estimates_text(estimates),
+                )
+                self._plans.append(plan)
+                return plan
+        cheapest = candidates[-1]
         elapsed = now - self._started
         share = self._check_seconds / elapsed if elapsed > 0 else math.inf
-        if share <= self.budget:
-            return True
+        plan = BudgetPlan(
+            step=step,
+            sample=None,
+            action="skipped",
+            allowance=allowance,
+            estimate=cost(cheapest),
+            training_seconds=training,
+            reason=_estimates_text(estimates),
+        )
+        self._plans.append(plan)
         skip = SkippedCheck(
             step=step,
-            reason=f"checks took {share:.0%} of wall time, above the budget {self.budget:.0%}",
+            reason=(
+                f"even the cheapest check ({_describe_sample(cheapest)}, estimated "
+                f"{cost(cheapest):.3g} s) exceeds the allowance {allowance:.3g} s "
+                f"(budget {self.budget:.1%} of {training:.3g} s of training, minus "
+                f"{self._check_seconds:.3g} s of checks so far)"
+            ),
             share=share,
             budget=self.budget,
         )
         self._summary.skipped.append(skip)
-        self._log.event(logging.INFO, SKIP_EVENT, step=step, share=share, budget=self.budget)
+        self._log.event(
+            logging.INFO,
+            SKIP_EVENT,
+            step=step,
+            share=share,
+            budget=self.budget,
+            allowance=allowance,
+            estimate=plan.estimate,
+        )
         self._flush_summary()
-        self._check_seconds += time.perf_counter() - now  # writing the skip is overhead too
-        return False
+        self._check_seconds += self._clock() - now  # writing the skip is overhead too
+        return None
+
+    def _cost_model(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per loss evaluation) fitted to the recent checks.
+
+        With checks of one size only, the fixed part is 0 and every second is charged
+        to the evaluations (the median of the last three checks, so one cold first
+        check does not hold back the rest), which over-estimates smaller checks (so
+        stays within budget) and is exact for checks of the same size.
+        """
+        costs = [(e, s) for e, s in self._costs[-COST_HISTORY:] if e > 0]
+        if not costs:
+            return None
+        evaluations = np.array([e for e, _ in costs], dtype=np.float64)
+        seconds = np.array([s for _, s in costs], dtype=np.float64)
+        if len(set(evaluations.tolist())) >= 2:
+            slope, intercept = np.polyfit(evaluations, seconds, 1)
+            if slope > 0 and intercept >= 0:
+                return float(intercept), float(slope)
+        return 0.0, float(np.median(seconds[-3:] / evaluations[-3:]))
 
     # -- checking and recording ----------------------------------------------------------
 
@@ -351,9 +476,9 @@ class GradWatch:
             return None
         from gradwatch.check import check
 
-        started = time.perf_counter()
+        started = self._clock()
         result = check(loss, params, grads, regularization=regularization, **self.check_options())
-        return self.record(result, step, seconds=time.perf_counter() - started)
+        return self.record(result, step, seconds=self._clock() - started)
 
     def record(
         self, result: CheckResult, step: int, *, seconds: float | None = None
@@ -379,10 +504,19 @@ class GradWatch:
             )
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise OptionError(f"step: expected an int >= 0, received {step!r}")
-        recording_started = time.perf_counter()
-        stamped = result.model_copy(update={"step": int(step)})
+        recording_started = self._clock()
+        update: dict[str, Any] = {"step": int(step)}
+        plan = self._pending
+        self._pending = None
+        if plan is not None and plan.step == step and plan.action == "reduced":
+            update["notes"] = [*result.notes, plan.note(self.sample)]
+        stamped = result.model_copy(update=update)
         self._results.append(stamped)
-        self._check_seconds += stamped.seconds if seconds is None else seconds
+        cost = stamped.seconds if seconds is None else seconds
+        self._check_seconds += cost
+        self._costs.append((stamped.loss_evals, cost))
+        if self._shape is None or self._shape[0] != stamped.size:
+            self._shape = (stamped.size, max(len(stamped.tensors), 1))
         configuration = self._summary.configuration
         configuration.eps_policy = stamped.eps_policy
         configuration.dtype = stamped.dtype
@@ -398,7 +532,7 @@ class GradWatch:
             self._writer.write_summary()
         self._log_check(stamped)
         # Writing the report is part of what checks cost the training loop.
-        self._check_seconds += time.perf_counter() - recording_started
+        self._check_seconds += self._clock() - recording_started
         if alert is not None:
             self._fire(stamped, alert)
         return stamped
@@ -461,6 +595,80 @@ class GradWatch:
     def _flush_summary(self) -> None:
         if self._writer is not None and not self._writer.closed:
             self._writer.write_summary()
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What the `budget` decided for one due step.
+
+    Attributes:
+        step: the due step.
+        sample: the ``sample`` the check runs with (None with ``action="skipped"`` too).
+        action: ``"run"`` (the configured sample), ``"reduced"`` (a cheaper one) or
+            ``"skipped"``.
+        allowance: seconds the check could take (budget x training time, minus checks).
+        estimate: the estimated seconds of the chosen (or cheapest, when skipped) check.
+        training_seconds: training time so far (wall time minus checks).
+        reason: the estimates the decision compared.
+    """
+
+    step: int
+    sample: Sample
+    action: Literal["run", "reduced", "skipped"]
+    allowance: float | None = None
+    estimate: float | None = None
+    training_seconds: float | None = None
+    reason: str = ""
+
+    def note(self, configured: Sample) -> str:
+        """The sentence a reduced check carries in its notes."""
+        estimate = "" if self.estimate is None else f", estimated {self.estimate:.3g} s"
+        allowance = "" if self.allowance is None else f" (allowance {self.allowance:.3g} s)"
+        return (
+            f"budget: ran sample={_describe_sample(self.sample)} instead of "
+            f"{_describe_sample(configured)}{estimate}{allowance}: {self.reason}"
+        )
+
+
+def _describe_sample(sample: Sample) -> str:
+    return "None (full)" if sample is None else repr(sample)
+
+
+def _estimates_text(estimates: dict[str, float]) -> str:
+    return "estimated " + ", ".join(f"{name} {sec:.3g} s" for name, sec in estimates.items())
+
+
+def _checked_components(sample: Sample, size: int, tensors: int) -> int:
+    """Components a component check (full or sampled) covers; what `gradwatch.check` does."""
+    if sample is None or sample == "auto":
+        return size
+    if isinstance(sample, float):
+        return min(size, max(tensors, max(1, round(sample * size))))
+    if isinstance(sample, int):
+        return min(size, max(tensors, sample))
+    return tensors  # directional: one projection per tensor
+
+
+def _planned_evaluations(sample: Sample, size: int, tensors: int, top_k: int) -> int:
+    """Loss evaluations `gradwatch.check` spends on `sample` for a clean model.
+
+    Two probes of J(theta); two per checked component (or per tensor, directional);
+    two per diagnosed worst component. ``"auto"`` above ``AUTO_FULL_MAX_SIZE`` is
+    directional detection; its localization runs only in flagged tensors, and that
+    extra cost is repaid by later checks.
+    """
+    if sample == "directional" or (sample == "auto" and size > AUTO_FULL_MAX_SIZE):
+        return 2 * tensors + 2
+    checked = _checked_components(sample, size, tensors)
+    return 2 * checked + 2 + 2 * min(top_k, checked)
+
+
+def _affordable_components(seconds: float, per_evaluation: float, top_k: int) -> int:
+    """The largest k whose sampled check fits in `seconds` (0 when none does)."""
+    if per_evaluation <= 0 or seconds <= 0:
+        return 0
+    evaluations = seconds / per_evaluation - 2 - 2 * top_k
+    return max(int(evaluations // 2), 0)
 
 
 class _StdlibEvents:

@@ -1,0 +1,206 @@
+"""The time budget sizes each due check to the allowance; deterministic (injected clock)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradwatch import CheckResult, GradWatch, load_report
+from gradwatch.callback import Sample
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def fake_result(
+    sample: Sample, *, size: int = 100_000, tensors: int = 50, seconds_per_eval: float = 0.01
+) -> tuple[CheckResult, float]:
+    """What a check with `sample` on a clean model of `size` components would return.
+
+    Evaluations follow gradwatch.check: 2 probes + 2 per tensor (directional) or 2 per
+    component + 2 per diagnosed worst component (10).
+    """
+    if sample == "directional" or (sample == "auto" and size > 2000):
+        evaluations, checked, mode = 2 * tensors + 2, tensors, "directional"
+    else:
+        checked = size if sample in (None, "auto") else int(sample)  # type: ignore[arg-type]
+        evaluations, mode = 2 * checked + 2 + 2 * min(10, checked), "sampled"
+    seconds = evaluations * seconds_per_eval
+    per_tensor = {
+        f"t{i}": {"ratio": 1e-9, "checked": 1, "size": 1, "max_abs_error": 0.0, "status": "ok"}
+        for i in range(tensors)
+    }
+    result = CheckResult.model_validate(
+        {
+            "ratio": 1e-9,
+            "status": "ok",
+            "tensors": per_tensor,
+            "worst": [],
+            "eps": 1e-6,
+            "eps_policy": "given",
+            "checked": checked,
+            "size": size,
+            "loss": 1.0,
+            "loss_evals": evaluations,
+            "seconds": seconds,
+            "regularization": {},
+            "mode": mode,
+        }
+    )
+    return result, seconds
+
+
+def run(
+    watch: GradWatch,
+    clock: FakeClock,
+    steps: int,
+    step_seconds: float,
+    **model: int,
+) -> list[tuple[int, Sample]]:
+    """Train `steps` steps of `step_seconds`; due checks take their fake cost on the clock."""
+    ran = []
+    for step in range(steps):
+        if watch.due(step):
+            sample = watch.check_options()["sample"]
+            result, seconds = fake_result(sample, **model)
+            clock.advance(seconds)
+            watch.record(result, step, seconds=seconds)
+            ran.append((step, sample))
+        clock.advance(step_seconds)
+    return ran
+
+
+def test_no_budget_runs_every_due_check_as_configured() -> None:
+    """Without a budget the configured sample runs at every due step, however costly."""
+    clock = FakeClock()
+    watch = GradWatch(every=10, report_dir=None, clock=clock)
+    assert run(watch, clock, 30, 0.001) == [(0, "auto"), (10, "auto"), (20, "auto")]
+    assert watch.skipped == []
+
+
+def test_first_budgeted_check_is_directional() -> None:
+    """With no cost estimate yet, the first check is the cheapest covering every tensor."""
+    clock = FakeClock()
+    watch = GradWatch(every=10, sample=None, report_dir=None, budget=0.05, clock=clock)
+    assert watch.due(0)
+    assert watch.check_options()["sample"] == "directional"
+    result, seconds = fake_result("directional")
+    stamped = watch.record(result, 0, seconds=seconds)
+    assert any(note.startswith("budget: ran sample='directional'") for note in stamped.notes)
+    assert watch.plans[0].action == "reduced"
+
+
+def test_budget_reduces_auto_to_directional_then_restores_it() -> None:
+    """A large model: detection alone fits the allowance, localization would not."""
+    clock = FakeClock()
+    # 50 tensors: directional = 102 evaluations = 1.02 s; every 100 steps of 0.1 s = 10 s
+    # of training; budget 25% accrues 2.5 s per interval, so after repaying the first
+    # check's 1.02 s auto (directional when clean, localization only where flagged) fits.
+    watch = GradWatch(every=100, report_dir=None, budget=0.25, clock=clock)
+    ran = run(watch, clock, 400, 0.1)
+    assert ran == [(0, "directional"), (100, "auto"), (200, "auto"), (300, "auto")]
+    assert [plan.action for plan in watch.plans] == ["reduced", "run", "run", "run"]
+
+
+def test_budget_sizes_a_component_sample_to_the_allowance() -> None:
+    """A small model checked in full: the budget picks the k components it can afford."""
+    clock = FakeClock()
+    # 1000 components, 2 tensors, 10 ms per evaluation: full = 2022 evals = 20 s.
+    # Training 100 steps x 0.5 s = 50 s per interval; budget 20% = 10 s -> about 480 comps.
+    watch = GradWatch(every=100, sample=None, report_dir=None, budget=0.2, clock=clock)
+    ran = run(watch, clock, 300, 0.5, size=1000, tensors=2)
+    assert ran[0] == (0, "directional")
+    k = ran[1][1]
+    assert isinstance(k, int) and 250 <= k < 1000
+    cost = (2 * k + 22) * 0.01
+    assert cost <= 0.2 * 50 - 0.06  # fits the allowance (minus the first check's cost)
+    assert (2 * (k + 10) + 22) * 0.01 > 0.2 * 50 - 0.06 - 0.2  # and is about the largest that does
+    assert watch.results[1].step == 100
+    assert any("instead of None (full)" in note for note in watch.results[1].notes)
+
+
+def test_budget_skips_only_when_even_directional_does_not_fit(tmp_path: Path) -> None:
+    """Checks that cost more than budget x training are skipped, the skip says why."""
+    clock = FakeClock()
+    # directional = 1.02 s; 100 steps x 0.01 s = 1 s of training per interval; budget 10%:
+    # 0.1 s accrues per interval, so a check fits again once ~11 intervals have paid for it.
+    watch = GradWatch(every=100, report_dir=tmp_path, budget=0.1, clock=clock)
+    ran = run(watch, clock, 3000, 0.01)
+    watch.close()
+    steps = [step for step, _ in ran]
+    assert steps[0] == 0
+    assert all(later - earlier >= 1000 for earlier, later in itertools.pairwise(steps))
+    assert len(steps) >= 2  # the account recovers: checks resume once training paid for them
+    total_check = sum(result.seconds for result in watch.results)
+    assert total_check <= 0.1 * 30.0 + 1.02  # within budget, up to the first check
+    report = load_report(tmp_path)
+    assert report.skipped and report.skipped[0].step == 100
+    assert "even the cheapest check ('directional'" in report.skipped[0].reason
+    assert "exceeds the allowance" in report.skipped[0].reason
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.03, 0.1])
+def test_share_of_training_time_stays_within_budget(budget: float) -> None:
+    """Over a long run the checks take at most the budget share, up to the first check."""
+    clock = FakeClock()
+    watch = GradWatch(every=50, report_dir=None, budget=budget, clock=clock)
+    steps, step_seconds = 5000, 0.02
+    ran = run(watch, clock, steps, step_seconds, tensors=40, seconds_per_eval=0.005)
+    first = fake_result("directional", tensors=40, seconds_per_eval=0.005)[1]
+    training = steps * step_seconds
+    check_seconds = sum(result.seconds for result in watch.results)
+    assert check_seconds <= budget * training + first
+    assert len(ran) >= int(budget * training / first) - 1  # the allowance is used, not wasted
+
+
+def test_cost_model_separates_fixed_and_per_evaluation_cost() -> None:
+    """After checks of two sizes, a fixed cost per check is learned, not charged per evaluation."""
+    clock = FakeClock()
+    watch = GradWatch(every=1, sample=None, report_dir=None, budget=1.0, clock=clock)
+    for step, (evaluations, seconds) in enumerate([(100, 1.5), (300, 2.5)]):
+        clock.advance(100.0)
+        assert watch.due(step)
+        result, _ = fake_result(None, size=10)
+        watch.record(result.model_copy(update={"loss_evals": evaluations}), step, seconds=seconds)
+    fixed, per_evaluation = watch._cost_model()  # type: ignore[misc]
+    assert fixed == pytest.approx(1.0)
+    assert per_evaluation == pytest.approx(0.005)
+
+
+def test_real_checks_with_a_budget_still_catch_a_bug(tmp_path: Path) -> None:
+    """End to end with gradwatch.check: budget-reduced checks still name the wrong tensor."""
+    clock = FakeClock()
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((30, 30)), "b": rng.standard_normal(30)}
+
+    def loss() -> float:
+        clock.advance(0.001)  # each evaluation of J costs 1 ms
+        return float(np.sum(np.tanh(params["w"] @ params["b"])))
+
+    def grads() -> dict[str, np.ndarray]:
+        d = 1 - np.tanh(params["w"] @ params["b"]) ** 2
+        return {"w": np.outer(d, params["b"]), "b": params["w"].T @ d * 1.01}  # 1% bug in b
+
+    watch = GradWatch(every=10, sample=None, report_dir=tmp_path, budget=0.05, clock=clock)
+    for step in range(40):
+        watch.after_backward(step, loss=loss, params=params, grads=grads())
+        clock.advance(0.5)
+    watch.close()
+    report = load_report(tmp_path)
+    assert report.alerts
+    assert {alert.tensor for alert in report.alerts} == {"b"}
+    assert watch.plans[0].sample == "directional"
+    assert any(isinstance(plan.sample, int) for plan in watch.plans)
