@@ -318,8 +318,15 @@ class _Shadow:
         first = next(iter(self.arrays.values()), None)
         return np.float64 if first is None else first.dtype
 
+    @property
+    def needs_sync(self) -> bool:
+        """True when the shadow lives off the CPU and must copy the numpy arrays in."""
+        return bool(self._synced)
+
     def sync(self) -> None:
         """Make a non-CPU shadow see the (possibly perturbed) numpy arrays."""
+        if not self._synced:
+            return
         with torch.no_grad():
             for tensor, array in self._synced:
                 tensor.copy_(torch.from_numpy(array))
@@ -379,7 +386,14 @@ def _scalar(value: Any, where: str) -> torch.Tensor:
         raise LossError(
             f"{where}: expected a scalar tensor, received one of shape {tuple(value.shape)}"
         )
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
+
+
+def _is_immutable(value: Any) -> bool:
+    """A tensor, a scalar, or tuples of them: nothing a loss_fn could pop from or append to."""
+    if isinstance(value, tuple):
+        return all(_is_immutable(item) for item in value)
+    return isinstance(value, torch.Tensor | int | float | str | bytes | bool | None)
 
 
 class _Objective:
@@ -406,6 +420,8 @@ class _Objective:
             batch,
             lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t,
         )
+        self._batch_is_immutable = _is_immutable(self._batch)
+        self._plain = self._batch_is_immutable and not penalties and not shadow.needs_sync
         self.penalties = penalties
         self.rng = rng
         self.replay: frozenset[Generator] | None = None
@@ -419,7 +435,9 @@ class _Objective:
         elif self.replay:
             self.rng.restore(self.replay)
         model = self.shadow.module if model is None else model
-        batch = _map_tensors(self._batch, lambda t: t)  # loss_fn may pop from its dict
+        batch = self._batch
+        if not self._batch_is_immutable:  # loss_fn may pop from its dict: a fresh one each time
+            batch = _map_tensors(batch, lambda t: t)
         loss = _scalar(self.loss_fn(model, batch), "loss_fn(model, batch)")
         penalties = {
             name: _scalar(penalty(model), f"regularization[{name!r}](model)")
@@ -449,6 +467,12 @@ class _Objective:
 
     def __call__(self) -> float:
         """J at the current values of the numpy arrays (the core's loss closure)."""
+        if self.replay == frozenset() and self._plain and not torch.is_grad_enabled():
+            # The hot path of a full check on a CPU model without randomness or penalties:
+            # nothing to replay, sync or add, as cheap as calling loss_fn in a loop.
+            value = self.loss_fn(self.shadow.module, self._batch)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                return float(value)
         self.shadow.sync()
         if torch.is_grad_enabled():
             with torch.no_grad():
