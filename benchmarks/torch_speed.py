@@ -136,8 +136,7 @@ def measure(label: str, repeats: int) -> dict[str, float]:
     model, batch = mlp(HIDDEN[label]), make_batch()
     n = parameter_count(model)
     check_module(model, cross_entropy, batch, sample=min(n, 200))  # warm up vmap and caches
-    floor_ratios, speedups, textbook_sequential, textbook_batched = [], [], [], []
-    floors = []
+    floors, sequentials, batcheds, textbooks = [], [], [], []
     for _ in range(max(repeats, -(-MIN_EVALUATIONS // (2 * n)))):
         before = floor_seconds(model, batch, 2 * n)
         sequential_s, sequential = timed(
@@ -145,41 +144,44 @@ def measure(label: str, repeats: int) -> dict[str, float]:
         )
         batched_s, batched = timed(lambda: check_module(model, cross_entropy, batch, eps=1e-7))
         after = floor_seconds(model, batch, 2 * n)
-        floor = (before + after) / 2
-        floors.append(floor)
-        floor_ratios.append(sequential_s / floor)
-        speedups.append(floor / batched_s)
+        floors.append((before + after) / 2)
+        sequentials.append(sequential_s)
+        batcheds.append(batched_s)
         assert sequential.status == batched.status == "ok", (sequential.notes, batched.notes)
         assert any("batched evaluation: torch.func.vmap" in note for note in batched.notes)
         if label in TEXTBOOK_SIZES:
             textbook_s, textbook_ratio = timed(lambda: textbook_check(model, batch))
-            textbook_sequential.append(textbook_s / sequential_s)
-            textbook_batched.append(textbook_s / batched_s)
+            textbooks.append(textbook_s)
             assert abs(textbook_ratio - sequential.ratio) <= 1e-6 * sequential.ratio + 1e-12
+    floor_ratios = [s / f for s, f in zip(sequentials, floors, strict=True)]
     row = {
         "n": float(n),
         "eval_us": statistics.median(floors) / (2 * n) * 1e6,
         "floor_ratio": statistics.median(floor_ratios),
-        "batched_speedup": statistics.median(speedups),
+        "floor_ratio_best": min(sequentials) / min(floors),
+        "batched_speedup": statistics.median(
+            [f / b for f, b in zip(floors, batcheds, strict=True)]
+        ),
     }
+    quartiles = statistics.quantiles(floor_ratios, n=4) if len(floor_ratios) > 1 else [0, 0, 0]
     line = (
-        f"{label:>4}  n={n:6d}  eval={row['eval_us']:6.1f} us  "
-        f"sequential/floor={row['floor_ratio']:.3f}  floor/batched={row['batched_speedup']:.2f}x"
+        f"{label:>4}  n={n:6d}  eval={row['eval_us']:6.1f} us  runs={len(floors):2d}  "
+        f"sequential/floor={row['floor_ratio']:.3f} (quartiles {quartiles[0]:.2f}-"
+        f"{quartiles[2]:.2f}, best/best {row['floor_ratio_best']:.3f})  "
+        f"floor/batched={row['batched_speedup']:.2f}x"
     )
-    if textbook_sequential:
-        row["textbook_sequential"] = statistics.median(textbook_sequential)
-        row["textbook_batched"] = statistics.median(textbook_batched)
+    if textbooks:
+        row["textbook_sequential"] = statistics.median(
+            [t / s for t, s in zip(textbooks, sequentials, strict=False)]
+        )
+        row["textbook_batched"] = statistics.median(
+            [t / b for t, b in zip(textbooks, batcheds, strict=False)]
+        )
         line += (
             f"  textbook/sequential={row['textbook_sequential']:.2f}"
             f"  textbook/batched={row['textbook_batched']:.2f}"
         )
-    print(
-        line
-        + f"  (all {len(floor_ratios)} floor ratios: "
-        + " ".join(f"{r:.3f}" for r in floor_ratios)
-        + ")",
-        flush=True,
-    )
+    print(line, flush=True)
     return row
 
 
