@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from gradwatch.check import AUTO_FULL_MAX_SIZE
+from gradwatch.check import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
 from gradwatch.errors import GradientCheckError, OptionError, ReportError
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
@@ -348,10 +348,13 @@ class GradWatch:
         allowance = self.budget * training - self._check_seconds
         model = self._cost_model()
         if model is None or self._shape is None:
+            # No estimate yet: the cheapest check that covers every tensor. "auto" is
+            # that already (a full check only of models small enough to be cheap).
+            cheapest: Sample = "auto" if self.sample == "auto" else "directional"
             plan = BudgetPlan(
                 step=step,
-                sample="directional",
-                action="run" if self.sample == "directional" else "reduced",
+                sample=cheapest,
+                action="run" if self.sample == cheapest else "reduced",
                 allowance=allowance,
                 training_seconds=training,
                 reason="first check: no cost estimate yet, the cheapest check that covers "
@@ -363,13 +366,13 @@ class GradWatch:
         size, tensors = self._shape
 
         def cost(sample: Sample) -> float:
-            return fixed + per_evaluation * _planned_evaluations(sample, size, tensors, self.top_k)
+            return fixed + per_evaluation * planned_evaluations(sample, size, tensors, self.top_k)
 
         candidates: list[Sample] = [self.sample]
         components = self.sample is None or not isinstance(self.sample, str)
         if components or (self.sample == "auto" and size <= AUTO_FULL_MAX_SIZE):
             k = _affordable_components(allowance - fixed, per_evaluation, self.top_k)
-            if MIN_SAMPLED_SHARE * size <= k < _checked_components(self.sample, size, tensors):
+            if MIN_SAMPLED_SHARE * size <= k < checked_components(self.sample, size, tensors):
                 candidates.append(k)
         if self.sample != "directional":
             candidates.append("directional")
@@ -636,31 +639,6 @@ def _describe_sample(sample: Sample) -> str:
 
 def _estimates_text(estimates: dict[str, float]) -> str:
     return "estimated " + ", ".join(f"{name} {sec:.3g} s" for name, sec in estimates.items())
-
-
-def _checked_components(sample: Sample, size: int, tensors: int) -> int:
-    """Components a component check (full or sampled) covers; what `gradwatch.check` does."""
-    if sample is None or sample == "auto":
-        return size
-    if isinstance(sample, float):
-        return min(size, max(tensors, max(1, round(sample * size))))
-    if isinstance(sample, int):
-        return min(size, max(tensors, sample))
-    return tensors  # directional: one projection per tensor
-
-
-def _planned_evaluations(sample: Sample, size: int, tensors: int, top_k: int) -> int:
-    """Loss evaluations `gradwatch.check` spends on `sample` for a clean model.
-
-    Two probes of J(theta); two per checked component (or per tensor, directional);
-    two per diagnosed worst component. ``"auto"`` above ``AUTO_FULL_MAX_SIZE`` is
-    directional detection; its localization runs only in flagged tensors, and that
-    extra cost is repaid by later checks.
-    """
-    if sample == "directional" or (sample == "auto" and size > AUTO_FULL_MAX_SIZE):
-        return 2 * tensors + 2
-    checked = _checked_components(sample, size, tensors)
-    return 2 * checked + 2 + 2 * min(top_k, checked)
 
 
 def _affordable_components(seconds: float, per_evaluation: float, top_k: int) -> int:

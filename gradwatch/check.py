@@ -27,7 +27,14 @@ from gradwatch.params import NamedTensors, component_name, named_tensors
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.result import CheckResult, Component, Diagnosis, Status, TensorResult
 
-__all__ = ["AUTO_FULL_MAX_SIZE", "NEAR_ZERO_FLOOR", "check", "default_step"]
+__all__ = [
+    "AUTO_FULL_MAX_SIZE",
+    "NEAR_ZERO_FLOOR",
+    "check",
+    "checked_components",
+    "default_step",
+    "planned_evaluations",
+]
 
 F64 = npt.NDArray[np.float64]
 Sample = int | float | Literal["auto", "directional"] | None
@@ -45,7 +52,11 @@ AUTO_FULL_MAX_SIZE = 2000
 tensor with random directions and localizes by sampling inside flagged tensors."""
 
 AUTO_LOCALIZE_COMPONENTS = 256
-"""Components sampled inside each tensor that ``sample="auto"`` flags."""
+"""Components sampled inside each tensor that ``sample="auto"`` fails."""
+
+SCREEN_DIRECTIONS = 2
+"""Joint random directions ``sample="auto"`` screens a large model with (2 evaluations each);
+only when they disagree by ``warn`` or more is each tensor checked on its own."""
 
 _STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
 
@@ -57,6 +68,41 @@ def default_step(dtype: np.dtype[np.floating]) -> float:
     6.055e-06
     """
     return float(np.cbrt(np.finfo(dtype).eps))
+
+
+def checked_components(sample: Sample, size: int, tensors: int) -> int:
+    """Components a full or sampled check covers (one per tensor when directional).
+
+    >>> checked_components(10, size=1000, tensors=3), checked_components(0.5, 1000, 3)
+    (10, 500)
+    """
+    if sample is None or (sample == "auto" and size <= AUTO_FULL_MAX_SIZE):
+        return size
+    if isinstance(sample, str):
+        return tensors
+    count = sample if isinstance(sample, int) else max(1, round(sample * size))
+    return min(size, max(tensors, count))
+
+
+def planned_evaluations(sample: Sample, size: int, tensors: int, top_k: int = 10) -> int:
+    """Loss evaluations `check` spends on a model whose gradient is correct.
+
+    Two probes of J(theta), two per checked component plus two per diagnosed worst
+    component, or two per tensor (directional), or two per screening direction
+    (auto above ``AUTO_FULL_MAX_SIZE``). A failing check spends more: auto then checks
+    each tensor and samples inside the failing ones.
+
+    >>> planned_evaluations(None, size=47, tensors=6, top_k=10)
+    116
+    >>> planned_evaluations("auto", size=18413, tensors=41)
+    6
+    """
+    if sample == "auto" and size > AUTO_FULL_MAX_SIZE:
+        return 2 + 2 * SCREEN_DIRECTIONS
+    if sample == "directional":
+        return 2 + 2 * tensors
+    checked = checked_components(sample, size, tensors)
+    return 2 + 2 * checked + 2 * min(top_k, checked)
 
 
 def check(
@@ -87,8 +133,10 @@ def check(
             (0, 1] checks that fraction; both drawn with ``seed``, stratified so every
             tensor is represented (at least one component each). ``"directional"``
             checks each tensor along one random unit direction (two evaluations per
-            tensor); ``"auto"`` is full up to ``AUTO_FULL_MAX_SIZE`` components, else
-            directional with sampled localization inside the flagged tensors.
+            tensor); ``"auto"`` is full up to ``AUTO_FULL_MAX_SIZE`` components; above,
+            it screens along ``SCREEN_DIRECTIONS`` joint random directions (4 evaluations),
+            and only when the screen reaches ``warn`` checks each tensor's direction and
+            samples components inside the failing tensors to name the entry.
         seed: seed of the sampling and of the random directions.
         top_k: how many worst components to report.
         regularization: terms added to J on the numeric side, e.g. ``gradwatch.L2``.
@@ -149,32 +197,50 @@ def check(
 
     if sample == "auto" and tensors.size <= AUTO_FULL_MAX_SIZE:
         sample = None
-    if _is_directional(sample):
+    screen: tuple[float, int] | None = None
+    if sample == "auto":
+        screen_ratio = _screen(objective, tensors, base_step, seed)
+        notes.append(
+            f"screened along {SCREEN_DIRECTIONS} random directions over all tensors, each "
+            f"tensor weighted to count equally: ratio {screen_ratio:.3g}"
+        )
+        if screen_ratio < warn:
+            screen = (screen_ratio, SCREEN_DIRECTIONS)
+    if screen is not None:
+        # A clean screen is the whole check: no tensor is looked at one by one.
+        ratio, checked, mode, worst = screen[0], screen[1], "directional", []
+        per_tensor = {
+            name: TensorResult(
+                ratio=ratio,
+                checked=0,
+                size=tensors.params[name].size,
+                max_abs_error=0.0,
+                status=_status(ratio, warn, threshold),
+            )
+            for name in tensors.names
+        }
+    elif _is_directional(sample):
         comparison = _directional(objective, tensors, base_step, seed)
-        checked = comparison.checked
+        checked, mode = comparison.checked, comparison.mode
         worst = comparison.worst_components(tensors, top_k)
         notes.append("directional: one random unit direction per tensor, 2 evaluations each")
-        flagged = [
-            name
-            for name, verdict in comparison.per_tensor(tensors, warn, threshold).items()
-            if verdict.status != "ok"
-        ]
-        if sample == "auto" and flagged:
-            plan = _localization_plan(tensors, flagged, seed)
-            localized, worst = compare_components(plan)
+        ratio = comparison.ratio()
+        per_tensor = comparison.per_tensor(tensors, warn, threshold)
+        failing = [name for name, verdict in per_tensor.items() if verdict.status == "fail"]
+        if sample == "auto" and failing:
+            localized, worst = compare_components(_localization_plan(tensors, failing, seed))
             checked += localized.checked
             notes.append(
                 f"localized by sampling up to {AUTO_LOCALIZE_COMPONENTS} components in "
-                + ", ".join(flagged)
+                + ", ".join(failing)
             )
     else:
         assert not isinstance(sample, str)
-        plan = _sample_plan(tensors, sample, seed)
-        comparison, worst = compare_components(plan)
-        checked = comparison.checked
+        comparison, worst = compare_components(_sample_plan(tensors, sample, seed))
+        checked, mode = comparison.checked, comparison.mode
+        ratio = comparison.ratio()
+        per_tensor = comparison.per_tensor(tensors, warn, threshold)
 
-    ratio = comparison.ratio()
-    per_tensor = comparison.per_tensor(tensors, warn, threshold)
     status = _status(ratio, warn, threshold)
     for verdict in per_tensor.values():
         if _STATUS_ORDER[verdict.status] > _STATUS_ORDER[status]:
@@ -195,7 +261,7 @@ def check(
         loss_evals=objective.evaluations,
         seconds=time.perf_counter() - started,
         regularization={term.name: term.value(tensors.params) for term in terms},
-        mode=comparison.mode,
+        mode=mode,
         dtype=str(_coarsest_dtype(tensors)),
         warn=warn,
         threshold=threshold,
@@ -506,28 +572,14 @@ def _directional(
     seed: int,
 ) -> _Comparison:
     """One random unit direction v per tensor: (J(theta + h v) - J(theta - h v)) / 2h vs g . v."""
-    rng = np.random.default_rng(seed)
     numeric: list[float] = []
     analytic: list[float] = []
-    for tensor in tensors.names:
-        array = tensors.params[tensor]
-        direction = rng.standard_normal(array.shape)
-        direction /= np.linalg.norm(direction)
-        h = base_step * max(1.0, float(np.max(np.abs(array))))
-        original = array.copy()
-        try:
-            array[...] = original + h * direction
-            # The step realized in the array's dtype, so float32 rounding is not an error.
-            displacement = array.astype(np.float64) - original
-            plus = objective.value(f"{tensor} + h v")
-            array[...] = original - h * direction
-            displacement -= array.astype(np.float64) - original
-            minus = objective.value(f"{tensor} - h v")
-        finally:
-            array[...] = original
-        numeric.append((plus - minus) / (2 * h))
-        projection = np.sum(tensors.grads[tensor] * displacement, dtype=np.float64)
-        analytic.append(float(projection) / (2 * h))
+    for position, tensor in enumerate(tensors.names):
+        derivative = _along_direction(
+            objective, tensors, {tensor: 1.0}, base_step, [seed, 1, position], f"{tensor} +- h v"
+        )
+        numeric.append(derivative[0])
+        analytic.append(derivative[1])
 
     names = tensors.names
     numeric_array, analytic_array = np.array(numeric), np.array(analytic)
@@ -548,6 +600,83 @@ def _directional(
         minus=np.zeros(len(names)),
         gradient_scale=scale,
     )
+
+
+def _screen(objective: _Objective, tensors: NamedTensors, base_step: float, seed: int) -> float:
+    """The ratio along a few random directions that move every tensor at once.
+
+    Each tensor's block of the direction is scaled by sqrt(size) / ||g_t|| (floored at
+    NEAR_ZERO_FLOOR * ||g||), so every tensor adds about the same to g . v and a
+    relative error in any one of them shows, at 2 evaluations per direction.
+    """
+    norms = {name: float(np.linalg.norm(tensors.grads[name])) for name in tensors.names}
+    floor = NEAR_ZERO_FLOOR * math.sqrt(sum(n * n for n in norms.values()))
+    weights = {
+        name: math.sqrt(tensors.params[name].size) / max(norms[name], floor, 1e-300)
+        for name in tensors.names
+    }
+    numeric, analytic = [], []
+    for draw in range(SCREEN_DIRECTIONS):
+        derivative = _along_direction(
+            objective, tensors, weights, base_step, [seed, 2, draw], "all tensors +- h v"
+        )
+        numeric.append(derivative[0])
+        analytic.append(derivative[1])
+    return _ratio(np.array(numeric), np.array(analytic))
+
+
+def _along_direction(
+    objective: _Objective,
+    tensors: NamedTensors,
+    weights: dict[str, float],
+    base_step: float,
+    seed: list[int],
+    where: str,
+) -> tuple[float, float]:
+    """Numeric and analytic derivative of J along one random unit direction.
+
+    The direction has a random block of norm proportional to ``weights[t]`` in each
+    tensor t named there (zero elsewhere). Blocks are drawn again rather than kept,
+    so the only copy made is of the moved tensors' original values, for the exact
+    restore. The analytic side uses the displacement realized in the arrays' dtype,
+    so float32 rounding of theta + h v is not mistaken for an error.
+    """
+    total = math.sqrt(sum(w * w for w in weights.values()))
+    originals = {name: tensors.params[name].copy() for name in weights}
+    largest = max(float(np.max(np.abs(o), initial=0.0)) for o in originals.values())
+    h = base_step * max(1.0, largest)
+
+    def move(sign: float) -> float:
+        """Write theta + sign h v; return g . (realized displacement)."""
+        projection = 0.0
+        for position, (name, weight) in enumerate(weights.items()):
+            block = _random_block(np.random.default_rng([*seed, position]), originals[name].shape)
+            block *= weight / (total * max(float(np.linalg.norm(block)), 1e-300))
+            array = tensors.params[name]
+            array[...] = originals[name] + sign * h * block
+            realized = array.astype(np.float64) - originals[name]
+            projection += float(np.sum(tensors.grads[name] * realized, dtype=np.float64))
+        return projection
+
+    try:
+        projection = move(+1.0)
+        plus = objective.value(f"{where} (+)")
+        projection -= move(-1.0)
+        minus = objective.value(f"{where} (-)")
+    finally:
+        for name, original in originals.items():
+            tensors.params[name][...] = original
+    return (plus - minus) / (2 * h), projection / (2 * h)
+
+
+def _random_block(rng: np.random.Generator, shape: tuple[int, ...]) -> F64:
+    """Random signs times magnitudes uniform in [0.5, 1.5).
+
+    Unlike a Gaussian, no entry is near zero, so an error confined to one entry always
+    shows in g . v; unlike pure signs, equal errors in several entries cannot cancel.
+    """
+    signs = rng.integers(0, 2, size=shape) * 2.0 - 1.0
+    return signs * rng.uniform(0.5, 1.5, size=shape)
 
 
 def _diagnose(

@@ -325,3 +325,22 @@ def test_batched_evaluation_with_a_wrong_count_is_an_error() -> None:
     x, y, params = exercise_setup()
     with pytest.raises(gradwatch.LossError, match="expected 40 values, one per perturbation"):
         gradwatch.check(Short(params, x, y), params, backward(params, x, y))
+
+
+def test_auto_screens_a_clean_large_model_in_six_evaluations() -> None:
+    """Above the full-check size a correct model costs the probe plus two joint directions."""
+    rng = np.random.default_rng(5)
+    params = {f"t{i}": rng.standard_normal(100) for i in range(40)}
+    params["unused"] = rng.standard_normal(50)  # true gradient exactly 0 (DESIGN section 8)
+    grads = {name: 2 * value for name, value in params.items()}
+    grads["unused"] = np.zeros(50)
+
+    def loss() -> float:
+        return float(sum(np.sum(v**2) for name, v in params.items() if name != "unused"))
+
+    result = gradwatch.check(loss, params, grads, sample="auto")
+    assert result.status == "ok"
+    assert result.loss_evals == 2 + 2 * 2
+    assert result.ratio < 1e-6
+    assert all(t.checked == 0 for t in result.tensors.values())
+    assert any("screened along 2 random directions" in note for note in result.notes)
