@@ -95,9 +95,10 @@ def floor_seconds(model: nn.Module, batch: Batch, evaluations: int) -> float:
     return seconds * evaluations / calls
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """Seconds (on CLOCK) of ``fn(*args, **kwargs)``, and its value."""
     started = CLOCK()
-    value = fn()
+    value = fn(*args, **kwargs)
     return CLOCK() - started, value
 
 

@@ -496,12 +496,15 @@ class _Objective:
 # --------------------------------------------------------------------------- batched evaluation
 
 
-PERTURBATION_BUDGET = 32 * 2**20
+PERTURBATION_BUDGET = 16 * 2**20
 """Bytes of perturbed copies of one tensor that a vmapped call may hold."""
 ACTIVATION_BUDGET = 64 * 2**20
 """Bytes of module outputs (one forward's, times the chunk) that a vmapped call may hold."""
 MAX_CHUNK = 256
 """Most perturbations per vmapped call; larger chunks stop paying on a CPU."""
+MIN_BATCH = 16
+"""Fewer perturbations of a tensor than this are evaluated one by one (vmap's setup
+costs about as much as a dozen small forwards)."""
 _PROBE_TOLERANCE = 256
 """Batched and sequential J may differ by this many units of roundoff (matmul order)."""
 
@@ -542,7 +545,9 @@ class _BatchedObjective:
         self.disagreeing: list[str] = []
         self.largest_chunk = 0
         self._probed: set[str] = set()
-        self._activation_bytes: int | None = None
+        self._availability_known = False
+        self._activation_bytes = 0
+        """Bytes of module outputs in one forward; 0 until measured on the first probe."""
 
     def __call__(self) -> float:
         return self.objective()
@@ -551,25 +556,21 @@ class _BatchedObjective:
         self, tensor: str, flat_indices: npt.NDArray[np.intp], values: npt.NDArray[np.floating]
     ) -> npt.NDArray[np.float64]:
         """J with ``tensor.flat[flat_indices[k]] = values[k]`` alone, for every k."""
-        if self._activation_bytes is None:  # the first call: J has been evaluated by now
+        if len(flat_indices) < MIN_BATCH:  # a vmapped call would cost more than it saves
+            return self._one_by_one(tensor, flat_indices, values)
+        if not self._availability_known:  # the first batch: J has been evaluated by now
             self.unavailable = _batched_unavailable(self.objective)
-        if self.unavailable is None and tensor not in self._probed:
-            self._probed.add(tensor)
-            try:
-                if not self._probe_agrees(tensor):
-                    self.disagreeing.append(tensor)
-            except Exception as error:
-                self.unavailable = _vmap_failure(error)
+            self._availability_known = True
         if self.unavailable is None and tensor not in self.disagreeing:
             try:
-                return self._vmapped(tensor, flat_indices, values)
+                return self._vmapped_and_probed(tensor, flat_indices, values)
             except Exception as error:
                 self.unavailable = _vmap_failure(error)
         return self._one_by_one(tensor, flat_indices, values)
 
     def notes(self) -> list[str]:
         if not self._probed and self.unavailable is None:
-            return []  # the check asked for no batch (directional)
+            return []  # no batch large enough to vmap (directional, or few per tensor)
         if self.unavailable is not None:
             return [f"batched evaluation unavailable: {self.unavailable}; sequential"]
         notes = [
@@ -598,26 +599,41 @@ class _BatchedObjective:
                 view[j] = old
         return out
 
-    def _probe_agrees(self, tensor: str) -> bool:
-        """Batched and sequential J agree on one clear perturbation of ``tensor``.
+    def _vmapped_and_probed(
+        self, tensor: str, flat_indices: npt.NDArray[np.intp], values: npt.NDArray[np.floating]
+    ) -> npt.NDArray[np.float64]:
+        """The vmapped values; the first batch of a tensor carries one probe more.
 
-        The probe moves the component with the largest gradient by 1e-3 (relative),
-        so a batched forward that ignores the swapped tensor shows.
+        The probe moves the component with the largest gradient by 1e-3 (relative)
+        and is evaluated one by one too: a batched forward that ignores the swapped
+        tensor, or computes something else, shows as a disagreement beyond roundoff,
+        and the tensor is then evaluated one by one.
         """
+        if tensor in self._probed:
+            return self._vmapped(tensor, flat_indices, values)
+        self._probed.add(tensor)
         array = self.objective.shadow.arrays[tensor]
-        j = int(np.argmax(np.abs(self._grads[tensor]).reshape(-1))) if array.size else 0
+        j = int(np.argmax(np.abs(self._grads[tensor]).reshape(-1)))
         old = float(array.reshape(-1)[j])
-        indices = np.array([j], dtype=np.intp)
-        values = np.array([old + 1e-3 * max(1.0, abs(old))], dtype=array.dtype)
-        if self._activation_bytes is None:
+        probe_index = np.array([j], dtype=np.intp)
+        probe_value = np.array([old + 1e-3 * max(1.0, abs(old))], dtype=array.dtype)
+        if not self._activation_bytes:
             with _output_bytes(self.objective) as measured:
-                sequential = float(self._one_by_one(tensor, indices, values)[0])
+                sequential = float(self._one_by_one(tensor, probe_index, probe_value)[0])
             self._activation_bytes = max(measured[0], 1)
         else:
-            sequential = float(self._one_by_one(tensor, indices, values)[0])
-        batched = float(self._vmapped(tensor, indices, values)[0])
+            sequential = float(self._one_by_one(tensor, probe_index, probe_value)[0])
+        results = self._vmapped(
+            tensor,
+            np.concatenate([flat_indices, probe_index]),
+            np.concatenate([values, probe_value]),
+        )
+        batched = float(results[-1])
         roundoff = float(np.finfo(array.dtype).eps) * max(abs(sequential), abs(batched))
-        return abs(batched - sequential) <= _PROBE_TOLERANCE * roundoff
+        if abs(batched - sequential) > _PROBE_TOLERANCE * roundoff:
+            self.disagreeing.append(tensor)
+            return self._one_by_one(tensor, flat_indices, values)
+        return results[:-1]
 
     def _vmapped(
         self, tensor: str, flat_indices: npt.NDArray[np.intp], values: npt.NDArray[np.floating]
@@ -651,7 +667,7 @@ class _BatchedObjective:
 
     def _chunk_size(self, base: torch.Tensor) -> int:
         by_copies = PERTURBATION_BUDGET // max(base.numel() * base.element_size(), 1)
-        by_outputs = ACTIVATION_BUDGET // max(self._activation_bytes or 1, 1)
+        by_outputs = ACTIVATION_BUDGET // max(self._activation_bytes, 1)
         return max(1, min(MAX_CHUNK, by_copies, by_outputs))
 
 
