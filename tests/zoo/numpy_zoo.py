@@ -97,7 +97,7 @@ def mlp(
             grads[f"b{layer}"] = d_bias
             if layer > 1:
                 mask = caches[layer - 2][1] > 0
-                if bug == "relu_mask":
+                if bug == "relu_mask" and layer == 2:
                     mask = z > 0  # the mask of this layer's pre-activation, one layer too low
                 dz = (weight.T @ dz) * mask
         return {name: grads[name] for name in p}
