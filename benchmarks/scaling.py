@@ -51,6 +51,15 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     return covariance / sum((a - mx) ** 2 for a in lx)
 
 
+def affine_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of y = a + b x."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return my - slope * mx, slope
+
+
 def full_sweep(repeats: int) -> None:
     print("full checks: n, seconds, seconds/n, seconds/(2n x one evaluation)")
     ns: list[float] = []
@@ -118,8 +127,15 @@ def sampled_sweep(repeats: int) -> None:
         print(f"  k={k:5d}  " + "   ".join(cells), flush=True)
     for batched in (False, True):
         name = "batched" if batched else "sequential"
-        slope = loglog_slope([float(k) for k in SAMPLED_COUNTS], per_path[batched])
-        print(f"  {name}: log-log slope of seconds vs k = {slope:.2f}")
+        ks = [float(k) for k in SAMPLED_COUNTS]
+        slope = loglog_slope(ks, per_path[batched])
+        large = [i for i, k in enumerate(SAMPLED_COUNTS) if k >= 500]
+        slope_large = loglog_slope([ks[i] for i in large], [per_path[batched][i] for i in large])
+        fixed, per_component = affine_fit(ks, per_path[batched])
+        print(
+            f"  {name}: log-log slope of seconds vs k = {slope:.2f} (k >= 500: "
+            f"{slope_large:.2f}); affine fit {fixed:.3f} s + {per_component * 1e3:.3f} ms x k"
+        )
 
 
 def main() -> None:
