@@ -54,6 +54,16 @@ tensor with random directions and localizes by sampling inside flagged tensors."
 AUTO_LOCALIZE_COMPONENTS = 256
 """Components sampled inside each tensor that ``sample="auto"`` fails."""
 
+TOLERANCE_SCALE: dict[np.dtype[np.floating], float] = {
+    np.dtype(np.float32): 100.0,
+    np.dtype(np.float16): 1000.0,
+}
+"""Factor on ``warn`` and ``threshold`` for parameters of lower precision than float64.
+
+Two-sided differences in float32 give ratios near 1e-4..1e-3 on correct code (roundoff
+of J over a step of about 5e-3, and kinks that step crosses), so the float64 tiers would
+cry wolf; the thresholds follow the dtype instead, and the notes say so."""
+
 SCREEN_DIRECTIONS = 2
 """Joint random directions ``sample="auto"`` screens a large model with (2 evaluations each);
 only when they disagree by ``warn`` or more is each tensor checked on its own."""
@@ -141,7 +151,9 @@ def check(
         top_k: how many worst components to report.
         regularization: terms added to J on the numeric side, e.g. ``gradwatch.L2``.
         warn: ratios at or above it are ``"warn"``.
-        threshold: ratios at or above it are ``"fail"``.
+        threshold: ratios at or above it are ``"fail"``. Both are float64 tiers: for
+            float32 / float16 parameters they are multiplied by ``TOLERANCE_SCALE``
+            (100 / 1000) and the result records the values used.
         diagnose: re-evaluate the worst components with half the step to label them.
 
     Returns:
@@ -167,11 +179,19 @@ def check(
     terms = _validate_terms(regularization, tensors)
     objective = _Objective(loss, tensors, terms)
     policy = "given" if eps is not None else "cbrt(machine eps) * max(1, |theta_i|)"
-    base_step = eps if eps is not None else default_step(_coarsest_dtype(tensors))
+    dtype = _coarsest_dtype(tensors)
+    base_step = eps if eps is not None else default_step(dtype)
+    notes: list[str] = []
+    scale = TOLERANCE_SCALE.get(dtype, 1.0)
+    if scale != 1.0:
+        warn, threshold = warn * scale, threshold * scale
+        notes.append(
+            f"{dtype} parameters: warn and threshold scaled x{scale:g} to {warn:g} and "
+            f"{threshold:g} (differences in {dtype} are noisier than in float64)"
+        )
 
     loss0 = objective.loss("J(theta)")
     loss0_again = objective.loss("J(theta), evaluated again")
-    notes: list[str] = []
     nondeterministic = abs(loss0 - loss0_again) > 64 * objective.roundoff * max(abs(loss0), 1e-300)
     if nondeterministic:
         notes.append(
@@ -262,7 +282,7 @@ def check(
         seconds=time.perf_counter() - started,
         regularization={term.name: term.value(tensors.params) for term in terms},
         mode=mode,
-        dtype=str(_coarsest_dtype(tensors)),
+        dtype=str(dtype),
         warn=warn,
         threshold=threshold,
         seed=seed,

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from gradwatch.callback import GradWatch, OnAlert, Sample
 
 __all__ = [
-    "NATIVE_TOLERANCE_SCALE",
+    "NATIVE_DTYPES",
     "STATUS_CODES",
     "BatchCapture",
     "LossFn",
@@ -90,19 +90,9 @@ Analytic = Literal["recompute", "live"]
 Generator = Literal["python", "numpy", "torch", "cuda"]
 GENERATORS: tuple[Generator, ...] = ("python", "numpy", "torch", "cuda")
 
-NATIVE_TOLERANCE_SCALE: dict[torch.dtype, float] = {
-    torch.float64: 1.0,
-    torch.float32: 100.0,
-    torch.float16: 1000.0,
-}
-"""Factor applied to ``warn`` and ``threshold`` when the check runs in native precision.
-
-Two-sided differences in float32 give ratios near 1e-4 on correct code (roundoff
-over a step of cbrt(2^-23) ~ 5e-3), so the float64 verdicts would cry wolf; the
-factor moves them to 1e-3 / 1e-1 for float32, still far below the ratio of a real
-bug (a wrong backward is typically >= 0.1, most are ~1). The result's notes say
-which thresholds were used.
-"""
+NATIVE_DTYPES = (torch.float64, torch.float32, torch.float16)
+"""Dtypes ``precision="native"`` can check: numpy must hold the parameters. The core
+scales ``warn`` and ``threshold`` for float32 / float16 (``gradwatch.check.TOLERANCE_SCALE``)."""
 
 
 # --------------------------------------------------------------------------- parameters
@@ -258,7 +248,7 @@ class _Shadow:
             self.dtype = torch.float64
         else:
             self.dtype = self.native_dtype
-            if self.dtype not in NATIVE_TOLERANCE_SCALE:
+            if self.dtype not in NATIVE_DTYPES:
                 raise OptionError(
                     f"precision: 'native' needs parameters numpy can hold (float64, float32, "
                     f"float16), received {self.dtype}; use precision='float64'"
@@ -798,8 +788,8 @@ def check_module(
             decoupled (neither is in J).
         precision: ``"float64"`` (default) runs on a float64 copy; ``"native"`` keeps
             the model's dtype (float32/float16): the core picks the step from the
-            dtype, ``warn`` and ``threshold`` are multiplied by
-            ``NATIVE_TOLERANCE_SCALE[dtype]``, and the notes say so.
+            dtype and multiplies ``warn`` and ``threshold`` by
+            ``gradwatch.check.TOLERANCE_SCALE[dtype]``, and the notes say so.
         analytic: ``"recompute"`` (default) compares the numeric gradient with autograd
             on the shadow; ``"live"`` compares it with the model's own ``.grad`` as it
             is now (finds missing ``zero_grad``, wrong accumulation scaling; a
@@ -892,19 +882,12 @@ def check_module(
 
 
 def _precision_notes(shadow: _Shadow, options: dict[str, Any]) -> list[str]:
-    """Scale warn/threshold in native precision (in ``options``) and say what was used."""
+    """Say which precision J was evaluated in (the core scales warn/threshold by dtype)."""
     if shadow.dtype == torch.float64:
         if shadow.native_dtype != torch.float64:
             return [f"float64 shadow of a {_dtype_name(shadow.native_dtype)} model"]
         return []
-    scale = NATIVE_TOLERANCE_SCALE[shadow.dtype]
-    warn = float(options.get("warn", 1e-5)) * scale
-    threshold = float(options.get("threshold", 1e-3)) * scale
-    options["warn"], options["threshold"] = warn, threshold
-    return [
-        f"native precision {_dtype_name(shadow.dtype)}: step from the dtype, warn and "
-        f"threshold scaled x{scale:g} to {warn:g} and {threshold:g}"
-    ]
+    return [f"native precision {_dtype_name(shadow.dtype)}: step and thresholds from the dtype"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

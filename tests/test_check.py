@@ -232,15 +232,35 @@ def test_ratio_is_zero_when_both_gradients_vanish() -> None:
     assert result.ratio == 0.0 and result.status == "ok"
 
 
-def test_float32_parameters_get_a_float32_step() -> None:
-    """float32 params get cbrt(float32 eps) as base step and pass on a correct gradient."""
+def test_float32_parameters_get_a_float32_step_and_scaled_thresholds() -> None:
+    """float32 params get cbrt(float32 eps) as step and thresholds x100, and the result says so."""
     w = np.linspace(-1, 1, 10).astype(np.float32)
     result = gradwatch.check(
         lambda: float(np.sum(w.astype(np.float64) ** 2)), {"w": w}, {"w": 2 * w}
     )
     assert result.eps == pytest.approx(float(np.cbrt(np.finfo(np.float32).eps)))
     assert result.dtype == "float32"
+    assert (result.warn, result.threshold) == (pytest.approx(1e-3), pytest.approx(0.1))
+    assert any("scaled x100" in note for note in result.notes)
     assert result.status == "ok"
+
+
+def test_float32_relu_network_is_quiet_and_its_bug_is_caught() -> None:
+    """A correct float32 ReLU net passes (no float32 false alarm); the exercise's bugs fail."""
+    x, y, params = exercise_setup()
+    params32 = {k: v.astype(np.float32) for k, v in params.items()}
+    x32 = x.astype(np.float32)
+
+    def loss() -> float:
+        return cost(params32, x32, y)
+
+    def grads(bugs: bool) -> dict[str, np.ndarray]:
+        return {k: v.astype(np.float32) for k, v in backward(params32, x32, y, bugs=bugs).items()}
+
+    assert gradwatch.check(loss, params32, grads(False)).status != "fail"
+    buggy = gradwatch.check(loss, params32, grads(True))
+    assert buggy.status == "fail"
+    assert buggy.worst[0].tensor in {"W2", "b1"}
 
 
 def test_directional_check_names_the_wrong_tensor_with_two_evaluations_per_tensor() -> None:

@@ -15,14 +15,9 @@ LARGE = {"np_large_row0_25k", "np_large_25k", "pt_large_last_row_17k", "pt_large
 DEFAULT_MISSES: dict[str, str] = {}
 """Bugs the default check is known to miss, with the root cause (none at present)."""
 
-FALSE_ALARMS = {
-    "np_mlp_float32": (
-        "float32 numpy arrays: the core check keeps the float64 thresholds (check_module scales "
-        "them x100 for native precision) and its step cbrt(eps32) ~ 5e-3 crosses many ReLU "
-        "kinks; only the top_k worst are set aside as kinks (ratio 1.8e-2)"
-    ),
-}
-"""Correct models the checks alarm on, with the root cause (a known engine limitation)."""
+FALSE_ALARMS: dict[str, str] = {}
+"""Correct models the checks alarm on, with the root cause (none at present: float32
+arrays get float32 thresholds since the engine scales them by dtype)."""
 
 
 def _marks(entry: ZooEntry, *, heavy: bool = True) -> list[pytest.MarkDecorator]:
