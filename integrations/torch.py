@@ -6,11 +6,14 @@ in *recompute* mode: it never touches ``model``. It deep-copies the model into a
 gradient, and hands the shadow's parameters to ``gradwatch.check`` as numpy arrays
 that share memory with the shadow's tensors, so the core's in-place perturbation of
 one component is what the shadow's next forward sees. Every evaluation of J (and
-the analytic pass) starts from the same forked RNG state, so dropout draws the same
-mask every time; afterwards every global RNG (python, numpy, torch, CUDA) and
-torch's default dtype are put back as they were. The model's parameters, ``.grad``,
-buffers (BatchNorm running stats), train/eval mode and the optimizer are never
-written to, so training continues bit for bit as if no check had run.
+the analytic pass) starts from the same forked state of the generators J draws from,
+so dropout draws the same mask every time; afterwards every global RNG (python,
+numpy, torch, CUDA) and torch's default dtype are put back as they were. Where J can
+be vmapped (no randomness, no BatchNorm in train mode), the perturbations of each
+tensor are evaluated in chunks with ``torch.func.vmap`` instead of one forward each.
+The model's parameters, ``.grad``, buffers (BatchNorm running stats), train/eval
+mode and the optimizer are never written to, so training continues bit for bit as
+if no check had run.
 
 Plain PyTorch loop, after ``loss.backward()`` and before ``optimizer.step()``::
 
