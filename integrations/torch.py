@@ -143,9 +143,9 @@ class RngState:
     """Every global random generator a forward pass may draw from.
 
     ``capture()`` forks the state; ``restore()`` puts it back bit for bit, as often
-    as needed: the check restores it before every evaluation of J (so dropout draws
-    the same mask each time) and once more at the end (so training draws as if no
-    check had run).
+    as needed: the check restores the generators J draws from (`drawn`) before every
+    evaluation of J (so dropout draws the same mask each time) and every generator
+    once more at the end (so training draws as if no check had run).
     """
 
     python: tuple[Any, ...]
