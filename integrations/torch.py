@@ -111,13 +111,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def module_gradients(
-    model: nn.Module, dtype: npt.DTypeLike = np.float64
+    model: nn.Module, dtype: npt.DTypeLike = np.float64, *, copy: bool = True
 ) -> tuple[dict[str, npt.NDArray[np.floating]], list[str]]:
-    """The ``.grad`` of each trainable parameter as a numpy array (a copy), plus notes.
+    """The ``.grad`` of each trainable parameter as a numpy array, plus notes.
 
     A parameter whose ``.grad`` is None (unused in the forward, or a path cut by
     ``.detach()``) gets zeros and a note naming it, instead of an error: if the
-    true gradient is not zero the check then fails on that tensor.
+    true gradient is not zero the check then fails on that tensor. ``copy=False``
+    returns views where the dtype allows (the shadow's own gradients, which nothing
+    else touches: one float64 copy of the parameters less).
     """
     grads: dict[str, npt.NDArray[np.floating]] = {}
     missing: list[str] = []
@@ -126,7 +128,7 @@ def module_gradients(
             missing.append(name)
             grads[name] = np.zeros(tuple(p.shape), dtype=dtype)
         else:
-            grads[name] = _to_numpy(p.grad).astype(dtype, copy=True)
+            grads[name] = _to_numpy(p.grad).astype(dtype, copy=copy)
     notes = []
     if missing:
         notes.append(
@@ -232,12 +234,27 @@ def is_shadow(module: nn.Module) -> bool:
     return bool(getattr(module, _SHADOW_FLAG, False))
 
 
+def _shadow_parameters(model: nn.Module, precision: Precision) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo giving each parameter its copy in the check's dtype.
+
+    Converting while copying (rather than deep-copying, then ``.to(float64)``) never
+    holds a second copy of the parameters, and leaves their ``.grad`` behind. A
+    parameter used twice (tied weights) maps to one copy.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        dtype = torch.float64 if precision == "float64" and p.is_floating_point() else p.dtype
+        copied = p.detach().to(dtype=dtype, copy=True)
+        memo[id(p)] = nn.Parameter(copied, requires_grad=p.requires_grad)
+    return memo
+
+
 class _Shadow:
     """A deep copy of the model whose trainable parameters are views of numpy arrays."""
 
     def __init__(self, model: nn.Module, precision: Precision) -> None:
         try:
-            shadow = copy.deepcopy(model)
+            shadow = copy.deepcopy(model, memo=_shadow_parameters(model, precision))
         except Exception as error:
             raise ParameterError(
                 f"model: expected a module that copy.deepcopy can copy (the check runs on "
@@ -247,7 +264,7 @@ class _Shadow:
         object.__setattr__(shadow, _SHADOW_FLAG, True)
         self.native_dtype = _floating_dtype(model)
         if precision == "float64":
-            shadow.to(torch.float64)
+            shadow.to(torch.float64)  # the buffers; the parameters are float64 already
             self.dtype = torch.float64
         else:
             self.dtype = self.native_dtype
@@ -482,7 +499,9 @@ class _Objective:
                 total.backward()  # type: ignore[no-untyped-call]
             else:
                 notes.append("J does not depend on any trainable parameter through autograd")
-        grads, missing = module_gradients(self.shadow.module, self.shadow.arrays_dtype())
+        grads, missing = module_gradients(
+            self.shadow.module, self.shadow.arrays_dtype(), copy=False
+        )
         return grads, notes + missing
 
 
