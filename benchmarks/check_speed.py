@@ -15,6 +15,13 @@ synthetic examples. Every ratio is measured side by side in one run:
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread: both sides of each ratio then run alike, and the other core absorbs
+# whatever else the machine does. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import statistics
 import time
@@ -109,7 +116,7 @@ def measure(label: str, layers: list[int], repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1, help="runs per size; medians are shown")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per size; medians are shown")
     args = parser.parse_args()
     for label, layers in SIZES.items():
         measure(label, layers, args.repeats)
