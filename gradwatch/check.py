@@ -716,9 +716,11 @@ def _diagnose(
             ``warn``): truncation when the error at h/2 is at most half the error
             at h, else roundoff.
       kink: the one-sided slopes (J(theta+h)-J(theta))/h and (J(theta)-J(theta-h))/h
-            differ by at least half the error and by more than 16 noise, and the gap
-            stays the same size at h/2 (ratio 0.75..1.5). For a smooth J the gap is
-            about h * J'' (it halves); for roundoff it is about noise (it doubles).
+            differ by at least half the error and by more than 16 noise, and either the
+            gap stays the same size at h/2 (ratio 0.75..1.5: the kink lies within h/2)
+            or the error at h/2 is below 1/16 of the error at h (the kink lies between
+            h/2 and h). For a smooth J the gap is about h * J'' (it halves) and the error
+            shrinks by 4; for roundoff the gap is about noise (it doubles).
       roundoff: the error is within 4 noise, the noise taken as the gap itself
             when the gap grows like 1/h.
       truncation: the error at h/2 is at most half the error at h (it shrinks like h^2).
@@ -752,6 +754,8 @@ def _diagnose(
             label = "truncation" if error_half <= 0.5 * error_h else "roundoff"
         elif gap_h >= 0.5 * error_h and gap_h > 16 * noise and 0.75 <= gap_growth <= 1.5:
             label = "kink"
+        elif gap_h >= 0.5 * error_h and gap_h > 16 * noise and error_half < error_h / 16:
+            label = "kink"  # crossed at h but not at h/2: the error vanishes, not / 4
         elif error_h <= 4 * noise:
             label = "roundoff"
         elif error_half <= 0.5 * error_h:

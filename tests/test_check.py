@@ -364,3 +364,18 @@ def test_auto_screens_a_clean_large_model_in_six_evaluations() -> None:
     assert result.ratio < 1e-6
     assert all(t.checked == 0 for t in result.tensors.values())
     assert any("screened along 2 random directions" in note for note in result.notes)
+
+
+def test_kink_crossed_only_by_the_larger_step_is_a_kink_not_truncation() -> None:
+    """|w - c| with the kink between h/2 and h from w: the error vanishes at h/2, a kink."""
+    h = float(np.cbrt(np.finfo(np.float64).eps))
+    w = np.array([0.3, 0.7])
+    kink = 0.3 + 0.75 * h
+
+    def loss() -> float:
+        return float(abs(w[0] - kink) + np.sum(w**2))
+
+    result = gradwatch.check(loss, {"w": w}, {"w": np.array([-1.0 + 0.6, 1.4])})
+    assert result.worst[0].name == "w[0]"
+    assert result.worst[0].diagnosis == "kink"
+    assert result.status == "ok"
