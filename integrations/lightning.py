@@ -25,7 +25,6 @@ the optimizer itself, so pass ``loss_fn``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ import lightning.pytorch as pl
 import torch
 from gradwatch.integrations.torch import (
     LossFn,
-    Penalties,
-    Precision,
     TrainingWatch,
     check_step_notes,
     result_metrics,
@@ -43,9 +40,7 @@ from gradwatch.integrations.torch import (
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from gradwatch.callback import OnAlert, Sample
 from gradwatch.errors import LossError, MissingBatchError
-from gradwatch.result import CheckResult
 
 __all__ = ["GradWatch", "training_step_loss"]
 
@@ -81,7 +76,7 @@ def training_step_loss(batch_idx: int, trainer: pl.Trainer | None = None) -> Los
     return loss
 
 
-class GradWatch(Callback):
+class GradWatch(TrainingWatch, Callback):
     """A Lightning `Callback` that checks the backprop gradient every `every` optimizer updates.
 
     Args:
@@ -108,55 +103,10 @@ class GradWatch(Callback):
         GradientCheckError: a failed check with ``on_alert="raise"``.
     """
 
-    def __init__(
-        self,
-        every: int = 500,
-        *,
-        loss_fn: LossFn | None = None,
-        regularization: Penalties = (),
-        precision: Precision = "float64",
-        report_dir: str | os.PathLike[str] | None = None,
-        sample: Sample = "auto",
-        eps: float | None = None,
-        threshold: float = 1e-3,
-        warn: float = 1e-5,
-        top_k: int = 10,
-        seed: int = 0,
-        on_alert: OnAlert = "log",
-        budget: float | None = None,
-    ) -> None:
-        self._training = TrainingWatch(
-            every,
-            loss_fn=loss_fn,
-            regularization=regularization,
-            precision=precision,
-            report_dir=report_dir,
-            sample=sample,
-            eps=eps,
-            threshold=threshold,
-            warn=warn,
-            top_k=top_k,
-            seed=seed,
-            on_alert=on_alert,
-            budget=budget,
-        )
-        self._batch: Any = None
-        self._batch_idx: int | None = None
-        self._armed = False
-        self._checking = False
-
-    @property
-    def watch(self) -> Any:
-        """The core `gradwatch.GradWatch` of the current (or last) run."""
-        return self._training.watch
-
-    @property
-    def results(self) -> list[CheckResult]:
-        """The checks recorded in the current (or last) run."""
-        return self._training.watch.results  # type: ignore[no-any-return]
-
-    def __repr__(self) -> str:
-        return f"lightning.{self._training.watch!r}"
+    _batch: Any = None
+    _batch_idx: int | None = None
+    _armed = False
+    _checking = False
 
     # -- Lightning hooks --------------------------------------------------------------
 
@@ -165,21 +115,21 @@ class GradWatch(Callback):
         root = trainer.log_dir or trainer.default_root_dir
         notes = [
             "J = user loss_fn(module, batch) on the captured batch"
-            if self._training.loss_fn is not None
+            if self.loss_fn is not None
             else "J = the loss of training_step(batch, batch_idx) on a copy of the module "
             "(its self.log calls dropped)",
             *check_step_notes(trainer.accumulate_grad_batches),
         ]
-        if not pl_module.automatic_optimization and self._training.loss_fn is None:
+        if not pl_module.automatic_optimization and self.loss_fn is None:
             notes.append("manual optimization: training_step steps the optimizer; pass loss_fn")
-        self._training.start(
+        self.start(
             Path(root) / "gradwatch",
             writer=self._checking,
             context={
                 "framework": "lightning",
                 "integration": "gradwatch.integrations.lightning.GradWatch",
                 "model": type(pl_module).__name__,
-                "loss": "user loss_fn" if self._training.loss_fn else "training_step loss",
+                "loss": "user loss_fn" if self.loss_fn else "training_step loss",
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "gradient_clip_val": trainer.gradient_clip_val,
             },
@@ -190,7 +140,7 @@ class GradWatch(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._armed:
-            self._armed = self._checking and self._training.due(trainer.global_step)
+            self._armed = self._checking and self.due(trainer.global_step)
         if self._armed:
             self._batch, self._batch_idx = batch, batch_idx
 
@@ -208,7 +158,7 @@ class GradWatch(Callback):
                 f"step {step}: expected the batch of this step from on_train_batch_start, "
                 "received none"
             )
-        result = self._training.check(
+        result = self.check(
             step, pl_module, training_step_loss(batch_idx, trainer), batch, optimizer=optimizer
         )
         for name, value in result_metrics(result).items():
@@ -217,4 +167,4 @@ class GradWatch(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batch = self._batch_idx = None
         self._armed = False
-        self._training.finish()
+        self.finish()

@@ -1058,29 +1058,29 @@ def check_step_notes(accumulation_steps: int) -> list[str]:
 
 
 class TrainingWatch:
-    """The torch side of a framework callback, shared by the Trainer and Lightning ones.
+    """The base of the framework callbacks (Trainer and Lightning): their options and torch side.
 
-    Holds the core `GradWatch` (schedule, report, alerts) and what J is (``loss_fn``,
-    ``regularization``, ``precision``); the framework callback only says when
-    (`start`, `due`, `check`, `finish`) and on which batch.
+    Holds the core `GradWatch` (``watch``: schedule, report, alerts) and what J is
+    (``loss_fn``, ``regularization``, ``precision``); a framework callback subclasses
+    it and only says when (`start`, `due`, `check`, `finish`) and on which batch.
     """
 
     def __init__(
         self,
-        every: int,
+        every: int = 500,
         *,
-        loss_fn: LossFn | None,
-        regularization: Penalties,
-        precision: Precision,
-        report_dir: str | os.PathLike[str] | None,
-        sample: Sample,
-        eps: float | None,
-        threshold: float,
-        warn: float,
-        top_k: int,
-        seed: int,
-        on_alert: OnAlert,
-        budget: float | None,
+        loss_fn: LossFn | None = None,
+        regularization: Penalties = (),
+        precision: Precision = "float64",
+        report_dir: str | os.PathLike[str] | None = None,
+        sample: Sample = "auto",
+        eps: float | None = None,
+        threshold: float = 1e-3,
+        warn: float = 1e-5,
+        top_k: int = 10,
+        seed: int = 0,
+        on_alert: OnAlert = "log",
+        budget: float | None = None,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise OptionError(
@@ -1108,6 +1108,15 @@ class TrainingWatch:
         self.watch = self._new_watch()  # validates the options now, not at train begin
         self.notes: list[str] = []
         self._finished = False
+
+    @property
+    def results(self) -> list[CheckResult]:
+        """The checks recorded in the current (or last) run."""
+        return self.watch.results
+
+    def __repr__(self) -> str:
+        framework = type(self).__module__.rsplit(".", 1)[-1]
+        return f"{framework}.{self.watch!r}"
 
     def _new_watch(self) -> GradWatch:
         from gradwatch.callback import GradWatch

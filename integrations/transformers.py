@@ -29,18 +29,14 @@ the check covers the step's last micro-batch, and the report says so.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from gradwatch.integrations.torch import (
     BatchCapture,
-    LossFn,
-    Penalties,
-    Precision,
     TrainingWatch,
     check_step_notes,
     result_metrics,
@@ -48,7 +44,6 @@ from gradwatch.integrations.torch import (
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from gradwatch.callback import OnAlert, Sample
 from gradwatch.errors import LossError, MissingBatchError
 from gradwatch.result import CheckResult
 
@@ -82,7 +77,7 @@ def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
     )
 
 
-class GradWatch(TrainerCallback):
+class GradWatch(TrainingWatch, TrainerCallback):
     """A `TrainerCallback` that checks the backprop gradient every `every` optimizer updates.
 
     Args:
@@ -110,55 +105,10 @@ class GradWatch(TrainerCallback):
         GradientCheckError: a failed check with ``on_alert="raise"``.
     """
 
-    def __init__(
-        self,
-        every: int = 500,
-        *,
-        loss_fn: LossFn | None = None,
-        regularization: Penalties = (),
-        precision: Precision = "float64",
-        report_dir: str | os.PathLike[str] | None = None,
-        sample: Sample = "auto",
-        eps: float | None = None,
-        threshold: float = 1e-3,
-        warn: float = 1e-5,
-        top_k: int = 10,
-        seed: int = 0,
-        on_alert: OnAlert = "log",
-        budget: float | None = None,
-    ) -> None:
-        self._training = TrainingWatch(
-            every,
-            loss_fn=loss_fn,
-            regularization=regularization,
-            precision=precision,
-            report_dir=report_dir,
-            sample=sample,
-            eps=eps,
-            threshold=threshold,
-            warn=warn,
-            top_k=top_k,
-            seed=seed,
-            on_alert=on_alert,
-            budget=budget,
-        )
-        self._capture: BatchCapture | None = None
-        self._trainer: Trainer | None = None
-        self._checking = False
-        self._differences: list[str] = []
-
-    @property
-    def watch(self) -> Any:
-        """The core `gradwatch.GradWatch` of the current (or last) run."""
-        return self._training.watch
-
-    @property
-    def results(self) -> list[CheckResult]:
-        """The checks recorded in the current (or last) run."""
-        return self._training.watch.results  # type: ignore[no-any-return]
-
-    def __repr__(self) -> str:
-        return f"transformers.{self._training.watch!r}"
+    _capture: BatchCapture | None = None
+    _trainer: Trainer | None = None
+    _checking = False
+    _differences: Sequence[str] = ()
 
     # -- Trainer events ---------------------------------------------------------------
 
@@ -181,14 +131,14 @@ class GradWatch(TrainerCallback):
             *self._loss_notes(args),
             *check_step_notes(args.gradient_accumulation_steps),
         ]
-        self._training.start(
+        self.start(
             Path(args.output_dir or ".") / "gradwatch",
             writer=self._checking,
             context={
                 "framework": "transformers",
                 "integration": "gradwatch.integrations.transformers.GradWatch",
                 "model": type(model).__name__,
-                "loss": "user loss_fn" if self._training.loss_fn else "model output `loss`",
+                "loss": "user loss_fn" if self.loss_fn else "model output `loss`",
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "max_grad_norm": args.max_grad_norm,
             },
@@ -204,7 +154,7 @@ class GradWatch(TrainerCallback):
         Trainer pops before the forward when it computes the loss itself (a user
         ``loss_fn`` gets these inputs)."""
         trainer, capture = self._trainer, self._capture
-        if trainer is None or capture is None or self._training.loss_fn is None:
+        if trainer is None or capture is None or self.loss_fn is None:
             return
         original = trainer.compute_loss
 
@@ -222,7 +172,7 @@ class GradWatch(TrainerCallback):
         if self._capture is None:
             return
         self._capture.clear()
-        self._capture.armed = self._checking and self._training.due(state.global_step)
+        self._capture.armed = self._checking and self.due(state.global_step)
 
     def on_pre_optimizer_step(
         self,
@@ -250,7 +200,7 @@ class GradWatch(TrainerCallback):
             batch = capture.loss_inputs
         capture.clear()
         try:
-            result = self._training.check(step, model, model_loss, batch, optimizer=optimizer)
+            result = self.check(step, model, model_loss, batch, optimizer=optimizer)
         except LossError as error:
             if not self._differences:
                 raise
@@ -271,7 +221,7 @@ class GradWatch(TrainerCallback):
         ):
             del self._trainer.compute_loss
         self._trainer = None
-        self._training.finish()
+        self.finish()
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -283,7 +233,7 @@ class GradWatch(TrainerCallback):
             state.log_history.append({**metrics, "step": state.global_step})
 
     def _loss_notes(self, args: TrainingArguments) -> list[str]:
-        user = self._training.loss_fn is not None
+        user = self.loss_fn is not None
         notes = [
             "J = user loss_fn(model, inputs) on the captured inputs"
             if user
