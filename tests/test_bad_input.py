@@ -212,3 +212,22 @@ def test_params_restored_in_directional_mode_when_loss_raises() -> None:
         gradwatch.check(flaky, params, grads, sample="directional")
     for name, value in params.items():
         assert value.tobytes() == before[name].tobytes()
+
+
+@pytest.mark.parametrize("sample", ["directional", "auto"])
+def test_directional_restore_is_bit_exact_for_float32_valued_float64(sample: str) -> None:
+    """Values a float32 holds (saved narrow) and values it doesn't come back bit for bit."""
+    rng = np.random.default_rng(0)
+    params = {
+        "narrow": rng.standard_normal(3000).astype(np.float32).astype(np.float64),
+        "wide": rng.standard_normal(50),
+    }
+    params["narrow"][:2] = [-0.0, 3.0e38]
+    before = {k: v.copy() for k, v in params.items()}
+    grads = {k: 2 * v for k, v in params.items()}
+    result = gradwatch.check(
+        lambda: float(sum(np.sum(v**2) for v in params.values())), params, grads, sample=sample
+    )
+    assert result.status == "ok"
+    for name, value in params.items():
+        assert value.tobytes() == before[name].tobytes()
