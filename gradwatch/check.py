@@ -224,18 +224,20 @@ def check(
             f"screened along {SCREEN_DIRECTIONS} random directions over all tensors, each "
             f"tensor weighted to count equally: ratio {screen_ratio:.3g}"
         )
-        if screen_ratio < warn:
+        # A clean screen is the whole check, and so is a screen of a nondeterministic J:
+        # checking each tensor on noise would only spend evaluations.
+        if screen_ratio < warn or nondeterministic:
             screen = (screen_ratio, SCREEN_DIRECTIONS)
     if screen is not None:
-        # A clean screen is the whole check: no tensor is looked at one by one.
         ratio, checked, mode, worst = screen[0], screen[1], "directional", []
+        screened: Status = "nondeterministic" if nondeterministic else "ok"
         per_tensor = {
             name: TensorResult(
                 ratio=ratio,
                 checked=0,
                 size=tensors.params[name].size,
                 max_abs_error=0.0,
-                status=_status(ratio, warn, threshold),
+                status=screened,
             )
             for name in tensors.names
         }

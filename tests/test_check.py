@@ -379,3 +379,19 @@ def test_kink_crossed_only_by_the_larger_step_is_a_kink_not_truncation() -> None
     assert result.worst[0].name == "w[0]"
     assert result.worst[0].diagnosis == "kink"
     assert result.status == "ok"
+
+
+def test_auto_stops_after_the_screen_when_j_is_nondeterministic() -> None:
+    """A large model whose J is noisy costs the screen only and is flagged, not failed."""
+    rng = np.random.default_rng(6)
+    noise = np.random.default_rng(7)
+    params = {f"t{i}": rng.standard_normal(100) for i in range(30)}
+    grads = {name: 2 * value for name, value in params.items()}
+
+    def loss() -> float:
+        return float(sum(np.sum(v**2) for v in params.values()) + 1e-3 * noise.standard_normal())
+
+    result = gradwatch.check(loss, params, grads, sample="auto")
+    assert result.status == "nondeterministic"
+    assert result.loss_evals == 2 + 2 * 2
+    assert {t.status for t in result.tensors.values()} == {"nondeterministic"}
