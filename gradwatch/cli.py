@@ -352,12 +352,20 @@ def _threshold(report: Report) -> float:
     return report.checks[-1].threshold if report.checks else 1e-3
 
 
+SHOWN_TENSORS = 6
+"""Tensors listed per check in human output: every non-ok one, then the largest ratios."""
+
+
 def _tensors_text(check: CheckResult) -> str:
     ordered = sorted(check.tensors.items(), key=lambda item: -_nan_last(item[1].ratio))
-    return ", ".join(
+    flagged = sum(tensor.status != "ok" for _, tensor in ordered)
+    shown = ordered[: max(SHOWN_TENSORS, flagged)]
+    text = ", ".join(
         f"{name} {_g(tensor.ratio)}" + ("" if tensor.status == "ok" else f" {tensor.status}")
-        for name, tensor in ordered
+        for name, tensor in shown
     )
+    hidden = len(ordered) - len(shown)
+    return text + (f", ... and {hidden} more (ok)" if hidden else "")
 
 
 def _component_text(component: dict[str, Any]) -> str:

@@ -103,6 +103,20 @@ def test_show_alert_exits_1_and_names_the_tensor(
     assert "worst check: step 300" in out
 
 
+def test_show_lists_failing_tensors_and_folds_the_quiet_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model with many tensors stays one readable line: the failing one first, the rest folded."""
+    ratios = {f"layer{i}.weight": 1e-9 * (i + 1) for i in range(40)}
+    ratios["head.bias"] = 0.5
+    with GradWatch(every=1, report_dir=tmp_path) as watch:
+        watch.record(make_result(ratios), 0)
+    _, out, _ = run(capsys, "show", str(tmp_path))
+    line = next(text for text in out.splitlines() if text.strip().startswith("tensors:"))
+    assert line.strip().startswith("tensors: head.bias 5.00e-01 fail, layer39.weight")
+    assert line.endswith("... and 35 more (ok)")
+
+
 def test_show_json_is_machine_readable(buggy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """show --json carries steps, ratio summary, alerts and the exit code."""
     code, out, _ = run(capsys, "show", str(buggy_run), "--json")
