@@ -483,15 +483,9 @@ def _componentwise(
         h = np.full(olds.shape, base_step) if step_given else base_step * np.maximum(1, abs(olds))
         ups = (olds + h).astype(view.dtype)
         downs = (olds - h).astype(view.dtype)
-        if batched is not None and chosen.size:
-            plus, minus = _evaluate_in_batch(batched, objective, tensor, chosen, ups, downs, loss0)
-        else:
-            plus, minus = _evaluate_one_by_one(
-                objective, tensors, tensor, chosen, ups, downs, loss0, generic
-            )
-        for term in separable:
-            plus += _term_changes(term, tensor, olds, ups.astype(np.float64))
-            minus += _term_changes(term, tensor, olds, downs.astype(np.float64))
+        plus, minus = _differences(
+            objective, tensors, tensor, chosen, ups, downs, loss0, separable, generic, batched
+        )
         plus_changes.append(plus)
         minus_changes.append(minus)
         # Divide by the step realized in the dtype, unless eps was given (the lecture's 2 eps).
@@ -518,6 +512,33 @@ def _componentwise(
     )
 
 
+def _differences(
+    objective: _Objective,
+    tensors: NamedTensors,
+    tensor: str,
+    chosen: npt.NDArray[np.intp],
+    ups: npt.NDArray[np.floating],
+    downs: npt.NDArray[np.floating],
+    loss0: float,
+    separable: list[RegularizationTerm],
+    generic: list[RegularizationTerm],
+    batched: BatchedEvaluation | None,
+    step_name: str = "h",
+) -> tuple[F64, F64]:
+    """J(theta with component j at ups / downs) - J(theta) for each chosen j, penalties included."""
+    if batched is not None and chosen.size:
+        plus, minus = _evaluate_in_batch(batched, objective, tensor, chosen, ups, downs, loss0)
+    else:
+        plus, minus = _evaluate_one_by_one(
+            objective, tensors, tensor, chosen, ups, downs, loss0, generic, step_name
+        )
+    olds = tensors.flat_param(tensor)[chosen].astype(np.float64)
+    for term in separable:
+        plus += _term_changes(term, tensor, olds, ups.astype(np.float64))
+        minus += _term_changes(term, tensor, olds, downs.astype(np.float64))
+    return plus, minus
+
+
 def _evaluate_one_by_one(
     objective: _Objective,
     tensors: NamedTensors,
@@ -527,6 +548,7 @@ def _evaluate_one_by_one(
     downs: npt.NDArray[np.floating],
     loss0: float,
     generic: list[RegularizationTerm],
+    step_name: str,
 ) -> tuple[F64, F64]:
     """J(theta +- h e_j) - J(theta) for each chosen j, perturbing in place and restoring.
 
@@ -541,11 +563,11 @@ def _evaluate_one_by_one(
         old = view[j]
         try:
             view[j] = ups[k]
-            plus[k] = objective.loss((tensor, j, "+ h")) - loss0
+            plus[k] = objective.loss((tensor, j, f"+ {step_name}")) - loss0
             if generic:
                 plus[k] += sum(t.value(tensors.params) for t in generic) - generic0
             view[j] = downs[k]
-            minus[k] = objective.loss((tensor, j, "- h")) - loss0
+            minus[k] = objective.loss((tensor, j, f"- {step_name}")) - loss0
             if generic:
                 minus[k] += sum(t.value(tensors.params) for t in generic) - generic0
         finally:
@@ -752,7 +774,7 @@ def _diagnose(
             continue
         i = comparison.position[component.name]
         h_plus, h_minus, plus_half, minus_half = _half_step(
-            objective, tensors, comparison, i, component, loss0, separable, generic, generic0
+            objective, tensors, comparison, i, component, loss0, separable, generic
         )
         step = comparison.steps[i] / 2
         error_h = abs(component.numeric - component.analytic)
@@ -789,30 +811,21 @@ def _half_step(
     loss0: float,
     separable: list[RegularizationTerm],
     generic: list[RegularizationTerm],
-    generic0: float,
 ) -> tuple[float, float, float, float]:
     """J(theta +- h/2 e_i) - J(theta) and the realized half steps."""
     tensor = component.tensor
     view = tensors.flat_param(tensor)
     shape = tensors.params[tensor].shape
-    j = int(np.ravel_multi_index(tuple(component.index), shape)) if shape else 0
-    old = view[j]
+    chosen = np.array([np.ravel_multi_index(tuple(component.index), shape) if shape else 0])
+    old = view[chosen].astype(np.float64)
     half = float(comparison.steps[i]) / 4
-    up = view.dtype.type(old + half)
-    down = view.dtype.type(old - half)
-    try:
-        view[j] = up
-        plus = objective.loss(f"{component.name} + h/2") - loss0
-        plus += sum(t.value(tensors.params) for t in generic) - generic0 if generic else 0.0
-        view[j] = down
-        minus = objective.loss(f"{component.name} - h/2") - loss0
-        minus += sum(t.value(tensors.params) for t in generic) - generic0 if generic else 0.0
-    finally:
-        view[j] = old
-    for term in separable:
-        plus += term.component_change(tensor, float(old), float(up)) or 0.0
-        minus += term.component_change(tensor, float(old), float(down)) or 0.0
-    return float(up) - float(old), float(old) - float(down), plus, minus
+    ups = (old + half).astype(view.dtype)
+    downs = (old - half).astype(view.dtype)
+    plus, minus = _differences(
+        objective, tensors, tensor, chosen, ups, downs, loss0, separable, generic, None, "h/2"
+    )
+    up, down, centre = float(ups[0]), float(downs[0]), float(old[0])
+    return up - centre, centre - down, float(plus[0]), float(minus[0])
 
 
 def _split_terms(
