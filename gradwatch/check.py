@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch.errors import LossError, OptionError
-from gradwatch.params import NamedTensors, component_name, named_tensors
+from gradwatch.params import GradientSource, NamedTensors, component_name, named_tensors
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.result import CheckResult, Component, Diagnosis, Status, TensorResult
 
@@ -41,7 +41,10 @@ Sample = int | float | Literal["auto", "directional"] | None
 BatchedEvaluation = Callable[[str, npt.NDArray[np.intp], npt.NDArray[np.floating]], npt.ArrayLike]
 """``evaluate_batch(tensor, flat_indices, values)``: J at theta with only
 ``params[tensor].flat[flat_indices[k]]`` set to ``values[k]``, for every k. A loss
-callable that has this method is evaluated in batches (e.g. torch vmap)."""
+callable that has this method is evaluated in batches (e.g. torch vmap). A loss that
+also has ``restore_tensor(tensor)``, writing the tensor's unperturbed values back
+exactly (the torch shadow copies them from the model), spares the check a backup of
+the tensors a random direction moves."""
 
 NEAR_ZERO_FLOOR = 1e-3
 """Per-tensor denominators are floored at this fraction of the whole gradient's scale,
@@ -118,7 +121,7 @@ def planned_evaluations(sample: Sample, size: int, tensors: int, top_k: int = 10
 def check(
     loss: Callable[[], object],
     params: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
-    grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+    grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating] | GradientSource,
     *,
     eps: float | None = None,
     sample: Sample = None,
@@ -135,7 +138,9 @@ def check(
         loss: zero-argument callable returning J at the current values of ``params``.
         params: named writable float arrays (or one array, named ``theta``); mapping
             order is the flattening order of theta.
-        grads: the analytic gradient of J, same keys and shapes.
+        grads: the analytic gradient of J, same keys and shapes; or a
+            `gradwatch.params.GradientSource` that computes it again when the check
+            asks (the torch integration: no float64 copy of the gradient is held).
         eps: step size. None picks cbrt(machine eps) * max(1, |theta_i|) per component
             and divides by the step actually realized in the dtype; a float is used as
             given, dividing by 2 * eps (``eps=1e-7`` reproduces the lecture).
@@ -312,6 +317,7 @@ class _Objective:
             )
         self._loss = loss
         self.batched: BatchedEvaluation | None = getattr(loss, "evaluate_batch", None)
+        self.restore_tensor: Callable[[str], None] | None = getattr(loss, "restore_tensor", None)
         self._params = tensors.params
         self.terms = terms
         self.evaluations = 0
@@ -476,6 +482,7 @@ def _componentwise(
     separable, generic = _split_terms(objective.terms)
     # A batched loss sees only the parameters, not a generic term: those go one by one.
     batched = objective.batched if not generic else None
+    analytic_values = _gradient_components(tensors, plan)
     for tensor in tensors.names:
         chosen = plan[tensor]
         view = tensors.flat_param(tensor)
@@ -490,7 +497,7 @@ def _componentwise(
         minus_changes.append(minus)
         # Divide by the step realized in the dtype, unless eps was given (the lecture's 2 eps).
         steps.append(2 * h if step_given else ups.astype(np.float64) - downs.astype(np.float64))
-        analytic_parts.append(tensors.grads[tensor].reshape(-1)[chosen].astype(np.float64))
+        analytic_parts.append(analytic_values[tensor])
 
     plus_array = np.concatenate(plus_changes)
     minus_array = np.concatenate(minus_changes)
@@ -510,6 +517,19 @@ def _componentwise(
         minus=minus_array,
         gradient_scale=float(np.linalg.norm(numeric) + np.linalg.norm(analytic)),
     )
+
+
+def _gradient_components(
+    tensors: NamedTensors, plan: dict[str, npt.NDArray[np.intp]]
+) -> dict[str, F64]:
+    """The analytic values of the planned components, from one visit of the gradient."""
+    values = {name: np.zeros(0) for name in tensors.names}
+
+    def take(name: str, gradient: npt.NDArray[np.floating]) -> None:
+        values[name] = gradient.reshape(-1)[plan[name]].astype(np.float64)
+
+    tensors.visit_grads([name for name in tensors.names if plan[name].size], take)
+    return values
 
 
 def _differences(
@@ -609,6 +629,26 @@ def _term_changes(term: RegularizationTerm, tensor: str, old: F64, new: F64) -> 
     )
 
 
+class _Direction:
+    """A random direction with a block of norm proportional to ``weights[t]`` in each tensor t.
+
+    Blocks are drawn again whenever needed rather than kept (seeded by the tensor's
+    position in ``weights``), so a direction never costs more than one tensor's memory.
+    """
+
+    def __init__(self, weights: dict[str, float], seed: list[int], where: str) -> None:
+        self.weights = weights
+        self.seed = seed
+        self.where = where
+        self._position = {name: position for position, name in enumerate(weights)}
+        self._total = math.sqrt(sum(w * w for w in weights.values()))
+
+    def block(self, name: str, shape: tuple[int, ...]) -> F64:
+        block = _random_block(np.random.default_rng([*self.seed, self._position[name]]), shape)
+        block *= self.weights[name] / (self._total * max(float(np.linalg.norm(block)), 1e-300))
+        return block
+
+
 def _directional(
     objective: _Objective,
     tensors: NamedTensors,
@@ -616,17 +656,12 @@ def _directional(
     seed: int,
 ) -> _Comparison:
     """One random unit direction v per tensor: (J(theta + h v) - J(theta - h v)) / 2h vs g . v."""
-    numeric: list[float] = []
-    analytic: list[float] = []
-    for position, tensor in enumerate(tensors.names):
-        derivative = _along_direction(
-            objective, tensors, {tensor: 1.0}, base_step, [seed, 1, position], f"{tensor} +- h v"
-        )
-        numeric.append(derivative[0])
-        analytic.append(derivative[1])
-
     names = tensors.names
-    numeric_array, analytic_array = np.array(numeric), np.array(analytic)
+    directions = [
+        _Direction({tensor: 1.0}, [seed, 1, position], f"{tensor} +- h v")
+        for position, tensor in enumerate(names)
+    ]
+    numeric_array, analytic_array = _along_directions(objective, tensors, directions, base_step)
     # A projection onto one random unit direction has about 1/sqrt(size) of the norm;
     # rescale so the floor compares like with like.
     sizes = np.array([tensors.params[t].size for t in names], dtype=np.float64)
@@ -653,72 +688,112 @@ def _screen(objective: _Objective, tensors: NamedTensors, base_step: float, seed
     NEAR_ZERO_FLOOR * ||g||), so every tensor adds about the same to g . v and a
     relative error in any one of them shows, at 2 evaluations per direction.
     """
-    norms = {name: float(np.linalg.norm(tensors.grads[name])) for name in tensors.names}
+    norms: dict[str, float] = {}
+
+    def measure(name: str, gradient: npt.NDArray[np.floating]) -> None:
+        norms[name] = float(np.linalg.norm(gradient))
+
+    tensors.visit_grads(tensors.names, measure)
     floor = NEAR_ZERO_FLOOR * math.sqrt(sum(n * n for n in norms.values()))
     weights = {
         name: math.sqrt(tensors.params[name].size) / max(norms[name], floor, 1e-300)
         for name in tensors.names
     }
-    numeric, analytic = [], []
-    for draw in range(SCREEN_DIRECTIONS):
-        derivative = _along_direction(
-            objective, tensors, weights, base_step, [seed, 2, draw], "all tensors +- h v"
-        )
-        numeric.append(derivative[0])
-        analytic.append(derivative[1])
-    return _ratio(np.array(numeric), np.array(analytic))
+    directions = [
+        _Direction(weights, [seed, 2, draw], "all tensors +- h v")
+        for draw in range(SCREEN_DIRECTIONS)
+    ]
+    numeric, analytic = _along_directions(objective, tensors, directions, base_step)
+    return _ratio(numeric, analytic)
 
 
-def _along_direction(
+def _along_directions(
     objective: _Objective,
     tensors: NamedTensors,
-    weights: dict[str, float],
+    directions: list[_Direction],
     base_step: float,
-    seed: list[int],
-    where: str,
-) -> tuple[float, float]:
-    """Numeric and analytic derivative of J along one random unit direction.
+) -> tuple[F64, F64]:
+    """Numeric and analytic derivatives of J along each direction, 2 evaluations each.
 
-    The direction has a random block of norm proportional to ``weights[t]`` in each
-    tensor t named there (zero elsewhere). Blocks are drawn again rather than kept,
-    so the only copy made is of the moved tensors' original values, for the exact
-    restore. The analytic side uses the displacement realized in the arrays' dtype,
-    so float32 rounding of theta + h v is not mistaken for an error.
+    The analytic side is g . (theta_+ - theta_-) / 2h with theta_+- as realized in the
+    arrays' dtype (so float32 rounding of theta +- h v is not mistaken for an error),
+    taken for every direction in one visit of the gradient, before anything moves.
+    Moved tensors are put back with the loss's ``restore_tensor`` where it has one (no
+    copy at all), else from a backup of just the moved tensors.
     """
-    total = math.sqrt(sum(w * w for w in weights.values()))
-    originals = {name: _exact_backup(tensors.params[name]) for name in weights}
-    largest = max(float(np.max(np.abs(o), initial=0.0)) for o in originals.values())
-    h = base_step * max(1.0, largest)
+    params = tensors.params
+    steps = np.array(
+        [
+            base_step * max([1.0, *(_largest_magnitude(params[n]) for n in d.weights)])
+            for d in directions
+        ]
+    )
+    analytic = np.zeros(len(directions))
 
-    def move(sign: float) -> float:
-        """Write theta + sign h v; return g . (realized displacement)."""
-        projection = 0.0
-        for position, (name, weight) in enumerate(weights.items()):
-            block = _random_block(np.random.default_rng([*seed, position]), originals[name].shape)
-            block *= weight / (total * max(float(np.linalg.norm(block)), 1e-300))
-            array = tensors.params[name]
-            array[...] = originals[name] + sign * h * block
-            realized = array.astype(np.float64) - originals[name]
-            projection += float(np.sum(tensors.grads[name] * realized, dtype=np.float64))
-        return projection
+    def project(name: str, gradient: npt.NDArray[np.floating]) -> None:
+        # In place where possible: the largest tensor's temporaries are the peak memory.
+        theta = params[name]
+        for k, direction in enumerate(directions):
+            if name in direction.weights:
+                step = direction.block(name, theta.shape)
+                step *= float(steps[k])
+                up = (theta + step).astype(theta.dtype, copy=False)
+                up = up.astype(np.float64, copy=False)
+                down = np.subtract(theta, step, out=step).astype(theta.dtype, copy=False)
+                realized = np.subtract(up, down, out=up, dtype=np.float64)
+                analytic[k] += float(np.dot(gradient.reshape(-1), realized.reshape(-1)))
+
+    moved = [n for n in tensors.names if any(n in d.weights for d in directions)]
+    tensors.visit_grads(moved, project)
+
+    numeric = np.array(
+        [
+            _numeric_along(objective, params, direction, float(h))
+            for direction, h in zip(directions, steps, strict=True)
+        ]
+    )
+    return numeric, analytic / (2 * steps)
+
+
+def _numeric_along(
+    objective: _Objective,
+    params: dict[str, npt.NDArray[np.floating]],
+    direction: _Direction,
+    h: float,
+) -> float:
+    """(J(theta + h v) - J(theta - h v)) / 2h, every moved tensor put back exactly after."""
+    restore = objective.restore_tensor
+    backup = {} if restore else {name: _exact_backup(params[name]) for name in direction.weights}
+
+    def put_back() -> None:
+        for name in direction.weights:
+            if restore is not None:
+                restore(name)
+            else:
+                params[name][...] = backup[name]
+
+    def move(sign: float) -> None:
+        """Write theta + sign h v, computed from the original values."""
+        for name in direction.weights:
+            theta = params[name]
+            values = direction.block(name, theta.shape)
+            values *= sign * h
+            values += theta
+            theta[...] = values
 
     try:
-        projection = move(+1.0)
-        plus = objective.value(f"{where} (+)")
-        projection -= move(-1.0)
-        minus = objective.value(f"{where} (-)")
+        move(+1.0)
+        plus = objective.value(f"{direction.where} (+)")
+        put_back()
+        move(-1.0)
+        minus = objective.value(f"{direction.where} (-)")
     finally:
-        for name, original in originals.items():
-            tensors.params[name][...] = original
-    return (plus - minus) / (2 * h), projection / (2 * h)
+        put_back()
+    return (plus - minus) / (2 * h)
 
 
 def _exact_backup(array: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
-    """A copy for a bit-exact restore: float32 when it holds every value exactly.
-
-    The float64 copy of a float32 model (the torch shadow) always qualifies, so
-    saving the originals of every tensor costs half a float64 copy, not a whole one.
-    """
+    """A copy for a bit-exact restore: float32 when it holds every value exactly."""
     if array.dtype == np.float64:
         narrow = array.astype(np.float32)
         if np.array_equal(narrow, array):
@@ -732,8 +807,16 @@ def _random_block(rng: np.random.Generator, shape: tuple[int, ...]) -> F64:
     Unlike a Gaussian, no entry is near zero, so an error confined to one entry always
     shows in g . v; unlike pure signs, equal errors in several entries cannot cancel.
     """
-    signs = rng.integers(0, 2, size=shape) * 2.0 - 1.0
-    return signs * rng.uniform(0.5, 1.5, size=shape)
+    negative = rng.integers(0, 2, size=shape, dtype=np.int8).astype(bool)
+    block = rng.uniform(0.5, 1.5, size=shape)
+    return np.negative(block, out=block, where=negative)
+
+
+def _largest_magnitude(array: npt.NDArray[np.floating]) -> float:
+    """max |array| without a temporary the size of the array."""
+    if array.size == 0:
+        return 0.0
+    return max(abs(float(array.max())), abs(float(array.min())))
 
 
 def _diagnose(

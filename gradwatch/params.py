@@ -7,27 +7,54 @@ in place through flat views.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from gradwatch.errors import ParameterError
 
-__all__ = ["NamedTensors", "component_name", "named_tensors"]
+__all__ = ["GradientSource", "NamedTensors", "component_name", "named_tensors"]
 
 FloatArray = npt.NDArray[np.floating]
 SINGLE_ARRAY_NAME = "theta"
+Consume = Callable[[str, FloatArray], None]
+
+
+@runtime_checkable
+class GradientSource(Protocol):
+    """An analytic gradient computed when the check asks for it instead of held whole.
+
+    ``visit(names, consume)`` calls ``consume(name, gradient)`` once for each name,
+    at the unperturbed parameters; the array is only valid during the call (the
+    check copies what it needs: norms, projections, a few components). The torch
+    integration runs one backward pass per visit and drops each tensor's gradient
+    as soon as it is consumed, so no float64 copy of the whole gradient is held.
+    """
+
+    def visit(self, names: Sequence[str], consume: Consume) -> None: ...
+
+
+class _HeldGradients:
+    """Gradients given as arrays: a visit is a loop over them."""
+
+    def __init__(self, grads: dict[str, FloatArray]) -> None:
+        self.grads = grads
+
+    def visit(self, names: Sequence[str], consume: Consume) -> None:
+        for name in names:
+            consume(name, self.grads[name])
 
 
 @dataclass(frozen=True)
 class NamedTensors:
-    """Validated parameters and gradients, with offsets into theta."""
+    """Validated parameters and their gradient, with offsets into theta."""
 
     names: tuple[str, ...]
     params: dict[str, FloatArray]
-    grads: dict[str, FloatArray]
+    gradient: GradientSource
     offsets: tuple[int, ...]
     """offsets[t] is where tensor t starts in theta; offsets[-1] is the size of theta."""
 
@@ -46,11 +73,33 @@ class NamedTensors:
             )
         return view
 
-    def flat_grad(self) -> npt.NDArray[np.float64]:
-        """dtheta as one float64 vector (a single copy, made once per check)."""
-        if not self.names:
-            return np.zeros(0)
-        return np.concatenate([self.grads[n].astype(np.float64).reshape(-1) for n in self.names])
+    def visit_grads(self, names: Sequence[str], consume: Consume) -> None:
+        """``consume(name, gradient)`` for each of ``names``, in that order, validated.
+
+        Arrays given to `check` were validated up front; a `GradientSource` is
+        validated as it delivers (shape, dtype, finite values, every name once).
+        """
+        if isinstance(self.gradient, _HeldGradients):
+            self.gradient.visit(names, consume)
+            return
+        wanted = set(names)
+        delivered: dict[str, None] = {}
+
+        def checked(name: str, gradient: FloatArray) -> None:
+            if name not in wanted or name in delivered:
+                raise ParameterError(
+                    f"grads: expected one gradient for each of {list(names)}, "
+                    f"received {name!r} {'again' if name in delivered else 'unasked'}"
+                )
+            delivered[name] = None
+            consume(name, _check_grad(name, gradient, self.params[name].shape))
+
+        self.gradient.visit(names, checked)
+        missing = [name for name in names if name not in delivered]
+        if missing:
+            raise ParameterError(
+                f"grads: expected a gradient for each of {list(names)}, received none for {missing}"
+            )
 
     def locate(self, flat_index: int) -> tuple[str, tuple[int, ...]]:
         """The tensor and multi-index of a component of theta."""
@@ -76,15 +125,16 @@ def component_name(tensor: str, index: tuple[int, ...]) -> str:
 
 
 def named_tensors(params: object, grads: object) -> NamedTensors:
-    """Validate ``params`` and ``grads`` and pair them by name.
+    """Validate ``params`` and ``grads`` (arrays, or a `GradientSource`) and pair them by name.
 
     Raises:
         ParameterError: keys, shapes or dtypes do not match, an array is read-only,
             integer, non-contiguous, or holds NaN/inf.
     """
     param_map = _as_mapping(params, "params")
-    grad_map = _as_mapping(grads, "grads")
-    if list(param_map) != list(grad_map):
+    source = isinstance(grads, GradientSource) and not isinstance(grads, Mapping | np.ndarray)
+    grad_map = {} if source else _as_mapping(grads, "grads")
+    if not source and list(param_map) != list(grad_map):
         missing = [k for k in param_map if k not in grad_map]
         extra = [k for k in grad_map if k not in param_map]
         if missing or extra:
@@ -92,21 +142,26 @@ def named_tensors(params: object, grads: object) -> NamedTensors:
                 f"grads: expected the same keys as params {list(param_map)}, "
                 f"received {list(grad_map)} (missing {missing}, unexpected {extra})"
             )
-        grad_map = {k: grad_map[k] for k in param_map}
 
     checked_params: dict[str, FloatArray] = {}
-    checked_grads: dict[str, FloatArray] = {}
     offsets = [0]
     for name, param in param_map.items():
         checked_params[name] = _check_param(name, param)
-        checked_grads[name] = _check_grad(name, grad_map[name], checked_params[name].shape)
         offsets.append(offsets[-1] + checked_params[name].size)
     if offsets[-1] == 0:
         raise ParameterError("params: expected at least one component to check, received none")
+    gradient = (
+        grads
+        if source
+        else _HeldGradients(
+            {name: _check_grad(name, grad_map[name], p.shape) for name, p in checked_params.items()}
+        )
+    )
+    assert isinstance(gradient, GradientSource)
     return NamedTensors(
         names=tuple(checked_params),
         params=checked_params,
-        grads=checked_grads,
+        gradient=gradient,
         offsets=tuple(offsets),
     )
 
@@ -121,10 +176,10 @@ def _as_mapping(value: object, argument: str) -> dict[str, object]:
                     f"{argument}: expected string keys, received {type(key).__name__} {key!r}"
                 )
         return dict(value)
-    raise ParameterError(
-        f"{argument}: expected a Mapping[str, np.ndarray] or one np.ndarray, "
-        f"received {type(value).__name__}"
-    )
+    expected = "a Mapping[str, np.ndarray] or one np.ndarray"
+    if argument == "grads":
+        expected += " (or a gradwatch.params.GradientSource)"
+    raise ParameterError(f"{argument}: expected {expected}, received {type(value).__name__}")
 
 
 def _check_param(name: str, value: object) -> FloatArray:

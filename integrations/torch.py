@@ -2,10 +2,12 @@
 
 ``check_module`` checks the gradient of J = ``loss_fn(model, batch)`` (+ penalties)
 in *recompute* mode: it never touches ``model``. It deep-copies the model into a
-*shadow* (float64 by default), runs autograd on the shadow for the analytic
-gradient, and hands the shadow's parameters to ``gradwatch.check`` as numpy arrays
-that share memory with the shadow's tensors, so the core's in-place perturbation of
-one component is what the shadow's next forward sees. Every evaluation of J (and
+*shadow* (float64 by default) and hands the shadow's parameters to
+``gradwatch.check`` as numpy arrays that share memory with the shadow's tensors, so
+the core's in-place perturbation of one component is what the shadow's next forward
+sees. The analytic gradient is autograd on the shadow, streamed to the check one
+tensor at a time (`_ShadowGradients`), and moved tensors are restored from the
+model's own values: the shadow is the only copy of the parameters a check holds. Every evaluation of J (and
 the analytic pass) starts from the same forked state of the generators J draws from,
 so dropout draws the same mask every time; afterwards every global RNG (python,
 numpy, torch, CUDA) and torch's default dtype are put back as they were. Where J can
@@ -275,6 +277,8 @@ class _Shadow:
                 )
         self.module = shadow
         self.params = trainable_parameters(shadow)
+        self._sources = trainable_parameters(model)
+        """The model's parameters by the shadow's names: the unperturbed values, exactly."""
         self.arrays: dict[str, npt.NDArray[np.floating]] = {}
         self._synced: list[tuple[torch.Tensor, npt.NDArray[np.floating]]] = []
         for name, p in self.params.items():
@@ -322,6 +326,14 @@ class _Shadow:
         return [
             "padding_idx rows (never trained by torch) held constant in J: " + ", ".join(frozen)
         ]
+
+    def restore_tensor(self, name: str) -> None:
+        """Write a tensor's unperturbed values back, exactly, from the model (no backup).
+
+        The shadow's values are the model's converted to float64 (or kept), which is
+        exact, so the model is the backup; it is only read.
+        """
+        self.arrays[name][...] = _to_numpy(self._sources[name])
 
     def arrays_dtype(self) -> npt.DTypeLike:
         """The numpy dtype of the checked arrays (float64, or the native dtype)."""
@@ -489,20 +501,86 @@ class _Objective:
                 return float(self.total())
         return float(self.total())  # the hot path: check_module runs the check under no_grad
 
-    def analytic(self) -> tuple[dict[str, npt.NDArray[np.floating]], list[str]]:
-        """The autograd gradient of J on the shadow at the unperturbed parameters."""
-        self.shadow.sync()
-        with torch.enable_grad():
-            total = self.total()
-            notes = []
-            if total.requires_grad:
-                total.backward()  # type: ignore[no-untyped-call]
-            else:
-                notes.append("J does not depend on any trainable parameter through autograd")
-        grads, missing = module_gradients(
-            self.shadow.module, self.shadow.arrays_dtype(), copy=False
-        )
-        return grads, notes + missing
+    def restore_tensor(self, name: str) -> None:
+        """The core's exact restore of a moved tensor (see `_Shadow.restore_tensor`)."""
+        self.shadow.restore_tensor(name)
+
+
+class _ShadowGradients:
+    """The autograd gradient of J on the shadow, as a `gradwatch.params.GradientSource`.
+
+    Each visit runs one backward pass from the same RNG state as every evaluation; a
+    hook hands each parameter's gradient to the check the moment autograd has
+    accumulated it, then drops it. So the whole float64 gradient is never held: the
+    check keeps norms, projections and the components it compares. The first visit's
+    findings (missing gradients, J not depending on the parameters) become notes.
+    """
+
+    def __init__(self, objective: _Objective) -> None:
+        self.objective = objective
+        self.notes: list[str] = []
+        self.largest: dict[str, int] = {}
+        """Flat index of each visited tensor's largest gradient entry (the batched probe)."""
+        self.visits = 0
+
+    def visit(
+        self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
+    ) -> None:
+        shadow = self.objective.shadow
+        wanted = set(names)
+        delivered: set[str] = set()
+        dtype = shadow.arrays_dtype()
+
+        def hand_over(name: str, gradient: torch.Tensor) -> None:
+            array = _to_numpy(gradient).astype(dtype, copy=False)
+            self.largest[name] = _largest_entry(array)
+            delivered.add(name)
+            consume(name, array)
+
+        def make_hook(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(parameter: torch.Tensor) -> None:
+                if parameter.grad is not None and name in wanted:
+                    hand_over(name, parameter.grad)
+                parameter.grad = None  # freed now, not after the whole backward
+
+            return hook
+
+        handles = [
+            p.register_post_accumulate_grad_hook(make_hook(name))  # type: ignore[no-untyped-call]
+            for name, p in shadow.params.items()
+        ]
+        try:
+            shadow.sync()
+            with torch.inference_mode(False), torch.enable_grad():
+                total = self.objective.total()
+                if total.requires_grad:
+                    total.backward()  # type: ignore[no-untyped-call]
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p in shadow.params.values():
+                p.grad = None
+        missing = [name for name in names if name not in delivered]
+        for name in missing:
+            hand_over(name, torch.zeros(shadow.params[name].shape, dtype=shadow.dtype))
+        if self.visits == 0:
+            if not total.requires_grad:
+                self.notes.append("J does not depend on any trainable parameter through autograd")
+            elif missing:
+                self.notes.append(
+                    "no gradient (.grad is None after backward), compared as zeros: "
+                    + ", ".join(missing)
+                )
+        self.visits += 1
+
+
+def _largest_entry(gradient: npt.NDArray[np.floating]) -> int:
+    """Flat index of the entry largest in magnitude (no temporary |gradient|)."""
+    if gradient.size == 0:
+        return 0
+    high, low = int(gradient.argmax()), int(gradient.argmin())
+    flat = gradient.reshape(-1)
+    return high if abs(flat[high]) >= abs(flat[low]) else low
 
 
 # --------------------------------------------------------------------------- batched evaluation
@@ -547,12 +625,11 @@ class _BatchedObjective:
     around ``functional_call``).
     """
 
-    def __init__(
-        self, objective: _Objective, grads: Mapping[str, npt.NDArray[np.floating]]
-    ) -> None:
+    def __init__(self, objective: _Objective, largest: Mapping[str, int]) -> None:
         self.objective = objective
         self._module = _JModule(objective)
-        self._grads = grads
+        self._largest = largest
+        """Flat index of each tensor's largest gradient entry, where the probe moves."""
         self.unavailable: str | None = None
         self.disagreeing: list[str] = []
         self.largest_chunk = 0
@@ -563,6 +640,9 @@ class _BatchedObjective:
 
     def __call__(self) -> float:
         return self.objective()
+
+    def restore_tensor(self, name: str) -> None:
+        self.objective.restore_tensor(name)
 
     def evaluate_batch(
         self, tensor: str, flat_indices: npt.NDArray[np.intp], values: npt.NDArray[np.floating]
@@ -625,7 +705,7 @@ class _BatchedObjective:
             return self._vmapped(tensor, flat_indices, values)
         self._probed.add(tensor)
         array = self.objective.shadow.arrays[tensor]
-        j = int(np.argmax(np.abs(self._grads[tensor]).reshape(-1)))
+        j = self._largest.get(tensor, 0)
         old = float(array.reshape(-1)[j])
         probe_index = np.array([j], dtype=np.intp)
         probe_value = np.array([old + 1e-3 * max(1.0, abs(old))], dtype=array.dtype)
@@ -864,20 +944,23 @@ def check_module(
         shadow = _Shadow(model, precision)
         all_notes.extend(shadow.freeze_padding_rows())
         objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+        grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]]
         if analytic == "recompute":
-            grads, grad_notes = objective.analytic()
+            grads = _ShadowGradients(objective)
+            largest: Mapping[str, int] = grads.largest
         else:
             grads, grad_notes = module_gradients(model, shadow.arrays_dtype())
+            largest = {name: _largest_entry(g) for name, g in grads.items()}
             all_notes.append(
                 "live: analytic gradient is the model's .grad (after accumulation and any "
                 "clipping done before this point), numeric gradient is of J on this batch"
             )
-        all_notes.extend(grad_notes)
+            all_notes.extend(grad_notes)
         all_notes.extend(_precision_notes(shadow, options))
         if optimizer is not None:
             all_notes.extend(weight_decay_notes(optimizer))
-        loss = _BatchedObjective(objective, grads) if batched else objective
-        with torch.no_grad():
+        loss = _BatchedObjective(objective, largest) if batched else objective
+        with torch.inference_mode():
             result = gradwatch.check(loss, shadow.arrays, grads, **options)
             stray = objective.stray_draws()
             if stray:  # drawn at some evaluations only: replay everything, one by one
@@ -890,6 +973,8 @@ def check_module(
             elif isinstance(loss, _BatchedObjective):
                 all_notes.extend(loss.notes())
         penalty_values = objective.penalty_values()
+    if isinstance(grads, _ShadowGradients):
+        all_notes.extend(grads.notes)
 
     if penalties:
         all_notes.append("penalties in J (both sides): " + ", ".join(penalty_values))

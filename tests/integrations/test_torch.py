@@ -278,6 +278,33 @@ def trained_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
+def test_analytic_gradient_is_handed_over_one_tensor_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shadow's backward gives each gradient to the check and drops it at once, so a
+    float64 copy of the whole gradient is never held (the memory target of a check)."""
+    from gradwatch.integrations import torch as integration
+
+    visit = integration._ShadowGradients.visit
+    held: list[int] = []
+
+    def counting_visit(self: Any, names: Any, consume: Any) -> None:
+        shadow_params = self.objective.shadow.params.values()
+
+        def count(name: str, gradient: np.ndarray) -> None:
+            held.append(sum(p.grad is not None for p in shadow_params))
+            consume(name, gradient)
+
+        visit(self, names, count)
+
+    monkeypatch.setattr(integration._ShadowGradients, "visit", counting_visit)
+    model = mlp(nn.Tanh())
+    result = check_module(model, cross_entropy, make_batch())
+    assert result.status == "ok"
+    assert len(held) == len(list(model.parameters()))
+    assert max(held) == 1
+
+
 def test_check_leaves_model_optimizer_and_every_rng_untouched() -> None:
     """Params, grads, BN buffers, optimizer state, modes and python/numpy/torch RNGs."""
     model, optimizer = trained_model()
