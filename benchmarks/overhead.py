@@ -17,8 +17,12 @@ Time is ``trainer.train()``'s wall time; overhead = median(variant) / median(bas
 plus the checks' own seconds as the report records them. Memory: the tiny model's
 float64 copy (8 bytes x ~18k parameters = 0.15 MB) is far below run-to-run RSS noise,
 so the peak-memory difference is also measured on a larger config (hidden 256, 4
-layers, ~3.4M parameters, a few steps with a check) where one float64 copy (~27 MB) is
-visible.
+layers, ~3.3M parameters, a few steps with a check) where one float64 copy (~25 MB) is
+visible. It is measured twice: with glibc's default allocator (freed memory may stay in
+the process) and with ``MALLOC_MMAP_THRESHOLD_=131072`` (every block above 128 KiB is
+returned when freed, so RSS follows live memory). The second run also measures the
+float64 activations of one forward + backward of the batch (what the check's analytic
+pass holds besides the shadow; it grows with the batch, not with the parameters).
 """
 
 from __future__ import annotations
@@ -84,7 +88,9 @@ def child(variant: str, steps: int, every: int, large: bool) -> dict[str, Any]:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         checks = [] if watch is None else watch.results
         plans = [] if watch is None else watch.watch.plans
+        activations_mb = float64_activations_mb(model, trainer) if large else 0.0
     return {
+        "activations_mb": activations_mb,
         "variant": variant,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -97,12 +103,51 @@ def child(variant: str, steps: int, every: int, large: bool) -> dict[str, Any]:
     }
 
 
-def run_child(variant: str, steps: int, every: int, large: bool) -> dict[str, Any]:
+def float64_activations_mb(model: Any, trainer: Any) -> float:
+    """Peak RSS above the start of one float64 forward + backward of a training batch.
+
+    Gradients are dropped as they arrive (as the check's analytic pass does), so what
+    remains is the activations autograd saves, in float64.
+    """
+    import copy
+    import threading
+
+    import torch
+
+    shadow = copy.deepcopy(model).to(torch.float64)
+    for p in shadow.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    batch = next(iter(trainer.get_train_dataloader()))
+    peak, start, done = [0], current_rss(), threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    shadow(**batch).loss.backward()
+    done.set()
+    sampler.join()
+    return (peak[0] - start) / 2**20
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_child(
+    variant: str, steps: int, every: int, large: bool, returning: bool = False
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.overhead", "--child", variant]
     command += ["--steps", str(steps), "--every", str(every)]
     if large:
         command.append("--large")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    if returning:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     line = done.stdout.strip().splitlines()[-1]
     return json.loads(line)  # type: ignore[no-any-return]
@@ -162,21 +207,32 @@ def memory_line(runs: dict[str, list[dict[str, Any]]], n_params: int) -> str:
 
 
 def memory_overhead(rounds: int) -> None:
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ("baseline", "default")}
-    for _ in range(rounds):
-        for variant in runs:
-            # 6 steps, a check at steps 0 and 5: the peak includes a check
-            result = run_child(variant, 6, 5, large=True)
-            runs[variant].append(result)
+    for returning in (False, True):
+        allocator = "MALLOC_MMAP_THRESHOLD_=131072" if returning else "default allocator"
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ("baseline", "default")}
+        for _ in range(rounds):
+            for variant in runs:
+                # 6 steps, a check at steps 0 and 5: the peak includes a check
+                result = run_child(variant, 6, 5, large=True, returning=returning)
+                runs[variant].append(result)
+                print(
+                    f"large {variant:8} ({allocator}) peak {result['peak_mb']:7.1f} MB  "
+                    f"(before train {result['rss_before_train_mb']:.1f} MB)  "
+                    f"checks {result['checks']}",
+                    flush=True,
+                )
+        n_params = runs["baseline"][0]["n_params"]
+        print(
+            f"\nlarger config, {n_params} parameters, {rounds} rounds, {allocator}: "
+            + memory_line(runs, n_params)
+        )
+        if returning:
+            activations = statistics.median(r["activations_mb"] for r in runs["baseline"])
             print(
-                f"large {variant:8} peak {result['peak_mb']:7.1f} MB  "
-                f"(before train {result['rss_before_train_mb']:.1f} MB)  checks {result['checks']}",
-                flush=True,
+                f"float64 activations of one forward + backward of the batch: "
+                f"{activations:.1f} MB = {activations / (8 * n_params / 2**20):.2f} x one "
+                "float64 copy"
             )
-    n_params = runs["baseline"][0]["n_params"]
-    print(
-        f"\nlarger config, {n_params} parameters, {rounds} rounds: " + memory_line(runs, n_params)
-    )
 
 
 def main() -> None:
