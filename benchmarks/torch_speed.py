@@ -11,6 +11,9 @@ measured side by side in one run, repeats interleaved, medians shown:
   right before and right after each check (so a busy machine slows both alike).
 * sequential ratio = ``check_module(..., batched=False)`` (full check: shadow copy,
   autograd pass, 2n + 2 evaluations, diagnosis of the 10 worst) / floor. Target <= 1.10.
+  The check evaluates J under ``torch.inference_mode`` (cheaper per op than no_grad),
+  so the ratio against a floor loop under ``inference_mode`` is shown too: that one
+  is what the check adds to the evaluations themselves.
 * batched speedup = floor / ``check_module(...)`` (the default: vmapped chunks).
 * textbook ratio = a textbook loop written with torch (a copy of the flat float64
   theta per component, rebuilt into a parameter dict, ``functional_call``, the
@@ -81,15 +84,18 @@ def float64_shadow(model: nn.Module, batch: Batch) -> tuple[nn.Module, Batch]:
     return copy.deepcopy(model).to(torch.float64), (x.to(torch.float64), y)
 
 
-def floor_seconds(model: nn.Module, batch: Batch, evaluations: int) -> float:
-    """Seconds for ``evaluations`` plain forward+loss calls on a float64 copy, under no_grad.
+def floor_seconds(
+    model: nn.Module, batch: Batch, evaluations: int, inference: bool = False
+) -> float:
+    """Seconds for ``evaluations`` plain forward+loss calls on a float64 copy, under no_grad
+    (or ``torch.inference_mode`` with ``inference``).
 
     Timed on up to FLOOR_CALLS_MAX calls and scaled, so a 50k model's floor does not
     take as long as its check.
     """
     shadow, batch64 = float64_shadow(model, batch)
     calls = min(evaluations, FLOOR_CALLS_MAX)
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
         started = CLOCK()
         for _ in range(calls):
             float(cross_entropy(shadow, batch64))
@@ -139,15 +145,18 @@ def measure(label: str, repeats: int) -> dict[str, float]:
     model, batch = mlp(HIDDEN[label]), make_batch()
     n = parameter_count(model)
     check_module(model, cross_entropy, batch, sample=min(n, 200))  # warm up vmap and caches
-    floors, sequentials, batcheds, textbooks = [], [], [], []
+    floors, inference_floors, sequentials, batcheds, textbooks = [], [], [], [], []
     for _ in range(max(repeats, -(-MIN_EVALUATIONS // (2 * n)))):
         before = floor_seconds(model, batch, 2 * n)
+        inference_before = floor_seconds(model, batch, 2 * n, inference=True)
         sequential_s, sequential = timed(
             lambda: check_module(model, cross_entropy, batch, batched=False, eps=1e-7)
         )
         batched_s, batched = timed(lambda: check_module(model, cross_entropy, batch, eps=1e-7))
+        inference_after = floor_seconds(model, batch, 2 * n, inference=True)
         after = floor_seconds(model, batch, 2 * n)
         floors.append((before + after) / 2)
+        inference_floors.append((inference_before + inference_after) / 2)
         sequentials.append(sequential_s)
         batcheds.append(batched_s)
         assert sequential.status == batched.status == "ok", (sequential.notes, batched.notes)
@@ -157,7 +166,9 @@ def measure(label: str, repeats: int) -> dict[str, float]:
             textbooks.append(textbook_s)
             assert abs(textbook_ratio - sequential.ratio) <= 1e-6 * sequential.ratio + 1e-12
     floor_ratios = [s / f for s, f in zip(sequentials, floors, strict=True)]
+    inference_ratios = [s / f for s, f in zip(sequentials, inference_floors, strict=True)]
     row = {
+        "inference_floor_ratio": statistics.median(inference_ratios),
         "n": float(n),
         "eval_us": statistics.median(floors) / (2 * n) * 1e6,
         "floor_ratio": statistics.median(floor_ratios),
@@ -171,6 +182,7 @@ def measure(label: str, repeats: int) -> dict[str, float]:
         f"{label:>4}  n={n:6d}  eval={row['eval_us']:6.1f} us  runs={len(floors):2d}  "
         f"sequential/floor={row['floor_ratio']:.3f} (quartiles {quartiles[0]:.2f}-"
         f"{quartiles[2]:.2f}, best/best {row['floor_ratio_best']:.3f})  "
+        f"sequential/inference-mode floor={row['inference_floor_ratio']:.3f}  "
         f"floor/batched={row['batched_speedup']:.2f}x"
     )
     if textbooks:

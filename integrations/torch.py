@@ -975,6 +975,10 @@ def check_module(
         penalty_values = objective.penalty_values()
     if isinstance(grads, _ShadowGradients):
         all_notes.extend(grads.notes)
+        all_notes.append(
+            f"analytic gradient: autograd on the shadow, {grads.visits} backward pass(es), "
+            "each tensor's gradient read as it arrives and dropped (never held whole)"
+        )
 
     if penalties:
         all_notes.append("penalties in J (both sides): " + ", ".join(penalty_values))
