@@ -7,12 +7,13 @@ in *recompute* mode: it never touches ``model``. It deep-copies the model into a
 the core's in-place perturbation of one component is what the shadow's next forward
 sees. The analytic gradient is autograd on the shadow, streamed to the check one
 tensor at a time (`_ShadowGradients`), and moved tensors are restored from the
-model's own values: the shadow is the only copy of the parameters a check holds. Every evaluation of J (and
-the analytic pass) starts from the same forked state of the generators J draws from,
-so dropout draws the same mask every time; afterwards every global RNG (python,
-numpy, torch, CUDA) and torch's default dtype are put back as they were. Where J can
-be vmapped (no randomness, no BatchNorm in train mode), the perturbations of each
-tensor are evaluated in chunks with ``torch.func.vmap`` instead of one forward each.
+model's own values: the shadow is the only copy of the parameters a check holds.
+Every evaluation of J (and the analytic pass) starts from the same forked state of
+the generators J draws from, so dropout draws the same mask every time; afterwards
+every global RNG (python, numpy, torch, CUDA) and torch's default dtype are put
+back as they were. Where J can be vmapped (no randomness, no BatchNorm in train
+mode), the perturbations of each tensor are evaluated in chunks with
+``torch.func.vmap`` instead of one forward each.
 The model's parameters, ``.grad``, buffers (BatchNorm running stats), train/eval
 mode and the optimizer are never written to, so training continues bit for bit as
 if no check had run.
@@ -496,10 +497,16 @@ class _Objective:
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 return float(value)
         self.shadow.sync()
+        if self.replay is None:
+            # The first forward of the shadow runs outside inference mode: a tensor the
+            # model builds and keeps on it (a rotary table, a mask) must stay usable by
+            # the autograd passes that follow.
+            with torch.inference_mode(False), torch.no_grad():
+                return float(self.total())
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return float(self.total())
-        return float(self.total())  # the hot path: check_module runs the check under no_grad
+        return float(self.total())  # check_module runs the check under inference_mode
 
     def restore_tensor(self, name: str) -> None:
         """The core's exact restore of a moved tensor (see `_Shadow.restore_tensor`)."""

@@ -305,6 +305,29 @@ def test_analytic_gradient_is_handed_over_one_tensor_at_a_time(
     assert max(held) == 1
 
 
+class CachesOnFirstForward(nn.Module):
+    """Builds a scale table on its first forward and keeps it, as rotary embeddings do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(5, 3)
+        self.table: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.linspace(0.5, 1.5, 3)
+        return self.linear(x) * self.table
+
+
+@pytest.mark.parametrize("sample", [None, "auto", "directional"])
+def test_a_tensor_cached_on_the_first_forward_works_in_the_autograd_pass(sample: Any) -> None:
+    """Evaluations run under inference_mode, but not the shadow's first forward: a cached
+    tensor built there is used by the backward passes that follow without an error."""
+    result = check_module(CachesOnFirstForward(), cross_entropy, make_batch(), sample=sample)
+    assert result.status == "ok"
+
+
 def test_check_leaves_model_optimizer_and_every_rng_untouched() -> None:
     """Params, grads, BN buffers, optimizer state, modes and python/numpy/torch RNGs."""
     model, optimizer = trained_model()
