@@ -31,6 +31,7 @@ import structlog
 
 from gradwatch.check import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
 from gradwatch.errors import GradientCheckError, OptionError, ReportError
+from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
     Alert,
@@ -456,7 +457,7 @@ class GradWatch:
         *,
         loss: Callable[[], object],
         params: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
-        grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+        grads: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating] | GradientSource,
         regularization: Iterable[RegularizationTerm] = (),
     ) -> CheckResult | None:
         """The plain-loop hook: call after backward, before the optimizer update.
@@ -466,7 +467,7 @@ class GradWatch:
             loss: zero-argument callable returning J at the current `params` (data loss;
                 penalties the backward adds go in `regularization`).
             params: the named parameter arrays (perturbed in place and restored).
-            grads: the backprop gradient, same keys and shapes.
+            grads: the backprop gradient, same keys and shapes (or a `GradientSource`).
             regularization: terms such as ``gradwatch.L2(lambd, m, tensors=[...])``.
 
         Returns:
