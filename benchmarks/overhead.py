@@ -39,6 +39,8 @@ import time
 from typing import Any
 
 VARIANTS = ("baseline", "default", "budget")
+MEMORY_VARIANTS = ("baseline", "default", "native")
+"""``native``: ``GradWatch(every=5, precision="native")``, the shadow in the model's dtype."""
 
 
 def child(variant: str, steps: int, every: int, large: bool) -> dict[str, Any]:
@@ -76,6 +78,8 @@ def child(variant: str, steps: int, every: int, large: bool) -> dict[str, Any]:
         watch = None
         if variant == "default":
             watch = GradWatch(every=every)
+        elif variant == "native":
+            watch = GradWatch(every=every, precision="native")
         elif variant == "budget":
             watch = GradWatch(every=every, budget=0.01)
         if watch is not None:
@@ -196,7 +200,7 @@ def memory_line(runs: dict[str, list[dict[str, Any]]], n_params: int) -> str:
     base = statistics.median(r["peak_mb"] for r in runs["baseline"])
     copy_mb = 8 * n_params / 2**20
     parts = [f"baseline {base:.1f} MB"]
-    for variant in VARIANTS[1:]:
+    for variant in [v for v in runs if v != "baseline"]:
         if runs.get(variant):
             peak = statistics.median(r["peak_mb"] for r in runs[variant])
             parts.append(
@@ -209,7 +213,7 @@ def memory_line(runs: dict[str, list[dict[str, Any]]], n_params: int) -> str:
 def memory_overhead(rounds: int) -> None:
     for returning in (False, True):
         allocator = "MALLOC_MMAP_THRESHOLD_=131072" if returning else "default allocator"
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ("baseline", "default")}
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in MEMORY_VARIANTS}
         for _ in range(rounds):
             for variant in runs:
                 # 6 steps, a check at steps 0 and 5: the peak includes a check
@@ -237,7 +241,9 @@ def memory_overhead(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=sorted({*VARIANTS, *MEMORY_VARIANTS}), help=argparse.SUPPRESS
+    )
     parser.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=500)

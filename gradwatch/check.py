@@ -71,6 +71,13 @@ SCREEN_DIRECTIONS = 2
 """Joint random directions ``sample="auto"`` screens a large model with (2 evaluations each);
 only when they disagree by ``warn`` or more is each tensor checked on its own."""
 
+NOISE_UNITS = 4.0
+"""A derivative along a direction is resolved only to about eps_J |J| / h (the roundoff
+of J over the step). Directional denominators are floored at NOISE_UNITS times that over
+``warn``, so an error within a few roundoff units stays below ``warn`` whatever the dtype
+(float64: a floor near 1e-5 |J|; float32: near 1e-1 |J|, where a per-tensor direction
+cannot resolve more)."""
+
 _STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
 
 
@@ -224,7 +231,7 @@ def check(
         sample = None
     screen: tuple[float, int] | None = None
     if sample == "auto":
-        screen_ratio = _screen(objective, tensors, base_step, seed)
+        screen_ratio = _screen(objective, tensors, base_step, seed, abs(loss0) / warn)
         notes.append(
             f"screened along {SCREEN_DIRECTIONS} random directions over all tensors, each "
             f"tensor weighted to count equally: ratio {screen_ratio:.3g}"
@@ -247,7 +254,7 @@ def check(
             for name in tensors.names
         }
     elif _is_directional(sample):
-        comparison = _directional(objective, tensors, base_step, seed)
+        comparison = _directional(objective, tensors, base_step, seed, abs(loss0) / warn)
         checked, mode = comparison.checked, comparison.mode
         worst = comparison.worst_components(tensors, top_k)
         notes.append("directional: one random unit direction per tensor, 2 evaluations each")
@@ -385,6 +392,8 @@ class _Comparison:
     minus: F64
     gradient_scale: float
     """||numeric|| + ||analytic|| over the whole comparison, for the near-zero floor."""
+    resolution: F64 | None = None
+    """Per component, the smallest denominator its roundoff allows (directional only)."""
     included: npt.NDArray[np.bool_] = field(init=False)
     position: dict[str, int] = field(default_factory=dict)
     """Position of each component that ``worst_components`` returned, by name."""
@@ -414,6 +423,8 @@ class _Comparison:
             error = float(np.linalg.norm(numeric - analytic))
             scale = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
             floor = NEAR_ZERO_FLOOR * self.gradient_scale * self._floor_weight(tensors, name)
+            if self.resolution is not None:
+                floor = max(floor, float(np.max(self.resolution[members], initial=0.0)))
             denominator = max(scale, floor)
             ratio = error / denominator if denominator > 0 else 0.0
             results[name] = TensorResult(
@@ -654,14 +665,21 @@ def _directional(
     tensors: NamedTensors,
     base_step: float,
     seed: int,
+    loss_over_warn: float,
 ) -> _Comparison:
-    """One random unit direction v per tensor: (J(theta + h v) - J(theta - h v)) / 2h vs g . v."""
+    """One random unit direction v per tensor: (J(theta + h v) - J(theta - h v)) / 2h vs g . v.
+
+    ``loss_over_warn`` is |J| / warn, for the roundoff floor of each denominator
+    (NOISE_UNITS).
+    """
     names = tensors.names
     directions = [
         _Direction({tensor: 1.0}, [seed, 1, position], f"{tensor} +- h v")
         for position, tensor in enumerate(names)
     ]
-    numeric_array, analytic_array = _along_directions(objective, tensors, directions, base_step)
+    numeric_array, analytic_array, steps = _along_directions(
+        objective, tensors, directions, base_step
+    )
     # A projection onto one random unit direction has about 1/sqrt(size) of the norm;
     # rescale so the floor compares like with like.
     sizes = np.array([tensors.params[t].size for t in names], dtype=np.float64)
@@ -678,15 +696,23 @@ def _directional(
         plus=np.zeros(len(names)),
         minus=np.zeros(len(names)),
         gradient_scale=scale,
+        resolution=NOISE_UNITS * objective.roundoff * loss_over_warn / steps,
     )
 
 
-def _screen(objective: _Objective, tensors: NamedTensors, base_step: float, seed: int) -> float:
+def _screen(
+    objective: _Objective,
+    tensors: NamedTensors,
+    base_step: float,
+    seed: int,
+    loss_over_warn: float,
+) -> float:
     """The ratio along a few random directions that move every tensor at once.
 
     Each tensor's block of the direction is scaled by sqrt(size) / ||g_t|| (floored at
     NEAR_ZERO_FLOOR * ||g||), so every tensor adds about the same to g . v and a
-    relative error in any one of them shows, at 2 evaluations per direction.
+    relative error in any one of them shows, at 2 evaluations per direction. The
+    denominator is floored at the roundoff resolution (NOISE_UNITS).
     """
     norms: dict[str, float] = {}
 
@@ -703,8 +729,9 @@ def _screen(objective: _Objective, tensors: NamedTensors, base_step: float, seed
         _Direction(weights, [seed, 2, draw], "all tensors +- h v")
         for draw in range(SCREEN_DIRECTIONS)
     ]
-    numeric, analytic = _along_directions(objective, tensors, directions, base_step)
-    return _ratio(numeric, analytic)
+    numeric, analytic, steps = _along_directions(objective, tensors, directions, base_step)
+    resolution = NOISE_UNITS * objective.roundoff * loss_over_warn / float(np.min(steps))
+    return _ratio(numeric, analytic, floor=resolution)
 
 
 def _along_directions(
@@ -712,8 +739,9 @@ def _along_directions(
     tensors: NamedTensors,
     directions: list[_Direction],
     base_step: float,
-) -> tuple[F64, F64]:
-    """Numeric and analytic derivatives of J along each direction, 2 evaluations each.
+) -> tuple[F64, F64, F64]:
+    """Numeric and analytic derivatives of J along each direction (2 evaluations each), and
+    the step h taken along each.
 
     The analytic side is g . (theta_+ - theta_-) / 2h with theta_+- as realized in the
     arrays' dtype (so float32 rounding of theta +- h v is not mistaken for an error),
@@ -752,7 +780,7 @@ def _along_directions(
             for direction, h in zip(directions, steps, strict=True)
         ]
     )
-    return numeric, analytic / (2 * steps)
+    return numeric, analytic / (2 * steps), steps
 
 
 def _numeric_along(
@@ -1041,9 +1069,9 @@ def _coarsest_dtype(tensors: NamedTensors) -> np.dtype[np.floating]:
     return max((tensors.params[n].dtype for n in tensors.names), key=lambda d: np.finfo(d).eps)
 
 
-def _ratio(numeric: F64, analytic: F64) -> float:
+def _ratio(numeric: F64, analytic: F64, floor: float = 0.0) -> float:
     difference = float(np.linalg.norm(numeric - analytic))
-    denominator = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
+    denominator = max(float(np.linalg.norm(numeric) + np.linalg.norm(analytic)), floor)
     return difference / denominator if denominator > 0 else 0.0
 
 

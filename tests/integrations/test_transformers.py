@@ -146,3 +146,29 @@ def test_example_with_planted_bug_alerts_on_the_head(tmp_path: Path, capsys: Any
     assert report.checks[0].tensors["classifier.bias"].status == "fail"
     assert hf_trainer.main(["--steps", "1", "--report-dir", str(tmp_path / "ok")]) == 0
     assert "ALERT" not in capsys.readouterr().out
+
+
+def bert_batch() -> dict[str, Any]:
+    data = hf_trainer.SyntheticTokens(size=8)
+    return {key: torch.stack([data[i][key] for i in range(8)]) for key in data[0]}
+
+
+def bert_loss(model: Any, batch: dict[str, Any]) -> Any:
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("sample", ["directional", "auto"])
+def test_native_float32_directions_judge_errors_against_roundoff(sample: str) -> None:
+    """In float32 a direction resolves J only to about eps |J| / h: the correct BERT (dropout
+    on) is quiet in native precision, and the planted head bug still fails on its tensor."""
+    from gradwatch.integrations.torch import check_module
+
+    clean = check_module(
+        hf_trainer.build_model(), bert_loss, bert_batch(), precision="native", sample=sample
+    )
+    assert clean.status == "ok", {n: t.ratio for n, t in clean.tensors.items() if t.status != "ok"}
+    buggy = check_module(
+        hf_trainer.build_model(bug=True), bert_loss, bert_batch(), precision="native", sample=sample
+    )
+    assert buggy.status == "fail"
+    assert "classifier.bias" in {n for n, t in buggy.tensors.items() if t.status == "fail"}
