@@ -363,6 +363,8 @@ def _floating_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+    if tensor.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True))
+        tensor = tensor.to_dense()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return tensor.detach().cpu().numpy()

@@ -328,6 +328,24 @@ def test_a_tensor_cached_on_the_first_forward_works_in_the_autograd_pass(sample:
     assert result.status == "ok"
 
 
+@pytest.mark.parametrize("analytic", ["recompute", "live"])
+def test_sparse_embedding_gradients_are_compared_like_dense_ones(analytic: str) -> None:
+    """nn.Embedding(sparse=True) gives sparse .grad tensors; they are densified, not an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    tokens = torch.randint(0, 10, (5, 3))
+
+    def loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x).square().mean()
+
+    loss(model, tokens).backward()  # type: ignore[no-untyped-call]
+    assert model[0].weight.grad is not None and model[0].weight.grad.is_sparse
+    result = check_module(model, loss, tokens, analytic=analytic)  # type: ignore[arg-type]
+    assert result.status == "ok"
+    # live compares with the model's float32 .grad: float32 roundoff, not float64's
+    assert result.ratio < (1e-8 if analytic == "recompute" else 1e-6)
+
+
 def test_check_leaves_model_optimizer_and_every_rng_untouched() -> None:
     """Params, grads, BN buffers, optimizer state, modes and python/numpy/torch RNGs."""
     model, optimizer = trained_model()
