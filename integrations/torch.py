@@ -515,6 +515,10 @@ class _Objective:
         self.shadow.restore_tensor(name)
 
 
+class _AccumulatedInParts(Exception):
+    """A parameter's gradient arrived in several accumulations (reentrant checkpointing)."""
+
+
 class _ShadowGradients:
     """The autograd gradient of J on the shadow, as a `gradwatch.params.GradientSource`.
 
@@ -523,12 +527,20 @@ class _ShadowGradients:
     accumulated it, then drops it. So the whole float64 gradient is never held: the
     check keeps norms, projections and the components it compares. The first visit's
     findings (missing gradients, J not depending on the parameters) become notes.
+
+    Where a gradient arrives in parts (a parameter used in two reentrant checkpoint
+    segments is accumulated once per segment) the hook raises `_AccumulatedInParts`
+    and ``check_module`` checks again with ``hold=True``: every gradient is kept
+    until the backward pass ends, as one float64 copy.
     """
 
-    def __init__(self, objective: _Objective) -> None:
+    def __init__(
+        self, objective: _Objective, hold: bool = False, largest: dict[str, int] | None = None
+    ) -> None:
         self.objective = objective
+        self.hold = hold
         self.notes: list[str] = []
-        self.largest: dict[str, int] = {}
+        self.largest: dict[str, int] = {} if largest is None else largest
         """Flat index of each visited tensor's largest gradient entry (the batched probe)."""
         self.visits = 0
 
@@ -548,22 +560,31 @@ class _ShadowGradients:
 
         def make_hook(name: str) -> Callable[[torch.Tensor], None]:
             def hook(parameter: torch.Tensor) -> None:
+                if name in delivered:
+                    raise _AccumulatedInParts(name)
                 if parameter.grad is not None and name in wanted:
                     hand_over(name, parameter.grad)
                 parameter.grad = None  # freed now, not after the whole backward
 
             return hook
 
-        handles = [
-            p.register_post_accumulate_grad_hook(make_hook(name))  # type: ignore[no-untyped-call]
-            for name, p in shadow.params.items()
-        ]
+        handles = []
+        if not self.hold:
+            handles = [
+                p.register_post_accumulate_grad_hook(make_hook(name))  # type: ignore[no-untyped-call]
+                for name, p in shadow.params.items()
+            ]
         try:
             shadow.sync()
             with torch.inference_mode(False), torch.enable_grad():
                 total = self.objective.total()
                 if total.requires_grad:
                     total.backward()  # type: ignore[no-untyped-call]
+            if self.hold:
+                for name in names:
+                    gradient = shadow.params[name].grad
+                    if gradient is not None:
+                        hand_over(name, gradient)
         finally:
             for handle in handles:
                 handle.remove()
@@ -970,7 +991,16 @@ def check_module(
             all_notes.extend(weight_decay_notes(optimizer))
         loss = _BatchedObjective(objective, largest) if batched else objective
         with torch.inference_mode():
-            result = gradwatch.check(loss, shadow.arrays, grads, **options)
+            try:
+                result = gradwatch.check(loss, shadow.arrays, grads, **options)
+            except _AccumulatedInParts as parts:
+                assert isinstance(grads, _ShadowGradients)
+                grads = _ShadowGradients(objective, hold=True, largest=grads.largest)
+                result = gradwatch.check(loss, shadow.arrays, grads, **options)
+                all_notes.append(
+                    f"the gradient of {parts} arrived in parts (reentrant checkpointing?): "
+                    "checked again holding the whole gradient until each backward pass ends"
+                )
             stray = objective.stray_draws()
             if stray:  # drawn at some evaluations only: replay everything, one by one
                 objective.replay = frozenset(GENERATORS)
@@ -984,9 +1014,13 @@ def check_module(
         penalty_values = objective.penalty_values()
     if isinstance(grads, _ShadowGradients):
         all_notes.extend(grads.notes)
+        kept = (
+            "the whole gradient held until each pass ends"
+            if grads.hold
+            else "each tensor's gradient read as it arrives and dropped (never held whole)"
+        )
         all_notes.append(
-            f"analytic gradient: autograd on the shadow, {grads.visits} backward pass(es), "
-            "each tensor's gradient read as it arrives and dropped (never held whole)"
+            f"analytic gradient: autograd on the shadow, {grads.visits} backward pass(es), {kept}"
         )
 
     if penalties:
