@@ -4,23 +4,34 @@ A plain training loop calls `GradWatch.after_backward` after backward and before
 update. Framework integrations reuse the same core in three calls::
 
     if watch.due(step):                               # schedule (and time budget)
-        result = my_check(..., **watch.check_options())
-        watch.record(result, step)                    # report, log event, alert
+        watch.run_check(                              # time, record, log, alert
+            step,
+            lambda: my_check(..., **watch.check_options()),  # the options for this step
+            source="my_integration",
+        )
 
 and configure it with `GradWatch.set_context` / `GradWatch.note` (what the report should
 say about the run), `GradWatch.open` (a report directory known only at train begin) and
 ``write=False`` (ranks other than 0 write no files).
+
+A check never kills training (DESIGN.md §10): `GradWatch.run_check` records an exception
+inside the check as a check with status ``"error"`` and returns (unless
+``on_error="raise"``), and reporting trouble (full disk, read-only directory) is logged,
+never raised, with every check kept in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -45,16 +56,24 @@ from gradwatch.report import (
 )
 from gradwatch.result import CheckResult
 
-__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "Sample"]
+__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample"]
 
 Sample = int | float | Literal["auto", "directional"] | None
 OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
+OnError = Literal["record", "raise"]
 ReportDir = str | os.PathLike[str] | None
 
 LOGGER_NAME = "gradwatch"
 CHECK_EVENT = "gradient_check"
 ALERT_EVENT = "gradient_alert"
 SKIP_EVENT = "gradient_check_skipped"
+CHECK_ERROR_EVENT = "gradient_check_error"
+REPORT_WRITE_FAILED_EVENT = "report_write_failed"
+REPORT_INCOMPLETE_EVENT = "report_incomplete"
+
+MAX_ERROR_CHARS = 2000
+"""Longest exception text a report keeps: a message quoting a whole tensor would bloat
+every report line; the ``gradient_check_error`` log event carries the full traceback."""
 
 MIN_SAMPLED_SHARE = 0.25
 """A budget-sized component sample is used only when it covers at least this share of
@@ -87,6 +106,14 @@ class GradWatch:
         on_alert: "log" (an error-level ``gradient_alert`` event), "raise" (raise
             `GradientCheckError` after the check is written and logged), or a callable
             receiving the failing `CheckResult`. The error event is logged in every case.
+        on_error: what an exception inside a due check does (a failing kernel, an
+            out-of-memory error, a loss that raises, params that do not match grads).
+            "record" (default): the check is recorded with status ``"error"`` (step,
+            message, the part of gradwatch that raised), an error-level
+            ``gradient_check_error`` event is logged, and training goes on. "raise": the
+            same, then the original exception is raised again. Bad options still raise
+            at construction; `GradientCheckError`, ``KeyboardInterrupt`` and
+            ``SystemExit`` always propagate.
         budget: the largest share of training time (in (0, 1]) checks may take; None: no
             limit. The watch keeps an account: the allowance at a due step is ``budget``
             times the training time so far (wall time since the first `due` call, minus
@@ -131,11 +158,14 @@ class GradWatch:
         seed: int = 0,
         report_dir: ReportDir = "gradwatch",
         on_alert: OnAlert = "log",
+        on_error: OnError = "record",
         budget: float | None = None,
         write: bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         _validate(every, sample, eps, threshold, warn, top_k, seed, on_alert, budget)
+        if on_error not in ("record", "raise"):
+            raise OptionError(f'on_error: expected "record" or "raise", received {on_error!r}')
         self.every = every
         self.sample = sample
         self.eps = eps
@@ -144,12 +174,17 @@ class GradWatch:
         self.top_k = top_k
         self.seed = seed
         self.on_alert = on_alert
+        self.on_error: OnError = on_error
         self.budget = None if budget is None else float(budget)
         self._write = bool(write)
         self._requested_dir: Path | None = None if report_dir is None else Path(report_dir)
         self._writer: ReportWriter | None = None
         self._closed = False
         self._results: list[CheckResult] = []
+        self._unwritten: deque[CheckResult] = deque()
+        """Recorded checks not yet in ``checks.jsonl`` (deferred directory, full disk)."""
+        self._write_failures: dict[tuple[str, str], int] = {}
+        """Failed report writes by (file name, error kind); each kind is logged once."""
         self._plans: list[BudgetPlan] = []
         self._started: float | None = None
         self._check_seconds = 0.0
@@ -172,6 +207,7 @@ class GradWatch:
                 top_k=top_k,
                 seed=seed,
                 on_alert=_describe(on_alert),
+                on_error=on_error,
                 budget=self.budget,
             ),
             environment=current_environment(),
@@ -258,10 +294,9 @@ class GradWatch:
                 "report_dir: expected a directory (given to GradWatch or to open), received None"
             )
         self._requested_dir = directory
-        writer = ReportWriter(directory, self._summary)
-        for result in self._results:  # checks recorded before the directory was known
-            writer.append_line(result)
-        self._writer = writer
+        self._writer = ReportWriter(directory, self._summary)
+        self._unwritten = deque(self._results)  # checks recorded before the directory was known
+        self._write_report()
 
     def set_context(self, **info: Any) -> None:
         """Add run information to ``report.json``'s configuration (``context``).
@@ -325,9 +360,7 @@ class GradWatch:
         Raises:
             OptionError: `step` is not an int >= 0.
         """
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise OptionError(f"step: expected an int >= 0, received {step!r}")
-        step = int(step)
+        step = _checked_step(step)
         now = self._clock()
         if self._started is None:
             self._started = now
@@ -471,23 +504,92 @@ class GradWatch:
             regularization: terms such as ``gradwatch.L2(lambd, m, tensors=[...])``.
 
         Returns:
-            The recorded `CheckResult`, or None when no check is due.
+            The recorded `CheckResult` (status ``"error"`` when the check raised, see
+            `run_check`), or None when no check is due.
 
         Raises:
             GradientCheckError: the check failed and ``on_alert="raise"``.
+            Exception: the check raised and ``on_error="raise"`` (after recording it).
         """
         if not self.due(step):
             return None
         from gradwatch.check import check
 
+        options = self.check_options()
+        return self.run_check(
+            step,
+            lambda: check(loss, params, grads, regularization=regularization, **options),
+            source="gradwatch.check",
+        )
+
+    def run_check(
+        self, step: int, compute: Callable[[], CheckResult], *, source: str
+    ) -> CheckResult:
+        """Run one due check, time it and record it; an exception inside becomes a result.
+
+        The seam every caller of a check goes through (`after_backward`, the framework
+        integrations): call it once `due` returned True for `step`, with `compute`
+        running the check (typically with `check_options`). `compute` is timed with the
+        watch's clock (that time is what the `budget` charges) and its result passed to
+        `record`. When `compute` raises an ``Exception``, a result with
+        ``status="error"`` is recorded instead (``error``: ``"Type: message"`` plus any
+        ``add_note`` notes; ``error_source``: `source`; ratio NaN, no tensors or
+        components, ``loss_evals=0``), an error-level ``gradient_check_error`` event is
+        logged with the traceback, and that result is returned; with
+        ``on_error="raise"`` the original exception is raised again after recording.
+        `GradientCheckError`, ``KeyboardInterrupt`` and ``SystemExit`` propagate
+        unrecorded. Restoring the training state is `compute`'s job (as `gradwatch.check`
+        restores ``params``).
+
+        Args:
+            step: the due step (updates completed before this one).
+            compute: runs the check; zero arguments, returns its `CheckResult`.
+            source: the part of gradwatch `compute` runs, shown with an error, e.g.
+                ``"gradwatch.check"`` or ``"gradwatch.integrations.torch (float64 copy)"``.
+
+        Returns:
+            The recorded (stamped) `CheckResult`; status ``"error"`` when `compute` raised.
+
+        Raises:
+            GradientCheckError: the check failed and ``on_alert="raise"``.
+            Exception: whatever `compute` raised, when ``on_error="raise"``.
+            ReportError: the watch is closed (`compute` is not called).
+            OptionError: `step` is not an int >= 0 (`compute` is not called).
+
+        Example:
+            >>> import gradwatch
+            >>> def broken_check() -> gradwatch.CheckResult:
+            ...     raise RuntimeError("mixed dtype (CPU)")
+            >>> watch = gradwatch.GradWatch(every=1, report_dir=None)
+            >>> result = watch.run_check(0, broken_check, source="my_integration")
+            >>> result.status, result.error, result.error_source
+            ('error', 'RuntimeError: mixed dtype (CPU)', 'my_integration')
+        """
+        self._refuse_when_closed(step)
+        step = _checked_step(step)
         started = self._clock()
-        result = check(loss, params, grads, regularization=regularization, **self.check_options())
+        try:
+            result = compute()
+        except GradientCheckError:
+            raise
+        except Exception as error:
+            failed = _error_result(error, source, self._clock() - started, self)
+            recorded = self._record(failed, step, seconds=None, exception=error)
+            if self.on_error == "raise":
+                raise
+            return recorded
         return self.record(result, step, seconds=self._clock() - started)
 
     def record(
         self, result: CheckResult, step: int, *, seconds: float | None = None
     ) -> CheckResult:
-        """Stamp `step` on `result`, write it to the report, log it and fire the alert.
+        """Stamp `step` on `result`, log it, write it to the report and fire the alert.
+
+        The order keeps both promises of DESIGN.md §10: the report is written before
+        the alert is delivered (so ``on_alert="raise"`` leaves the failing check on
+        disk), and writing never raises (trouble is logged as ``report_write_failed``
+        once per kind; the check stays in `results` and is appended once writing works
+        again), so every alert reaches ``on_alert``.
 
         Args:
             result: a check's outcome (from `gradwatch.check` or an integration).
@@ -500,14 +602,26 @@ class GradWatch:
 
         Raises:
             GradientCheckError: the check failed and ``on_alert="raise"``.
-            ReportError: the watch is closed or the report cannot be written.
+            ReportError: the watch is closed.
         """
+        return self._record(result, step, seconds=seconds, exception=None)
+
+    def _refuse_when_closed(self, step: object) -> None:
         if self._closed:
             raise ReportError(
                 f"expected an open GradWatch, received one that is closed (step {step})"
             )
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise OptionError(f"step: expected an int >= 0, received {step!r}")
+
+    def _record(
+        self,
+        result: CheckResult,
+        step: int,
+        *,
+        seconds: float | None,
+        exception: BaseException | None,
+    ) -> CheckResult:
+        self._refuse_when_closed(step)
+        step = _checked_step(step)
         recording_started = self._clock()
         update: dict[str, Any] = {"step": int(step)}
         plan = self._pending
@@ -519,29 +633,52 @@ class GradWatch:
         cost = stamped.seconds if seconds is None else seconds
         self._check_seconds += cost
         self._costs.append((stamped.loss_evals, cost))
-        if self._shape is None or self._shape[0] != stamped.size:
-            self._shape = (stamped.size, max(len(stamped.tensors), 1))
-        configuration = self._summary.configuration
-        configuration.eps_policy = stamped.eps_policy
-        configuration.dtype = stamped.dtype
-        for name in stamped.regularization:
-            if name not in configuration.regularization:
-                configuration.regularization.append(name)
+        if stamped.status != "error":  # an error result says nothing about theta or J
+            self._learn_from(stamped)
         self._summary.series.append(step_record(stamped))
+        self._log_check(stamped, exception)
         alert = alert_for(stamped)
         if alert is not None:
             self._summary.alerts.append(alert)
+            self._log_alert(alert)
         if self._writer is not None:
-            self._writer.append_line(stamped)
-            self._writer.write_summary()
-        self._log_check(stamped)
+            self._unwritten.append(stamped)
+            self._write_report()
         # Writing the report is part of what checks cost the training loop.
         self._check_seconds += self._clock() - recording_started
         if alert is not None:
-            self._fire(stamped, alert)
+            self._deliver(stamped, alert)
         return stamped
 
-    def _log_check(self, result: CheckResult) -> None:
+    def _learn_from(self, result: CheckResult) -> None:
+        """Theta's shape for the budget and J's setup for the report configuration."""
+        if self._shape is None or self._shape[0] != result.size:
+            self._shape = (result.size, max(len(result.tensors), 1))
+        configuration = self._summary.configuration
+        configuration.eps_policy = result.eps_policy
+        configuration.dtype = result.dtype
+        for name in result.regularization:
+            if name not in configuration.regularization:
+                configuration.regularization.append(name)
+
+    def _log_check(self, result: CheckResult, exception: BaseException | None) -> None:
+        if result.status == "error":
+            with_traceback = {} if exception is None else {"exc_info": exception}
+            self._log.event(
+                logging.ERROR,
+                CHECK_ERROR_EVENT,
+                step=result.step,
+                status=result.status,
+                error=result.error,
+                source=result.error_source,
+                on_error=self.on_error,
+                seconds=round(result.seconds, 6),
+                detail="the check could not run; recorded as an error check"
+                + ("" if self.on_error == "raise" else ", training goes on"),
+                report_dir=str(self.report_dir) if self.report_dir else None,
+                **with_traceback,
+            )
+            return
         worst = result.worst[0] if result.worst else None
         self._log.event(
             _LEVELS.get(result.status, logging.WARNING),
@@ -557,7 +694,7 @@ class GradWatch:
             worst_tensor=worst.tensor if worst else None,
         )
 
-    def _fire(self, result: CheckResult, alert: Alert) -> None:
+    def _log_alert(self, alert: Alert) -> None:
         self._log.event(
             logging.ERROR,
             ALERT_EVENT,
@@ -570,6 +707,8 @@ class GradWatch:
             detail=alert.message,
             report_dir=str(self.report_dir) if self.report_dir else None,
         )
+
+    def _deliver(self, result: CheckResult, alert: Alert) -> None:
         if self.on_alert == "raise":
             raise GradientCheckError(alert.message, result)
         if callable(self.on_alert):
@@ -578,12 +717,31 @@ class GradWatch:
     # -- closing -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish the report (``report.json`` marked closed). Idempotent."""
+        """Finish the report (``report.json`` marked closed). Idempotent; never raises OSError.
+
+        Checks that could not be written earlier get a last try; when the report stays
+        incomplete, an error-level ``report_incomplete`` event says what is missing (the
+        checks are all in `results`).
+        """
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
+        writer = self._writer
+        if writer is None:
+            return
+        self._append_unwritten(writer)
+        closed = self._try_write(writer.summary_path, writer.close)
+        if self._unwritten or not closed:
+            self._log.event(
+                logging.ERROR,
+                REPORT_INCOMPLETE_EVENT,
+                report_dir=str(writer.directory),
+                unwritten_checks=len(self._unwritten),
+                unwritten_steps=[result.step for result in self._unwritten][:20],
+                summary_written=closed,
+                failures={f"{name} {kind}": n for (name, kind), n in self._write_failures.items()},
+                detail="every check is in watch.results; the files on disk miss what is listed",
+            )
 
     def __enter__(self) -> Self:
         return self
@@ -598,7 +756,45 @@ class GradWatch:
 
     def _flush_summary(self) -> None:
         if self._writer is not None and not self._writer.closed:
-            self._writer.write_summary()
+            self._try_write(self._writer.summary_path, self._writer.write_summary)
+
+    # -- writing the report (never raises: DESIGN.md §10) ---------------------------------
+
+    def _write_report(self) -> None:
+        """Append the checks missing from ``checks.jsonl`` in order; replace ``report.json``."""
+        writer = self._writer
+        if writer is None or writer.closed:
+            return
+        self._append_unwritten(writer)
+        self._try_write(writer.summary_path, writer.write_summary)
+
+    def _append_unwritten(self, writer: ReportWriter) -> None:
+        while self._unwritten and not writer.closed:
+            oldest = self._unwritten[0]
+            if not self._try_write(writer.checks_path, partial(writer.append_line, oldest)):
+                return  # keep the order: later checks wait until this one is written
+            self._unwritten.popleft()
+
+    def _try_write(self, path: Path, write: Callable[[], None]) -> bool:
+        """Run `write`; on failure log ``report_write_failed`` (once per kind) and return False."""
+        try:
+            write()
+        except Exception as error:  # reporting trouble never kills training (DESIGN.md §10)
+            kind = _error_kind(error)
+            count = self._write_failures.get((path.name, kind), 0)
+            self._write_failures[(path.name, kind)] = count + 1
+            if count == 0:
+                self._log.event(
+                    logging.ERROR,
+                    REPORT_WRITE_FAILED_EVENT,
+                    path=str(path),
+                    error=_error_text(error),
+                    errno=error.errno if isinstance(error, OSError) else None,
+                    detail=f"could not write {path.name}; checks go on and are kept in memory "
+                    "(watch.results), training goes on; logged once per kind of failure",
+                )
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -678,13 +874,21 @@ class _StdlibEvents:
 def _render_for_stdlib(
     logger: object, method: str, event_dict: structlog.typing.EventDict
 ) -> dict[str, Any]:
-    """A plain ``key=value`` message, and the whole event on ``record.gradwatch``."""
+    """A plain ``key=value`` message, and the whole event on ``record.gradwatch``.
+
+    An ``exc_info`` field (the exception of a check that raised) goes to the stdlib
+    logger as its traceback, not into the message.
+    """
+    exc_info = event_dict.pop("exc_info", None)
     fields = " ".join(
         f"{key}={_format(value)}"
         for key, value in event_dict.items()
         if key not in ("event", "level", "message")
     )
-    return {"msg": f"{event_dict['event']} {fields}", "extra": {"gradwatch": dict(event_dict)}}
+    rendered = {"msg": f"{event_dict['event']} {fields}", "extra": {"gradwatch": dict(event_dict)}}
+    if exc_info is not None:
+        rendered["exc_info"] = exc_info
+    return rendered
 
 
 def _format(value: object) -> str:
@@ -693,6 +897,54 @@ def _format(value: object) -> str:
     if isinstance(value, str) and (" " in value or not value):
         return repr(value)
     return str(value)
+
+
+def _checked_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise OptionError(f"step: expected an int >= 0, received {step!r}")
+    return int(step)
+
+
+def _error_result(error: Exception, source: str, seconds: float, watch: GradWatch) -> CheckResult:
+    """The result recorded for a check that raised `error` after `seconds`."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    notes: list[str] = getattr(error, "__notes__", [])  # PEP 678 notes (add_note)
+    text = "; ".join([text, *map(str, notes)])
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return CheckResult(
+        ratio=math.nan,
+        status="error",
+        tensors={},
+        worst=[],
+        eps=math.nan if watch.eps is None else watch.eps,
+        eps_policy="none: the check did not run",
+        checked=0,
+        size=0,
+        loss=math.nan,
+        loss_evals=0,
+        seconds=seconds,
+        regularization={},
+        warn=watch.warn,
+        threshold=watch.threshold,
+        seed=watch.seed,
+        error=text,
+        error_source=source,
+    )
+
+
+def _error_kind(error: Exception) -> str:
+    """``"ENOSPC"`` for an OSError with an errno, else the exception's type name."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return errno.errorcode.get(error.errno, str(error.errno))
+    return type(error).__name__
+
+
+def _error_text(error: Exception) -> str:
+    """``"ENOSPC: No space left on device"``, or ``"Type: message"``."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{_error_kind(error)}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _describe(on_alert: OnAlert) -> str:

@@ -1,6 +1,7 @@
 """The ``gradwatch`` command: post-mortem views of a report directory.
 
-``gradwatch show DIR`` (exit 0 clean, 1 alert, 2 missing/unreadable), ``gradwatch trend DIR``,
+``gradwatch show DIR`` (exit 0 clean, 1 alert or a check that could not run, 2
+missing/unreadable), ``gradwatch trend DIR``,
 ``gradwatch worst DIR [--step N]``, ``gradwatch plot DIR -o FILE.png``; each takes ``--json``.
 """
 
@@ -65,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         return sub
 
-    show = command("show", "summary of a run; exit 1 when it raised an alert, 2 when unreadable")
+    show = command(
+        "show",
+        "summary of a run; exit 1 when it raised an alert or a check could not run (error), "
+        "2 when unreadable",
+    )
     show.set_defaults(handler=_show)
     trend = command("trend", "ratio per step, globally and per tensor, as text")
     trend.set_defaults(handler=_trend)
@@ -83,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _show(report: Report, arguments: argparse.Namespace) -> int:
-    code = EXIT_ALERT if report.alerts else EXIT_CLEAN
+    code = EXIT_ALERT if report.alerts or report.errors else EXIT_CLEAN
     worst_check = _worst_check(report)
     if arguments.json:
         payload: dict[str, Any] = {
@@ -93,6 +98,7 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
             "ratio": _ratio_summary(report),
             "threshold": _threshold(report),
             "alerts": [alert.model_dump() for alert in report.alerts],
+            "errors": [_error_payload(check) for check in report.errors],
             "worst": None if worst_check is None else _worst_payload(worst_check, 10),
             "skipped": [skip.model_dump() for skip in report.skipped],
             "configuration": report.configuration.model_dump() if report.configuration else None,
@@ -109,12 +115,23 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
         return code
     print(f"steps checked: {len(report.checks)} ({_steps_text(report.steps)}){_setup_text(report)}")
     summary = _ratio_summary(report)
-    print(
-        f"ratio: first {_g(summary['first'])} (step {summary['first_step']}), "
-        f"last {_g(summary['last'])} (step {summary['last_step']}), "
-        f"max {_g(summary['max'])} (step {summary['max_step']}); "
-        f"threshold {_g(_threshold(report))}"
-    )
+    if summary:
+        print(
+            f"ratio: first {_g(summary['first'])} (step {summary['first_step']}), "
+            f"last {_g(summary['last'])} (step {summary['last_step']}), "
+            f"max {_g(summary['max'])} (step {summary['max_step']}); "
+            f"threshold {_g(_threshold(report))}"
+        )
+    else:
+        print("ratio: - (no check ran to completion)")
+    if report.errors:
+        errors = report.errors
+        counted = f"{len(errors)} check{'' if len(errors) == 1 else 's'}"
+        print(f"errors: {counted} could not run, first at step {errors[0].step}")
+        for check in errors[:5]:
+            print(f"  {_error_text(check)}")
+        if len(errors) > 5:
+            print(f"  ... and {len(errors) - 5} more")
     if report.skipped:
         print(f"skipped for the time budget: {len(report.skipped)} due checks")
     if report.alerts:
@@ -146,7 +163,8 @@ def _setup_text(report: Report) -> str:
     if configuration is None:
         return ""
     parts = [f"every {configuration.every}"]
-    mode = report.checks[-1].mode if report.checks else None
+    completed = _completed(report)
+    mode = completed[-1].mode if completed else None
     parts.append(f"sample {configuration.sample!r}" + (f" ({mode})" if mode else ""))
     if configuration.dtype:
         parts.append(configuration.dtype)
@@ -160,13 +178,12 @@ def _setup_text(report: Report) -> str:
 
 def _trend(report: Report, arguments: argparse.Namespace) -> int:
     threshold = _threshold(report)
+    completed = _completed(report)
     rows: list[tuple[str, list[tuple[int, float]]]] = [
-        (
-            "global",
-            [(step, check.ratio) for step, check in zip(report.steps, report.checks, strict=True)],
-        )
+        ("global", [(_step(check), check.ratio) for check in completed])
     ]
     rows.extend(report.tensor_series().items())
+    error_steps = [_step(check) for check in report.errors]
     if arguments.json:
         _print_json(
             {
@@ -176,17 +193,23 @@ def _trend(report: Report, arguments: argparse.Namespace) -> int:
                     name: [{"step": step, "ratio": ratio} for step, ratio in points]
                     for name, points in rows
                 },
+                "error_steps": error_steps,
             }
         )
         return EXIT_CLEAN
     if not report.checks:
         print("no checks recorded")
         return EXIT_CLEAN
+    if error_steps:
+        print(f"checks that could not run (error), not drawn: steps {_steps_text(error_steps)}")
+    if not completed:
+        print("no check ran to completion")
+        return EXIT_CLEAN
     blocks = _spark_characters()
     low, high = _LOG_RANGE
     print(
-        f"ratio per check, steps {report.steps[0]} .. {report.steps[-1]} "
-        f"({len(report.checks)} checks); log scale 1e{low:.0f} {blocks[0]} .. {blocks[-1]} "
+        f"ratio per check, steps {_step(completed[0])} .. {_step(completed[-1])} "
+        f"({len(completed)} checks); log scale 1e{low:.0f} {blocks[0]} .. {blocks[-1]} "
         f"1e{high:.0f}; threshold {_g(threshold)}"
     )
     width = max(len(name) for name, _ in rows)
@@ -197,7 +220,7 @@ def _trend(report: Report, arguments: argparse.Namespace) -> int:
         since = f"  >= threshold from step {over[0]}" if over else ""
         maximum = max(ratios, key=_nan_last)
         print(
-            f"{name:<{width}}  {line:<{min(_TREND_WIDTH, len(report.checks))}}  "
+            f"{name:<{width}}  {line:<{min(_TREND_WIDTH, len(completed))}}  "
             f"last {_g(ratios[-1])}  max {_g(maximum)}{since}"
         )
     return EXIT_CLEAN
@@ -239,10 +262,15 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
     else:
         found = _worst_check(report)
         if found is None:
-            raise GradwatchError(f"{report.directory} has no checks; nothing to show")
+            raise GradwatchError(
+                f"{report.directory} has no check that ran to completion; nothing to show"
+            )
         check = found
     if arguments.json:
         _print_json(_worst_payload(check, arguments.top))
+        return EXIT_CLEAN
+    if check.status == "error":
+        print(_error_text(check))
         return EXIT_CLEAN
     print(
         f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
@@ -263,7 +291,20 @@ def _worst_payload(check: CheckResult, top: int) -> dict[str, Any]:
         "status": check.status,
         "tensors": {name: tensor.model_dump() for name, tensor in check.tensors.items()},
         "components": [component.model_dump() for component in check.worst[:top]],
+        "error": check.error,
+        "error_source": check.error_source,
     }
+
+
+def _error_payload(check: CheckResult) -> dict[str, Any]:
+    return {"step": check.step, "error": check.error, "source": check.error_source}
+
+
+def _error_text(check: CheckResult) -> str:
+    return (
+        f"step {check.step}: error in {check.error_source or 'gradwatch'}: "
+        f"{_one_line_text(check.error or 'unknown error')}"
+    )
 
 
 # -- plot ---------------------------------------------------------------------------------
@@ -276,8 +317,11 @@ def _plot(report: Report, arguments: argparse.Namespace) -> int:
         raise GradwatchError(
             "gradwatch plot needs matplotlib, which is not installed: pip install 'gradwatch[plot]'"
         ) from error
-    if not report.checks:
-        raise GradwatchError(f"{report.directory} has no checks; nothing to plot")
+    completed = _completed(report)
+    if not completed:
+        raise GradwatchError(
+            f"{report.directory} has no check that ran to completion; nothing to plot"
+        )
     output = Path(arguments.output)
     threshold = _threshold(report)
     floor = 1e-16  # a ratio of exactly 0 has no place on a log axis
@@ -288,8 +332,8 @@ def _plot(report: Report, arguments: argparse.Namespace) -> int:
         steps = [step for step, _ in points]
         axes.plot(steps, [max(ratio, floor) for _, ratio in points], marker=".", lw=1, label=name)
     axes.plot(
-        report.steps,
-        [max(check.ratio, floor) for check in report.checks],
+        [_step(check) for check in completed],
+        [max(check.ratio, floor) for check in completed],
         color="black",
         lw=2.2,
         marker="o",
@@ -324,16 +368,27 @@ def _plot(report: Report, arguments: argparse.Namespace) -> int:
 # -- helpers ------------------------------------------------------------------------------
 
 
+def _completed(report: Report) -> list[CheckResult]:
+    """The checks that ran to completion (an error check has no ratio), in step order."""
+    return [check for check in report.checks if check.status != "error"]
+
+
+def _step(check: CheckResult) -> int:
+    return -1 if check.step is None else check.step
+
+
 def _worst_check(report: Report) -> CheckResult | None:
-    if not report.checks:
+    completed = _completed(report)
+    if not completed:
         return None
-    return max(report.checks, key=lambda check: _nan_last(check.ratio))
+    return max(completed, key=lambda check: _nan_last(check.ratio))
 
 
 def _ratio_summary(report: Report) -> dict[str, Any]:
-    if not report.checks:
+    completed = _completed(report)
+    if not completed:
         return {}
-    first, last = report.checks[0], report.checks[-1]
+    first, last = completed[0], completed[-1]
     worst = _worst_check(report)
     assert worst is not None
     return {
@@ -401,7 +456,11 @@ def _print_json(payload: object) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return _one_line_text(str(error)) or type(error).__name__
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import io
 import json
 import os
 import platform
 import tempfile
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,6 +78,7 @@ class RunConfiguration(BaseModel):
     top_k: int
     seed: int
     on_alert: str
+    on_error: str = "record"
     budget: float | None = None
     regularization: list[str] = []
     context: dict[str, Any] = {}
@@ -186,6 +188,11 @@ class Report(BaseModel):
     def failed(self) -> bool:
         """True when at least one check raised an alert."""
         return bool(self.alerts)
+
+    @property
+    def errors(self) -> list[CheckResult]:
+        """The checks that could not run (``status="error"``), in step order."""
+        return [check for check in self.checks if check.status == "error"]
 
     @property
     def tensor_names(self) -> list[str]:
@@ -329,12 +336,13 @@ class ReportWriter:
     def __init__(self, directory: str | os.PathLike[str], summary: ReportSummary) -> None:
         self.directory = Path(directory).absolute()
         self.summary = summary
-        self._checks: IO[str] | None = None
+        self._checks: io.FileIO | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.write_summary()
             # A new run starts a new report: a previous run's checks are replaced.
-            self._checks = open(self.directory / CHECKS_FILE, "w", encoding="utf-8")  # noqa: SIM115
+            # Unbuffered bytes, so a failed write leaves nothing pending to be cut off.
+            self._checks = open(self.checks_path, "wb", buffering=0)  # noqa: SIM115
         except OSError as error:
             raise ReportError(
                 f"report_dir: expected a writable directory, received {str(directory)!r} "
@@ -346,24 +354,49 @@ class ReportWriter:
         """True once `close` has run."""
         return self._checks is None
 
+    @property
+    def checks_path(self) -> Path:
+        """The path of ``checks.jsonl``."""
+        return self.directory / CHECKS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        """The path of ``report.json``."""
+        return self.directory / SUMMARY_FILE
+
     def append_line(self, result: CheckResult) -> None:
-        """Append one check to ``checks.jsonl``, flushed and fsynced before returning."""
+        """Append one check to ``checks.jsonl``, written and fsynced before returning.
+
+        Raises:
+            OSError: the line could not be written (full disk, file-size limit, I/O
+                error). The part of it already written is cut off again, so the file
+                ends with a complete line and a later append continues it cleanly.
+            ReportError: the writer is closed.
+        """
         if self._checks is None:
             raise ReportError(f"the report in {self.directory} is closed; cannot record a check")
+        handle = self._checks
+        line = memoryview((result.model_dump_json() + "\n").encode("utf-8"))
+        start = handle.seek(0, os.SEEK_END)
         try:
-            self._checks.write(result.model_dump_json() + "\n")
-            self._checks.flush()
-            os.fsync(self._checks.fileno())
-        except OSError as error:
-            raise ReportError(
-                f"could not append to {self.directory / CHECKS_FILE}: {error}"
-            ) from error
+            while line:  # a write near a size limit may write part of the line only
+                line = line[handle.write(line) :]
+            os.fsync(handle.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), start)
+                handle.seek(start)
+            raise
 
     def write_summary(self) -> None:
-        """Replace ``report.json`` atomically with the current summary."""
+        """Replace ``report.json`` atomically with the current summary.
+
+        Raises:
+            OSError: it could not be written; the previous ``report.json`` is left as it was.
+        """
         self.summary.updated = _now()
         text = self.summary.model_dump_json(indent=2) + "\n"
-        target = self.directory / SUMMARY_FILE
+        target = self.summary_path
         descriptor, temporary = tempfile.mkstemp(
             dir=self.directory, prefix=f".{SUMMARY_FILE}.", suffix=".tmp"
         )
@@ -380,13 +413,19 @@ class ReportWriter:
         _fsync_directory(self.directory)
 
     def close(self) -> None:
-        """Mark the summary closed, write it and close ``checks.jsonl``. Idempotent."""
+        """Mark the summary closed, write it and close ``checks.jsonl``. Idempotent.
+
+        Raises:
+            OSError: ``report.json`` could not be written (the writer is closed anyway).
+        """
         if self._checks is None:
             return
-        self._checks.close()
-        self._checks = None
-        self.summary.closed = True
-        self.write_summary()
+        handle, self._checks = self._checks, None
+        try:
+            handle.close()
+        finally:
+            self.summary.closed = True
+            self.write_summary()
 
 
 def _fsync_directory(directory: Path) -> None:

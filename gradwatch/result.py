@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict
 
 __all__ = ["CheckResult", "Component", "Diagnosis", "Status", "TensorResult"]
 
-Status = Literal["ok", "warn", "fail", "nondeterministic"]
+Status = Literal["ok", "warn", "fail", "nondeterministic", "error"]
+"""``"error"``: the check itself could not run (an exception inside it); see `CheckResult.error`."""
 Diagnosis = Literal["bug", "truncation", "roundoff", "kink", "nondeterministic"]
 Mode = Literal["full", "sampled", "directional"]
 
@@ -53,6 +54,11 @@ class CheckResult(BaseModel):
     global verdict and the per-tensor verdicts. In directional mode each "component"
     is one tensor's directional derivative, and ``checked`` also counts the
     components sampled to localize a flagged tensor.
+
+    A check that could not run (an exception inside it, recorded by
+    `gradwatch.GradWatch.run_check`) has ``status="error"``, the exception in ``error``,
+    the part of gradwatch that was running in ``error_source``, ``ratio`` and ``loss``
+    NaN, no tensors or components, and ``loss_evals=0``.
     """
 
     model_config = _MODEL_CONFIG
@@ -76,6 +82,10 @@ class CheckResult(BaseModel):
     threshold: float = 1e-3
     seed: int = 0
     notes: list[str] = []
+    error: str | None = None
+    """The exception (``"RuntimeError: mixed dtype (CPU)"``) when ``status="error"``."""
+    error_source: str | None = None
+    """Which part of gradwatch raised it (``"gradwatch.check"``) when ``status="error"``."""
 
     @property
     def failed(self) -> bool:
