@@ -90,7 +90,7 @@ class GradWatch(TrainingWatch, Callback):
             ``"native"`` (the module's dtype; thresholds scaled and noted).
         report_dir: where the report goes; None:
             ``<trainer.log_dir or trainer.default_root_dir>/gradwatch``.
-        sample, eps, threshold, warn, top_k, seed, on_alert, budget: as for the core
+        sample, eps, threshold, warn, top_k, seed, on_alert, on_error, budget: as for the core
             `gradwatch.GradWatch`.
 
     Attributes:

@@ -43,9 +43,10 @@ batch, `weight_decay_notes`, and `check_due` to run and record a due check.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
-import time
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+from gradwatch.integrations._shadow_mode import HeldRow, ShadowMode
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -63,7 +65,7 @@ from gradwatch.errors import LossError, OptionError, ParameterError
 from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
-    from gradwatch.callback import GradWatch, OnAlert, Sample
+    from gradwatch.callback import GradWatch, OnAlert, OnError, Sample
 
 __all__ = [
     "NATIVE_DTYPES",
@@ -278,6 +280,8 @@ class _Shadow:
                 )
         self.module = shadow
         self.params = trainable_parameters(shadow)
+        self.held_ranges: dict[str, tuple[int, int]] = {}
+        """Flat index range of each held padding row (see `held_padding_rows`), by tensor."""
         self._sources = trainable_parameters(model)
         """The model's parameters by the shadow's names: the unperturbed values, exactly."""
         self.arrays: dict[str, npt.NDArray[np.floating]] = {}
@@ -292,41 +296,28 @@ class _Shadow:
                 self.arrays[name] = p.detach().cpu().numpy().copy()
                 self._synced.append((p, self.arrays[name]))
 
-    def freeze_padding_rows(self) -> list[str]:
-        """Hold each ``nn.Embedding``'s ``padding_idx`` row constant; returns notes.
+    def held_padding_rows(self) -> dict[int, HeldRow]:
+        """Each trainable ``nn.Embedding`` padding row, to hold constant in its lookup.
 
-        Torch never gives that row a gradient (by design, it is not trained), but J
-        does depend on it wherever the padding token is not masked: left alone, the
-        check would report a correct model as failing on that row. A forward
-        pre-hook writes the row back before every forward, so it is a constant of J
-        on both sides (its numeric and analytic gradients are both 0).
+        Torch's lookup gives the ``padding_idx`` row no gradient (by design), yet J
+        reads the row there wherever the padding token is not masked; every other
+        use of the weight (an LM head tied to it) does train the row. `ShadowMode`
+        holds the row at its unperturbed values inside the lookup only, so both
+        sides of the check see torch's rule.
         """
         names = {id(p): name for name, p in self.params.items()}
-        frozen = []
+        held: dict[int, HeldRow] = {}
         for module in self.module.modules():
             if not isinstance(module, nn.Embedding) or module.padding_idx is None:
                 continue
             name = names.get(id(module.weight))
-            if name is None:
+            if name is None or id(module.weight) in held:
                 continue
             row = module.weight.detach()[module.padding_idx].clone()
-
-            def hold(
-                embedding: nn.Embedding,
-                args: tuple[Any, ...],
-                row: torch.Tensor = row,
-                index: int = module.padding_idx,
-            ) -> None:
-                with torch.no_grad():
-                    embedding.weight[index] = row
-
-            module.register_forward_pre_hook(hold)
-            frozen.append(f"{name}[{module.padding_idx}]")
-        if not frozen:
-            return []
-        return [
-            "padding_idx rows (never trained by torch) held constant in J: " + ", ".join(frozen)
-        ]
+            held[id(module.weight)] = (module.padding_idx, row)
+            start = module.padding_idx * row.numel()
+            self.held_ranges[name] = (start, start + row.numel())
+        return held
 
     def restore_tensor(self, name: str) -> None:
         """Write a tensor's unperturbed values back, exactly, from the model (no backup).
@@ -680,6 +671,18 @@ class _BatchedObjective:
         """J with ``tensor.flat[flat_indices[k]] = values[k]`` alone, for every k."""
         if len(flat_indices) < MIN_BATCH:  # a vmapped call would cost more than it saves
             return self._one_by_one(tensor, flat_indices, values)
+        held = self.objective.shadow.held_ranges.get(tensor)
+        if held is not None:
+            # ShadowMode holds a padding row in the lookup by the tensor's identity, which
+            # a vmapped copy does not have: that row's perturbations go one by one.
+            in_row = (flat_indices >= held[0]) & (flat_indices < held[1])
+            if in_row.any():
+                out = np.empty(len(flat_indices))
+                out[in_row] = self._one_by_one(tensor, flat_indices[in_row], values[in_row])
+                rest = ~in_row
+                if rest.any():
+                    out[rest] = self.evaluate_batch(tensor, flat_indices[rest], values[rest])
+                return out
         if not self._availability_known:  # the first batch: J has been evaluated by now
             self.unavailable = _batched_unavailable(self.objective)
             self._availability_known = True
@@ -777,7 +780,10 @@ class _BatchedObjective:
         index = torch.from_numpy(np.asarray(flat_indices, dtype=np.int64)).to(device)
         value = torch.from_numpy(np.asarray(values)).to(device=device, dtype=base.dtype)
         results = []
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # vmap warns when an op (CPU flash attention) has no batching rule and runs in
+            # a loop: still the sequential numbers, and not the user's concern.
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
             for start in range(0, len(index), chunk):
                 rows = index[start : start + chunk]
                 perturbed = base.expand(len(rows), -1).clone()
@@ -971,9 +977,10 @@ def check_module(
     options = dict(check_options)
 
     with _untouched_globals(model) as rng:
-        shadow = _Shadow(model, precision)
-        all_notes.extend(shadow.freeze_padding_rows())
-        objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+        shadow, objective, mode, shadow_notes = _probed_shadow(
+            model, loss_fn, batch, penalties, rng, precision
+        )
+        all_notes.extend(shadow_notes)
         grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]]
         if analytic == "recompute":
             grads = _ShadowGradients(objective)
@@ -990,7 +997,7 @@ def check_module(
         if optimizer is not None:
             all_notes.extend(weight_decay_notes(optimizer))
         loss = _BatchedObjective(objective, largest) if batched else objective
-        with torch.inference_mode():
+        with mode, torch.inference_mode():
             try:
                 result = gradwatch.check(loss, shadow.arrays, grads, **options)
             except _AccumulatedInParts as parts:
@@ -1011,7 +1018,8 @@ def check_module(
                 )
             elif isinstance(loss, _BatchedObjective):
                 all_notes.extend(loss.notes())
-        penalty_values = objective.penalty_values()
+            penalty_values = objective.penalty_values()
+        all_notes.extend(_mode_notes(mode, shadow))
     if isinstance(grads, _ShadowGradients):
         all_notes.extend(grads.notes)
         kept = (
@@ -1033,6 +1041,105 @@ def check_module(
             "notes": [*result.notes, *all_notes],
         }
     )
+
+
+def _probed_shadow(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    penalties: list[tuple[str, Penalty]],
+    rng: RngState,
+    precision: Precision,
+) -> tuple[_Shadow, _Objective, ShadowMode, list[str]]:
+    """The shadow, J on it and its `ShadowMode`, after a first evaluation of J.
+
+    That first evaluation (which every check makes) shows whether J really comes out
+    in float64. Where it does not (an op the mode could not answer turned float64
+    into float32, or a kernel without float64 ran in float32) or it raises, a
+    float64 check would judge the gradient on a J rounded to float32: the check runs
+    on a copy in the model's own precision instead (step and thresholds from that
+    dtype), and a note says why.
+    """
+    shadow = _Shadow(model, precision)
+    mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
+    objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+    if shadow.dtype == shadow.native_dtype or shadow.native_dtype not in NATIVE_DTYPES:
+        return shadow, objective, mode, []
+    try:
+        with mode:
+            value = objective()
+    except Exception as error:
+        reason = f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
+    else:
+        if mode.coarse_ops:
+            reason = (
+                "J came out coarser than float64 (float32 made by "
+                + ", ".join(mode.coarse_ops)
+                + ": a cast gradwatch cannot answer, or a kernel without float64)"
+            )
+        elif _rounded_to(value, shadow.native_dtype):
+            reason = (
+                f"J came out rounded to {_dtype_name(shadow.native_dtype)} (its value is exact "
+                f"in {_dtype_name(shadow.native_dtype)}: computed outside torch, or by a "
+                "kernel gradwatch cannot see into)"
+            )
+        else:
+            return shadow, objective, mode, []
+    rng.restore()
+    shadow = _Shadow(model, "native")
+    mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
+    objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+    native = _dtype_name(shadow.dtype)
+    return (
+        shadow,
+        objective,
+        mode,
+        [
+            f"{reason}; checked in the model's own {native} instead, with the step and "
+            f"thresholds of {native}: a float64 check would read the rounding of J as a bug"
+        ],
+    )
+
+
+def _rounded_to(value: float, dtype: torch.dtype) -> bool:
+    """True when a float64 J is exactly a ``dtype`` number: by chance about once in 2^29
+    for float32, so J was rounded to ``dtype`` on its way out."""
+    if value == 0.0 or not math.isfinite(value):
+        return False
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype).double()) == value
+
+
+def _mode_notes(mode: ShadowMode, shadow: _Shadow) -> list[str]:
+    notes = []
+    if shadow.held_ranges:
+        notes.append(
+            "padding_idx rows held constant inside the embedding lookup only (torch gives the "
+            "lookup no gradient there; a tied head still trains them): "
+            + ", ".join(
+                f"{name}[{start // (stop - start)}]"
+                for name, (start, stop) in shadow.held_ranges.items()
+            )
+        )
+    if mode.replaced_ops:
+        notes.append(
+            f"no {_dtype_name(shadow.dtype)} kernel for {', '.join(mode.replaced_ops)}: "
+            f"ran as gradwatch's reference implementation in {_dtype_name(shadow.dtype)}"
+        )
+    if mode.fallback_ops:
+        notes.append(
+            f"no {_dtype_name(shadow.dtype)} kernel for {', '.join(mode.fallback_ops)}: "
+            "ran in float32"
+        )
+    if mode.coarse_ops:
+        notes.append(
+            f"J is partly coarser than {_dtype_name(shadow.dtype)} (made by "
+            f"{', '.join(mode.coarse_ops)}): its roundoff limits the resolution of the check"
+        )
+    return notes
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def _precision_notes(shadow: _Shadow, options: dict[str, Any]) -> list[str]:
@@ -1112,22 +1219,27 @@ def check_due(
 ) -> CheckResult:
     """Run `check_module` with the watch's options and record it (report, logs, alert).
 
+    An exception inside the check is recorded as a check with status ``error`` and
+    training goes on (``GradWatch(on_error="raise")`` raises it after recording).
+
     Raises:
         GradientCheckError: the check failed and the watch has ``on_alert="raise"``.
     """
-    started = time.perf_counter()
-    result = check_module(
-        model,
-        loss_fn,
-        batch,
-        regularization=regularization,
-        optimizer=optimizer,
-        precision=precision,
-        analytic=analytic,
-        notes=notes,
-        **watch.check_options(),
+    return watch.run_check(
+        step,
+        lambda: check_module(
+            model,
+            loss_fn,
+            batch,
+            regularization=regularization,
+            optimizer=optimizer,
+            precision=precision,
+            analytic=analytic,
+            notes=notes,
+            **watch.check_options(),
+        ),
+        source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
     )
-    return watch.record(result, step, seconds=time.perf_counter() - started)
 
 
 def after_backward(
@@ -1164,7 +1276,13 @@ def after_backward(
     )
 
 
-STATUS_CODES: dict[str, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
+STATUS_CODES: dict[str, int] = {
+    "ok": 0,
+    "warn": 1,
+    "fail": 2,
+    "nondeterministic": 3,
+    "error": 4,
+}
 """``gradwatch/status`` as a number, for metric loggers that only take scalars."""
 
 
@@ -1212,6 +1330,7 @@ class TrainingWatch:
         top_k: int = 10,
         seed: int = 0,
         on_alert: OnAlert = "log",
+        on_error: OnError = "record",
         budget: float | None = None,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
@@ -1235,6 +1354,7 @@ class TrainingWatch:
             "top_k": top_k,
             "seed": seed,
             "on_alert": on_alert,
+            "on_error": on_error,
             "budget": budget,
         }
         self.watch = self._new_watch()  # validates the options now, not at train begin

@@ -92,7 +92,7 @@ class GradWatch(TrainingWatch, TrainerCallback):
         precision: ``"float64"`` (default, a float64 copy of the model) or
             ``"native"`` (the model's dtype; thresholds scaled and noted).
         report_dir: where the report goes; None: ``<args.output_dir>/gradwatch``.
-        sample, eps, threshold, warn, top_k, seed, on_alert, budget: as for the core
+        sample, eps, threshold, warn, top_k, seed, on_alert, on_error, budget: as for the core
             `gradwatch.GradWatch`.
 
     Attributes:
