@@ -54,6 +54,9 @@ _DOWNCAST_METHODS: dict[Callable[..., Any], torch.dtype] = {
     torch.Tensor.bfloat16: torch.bfloat16,
 }
 
+_ANSWERED = frozenset({*_DOWNCAST_METHODS, torch.Tensor.to, torch.Tensor.type, F.embedding})
+"""Ops whose arguments the mode may rewrite (besides any op given a ``dtype=``)."""
+
 _REINTERPRETING = frozenset({torch.Tensor.view})
 """``x.view(dtype)`` reinterprets the bytes: its dtype argument must not change."""
 
@@ -92,11 +95,13 @@ class ShadowMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = dict(kwargs or {})
-        if self.lower:
-            func, args, kwargs = self._answer_downcasts(func, args, kwargs)
-        if func is F.embedding and self.held_rows:
-            args, kwargs = self._hold_padding_row(args, kwargs)
+        kwargs = kwargs or {}
+        if func in _ANSWERED or "dtype" in kwargs:  # the hot path (every other op) skips this
+            kwargs = dict(kwargs)
+            if self.lower:
+                func, args, kwargs = self._answer_downcasts(func, args, kwargs)
+            if func is F.embedding and self.held_rows:
+                args, kwargs = self._hold_padding_row(args, kwargs)
         try:
             result = func(*args, **kwargs)
         except (RuntimeError, NotImplementedError) as error:
@@ -104,8 +109,7 @@ class ShadowMode(TorchFunctionMode):
                 raise
             result = self._without_kernel(func, args, kwargs, error)
         if (
-            self.lower
-            and isinstance(result, torch.Tensor)
+            type(result) is torch.Tensor
             and result.dtype in self.lower
             and _has_dtype(args, kwargs, self.dtype)
         ):
