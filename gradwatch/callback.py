@@ -39,6 +39,7 @@ from typing import Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gradwatch.check import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
 from gradwatch.errors import GradientCheckError, OptionError, ReportError
@@ -52,11 +53,10 @@ from gradwatch.report import (
     SkippedCheck,
     alert_for,
     current_environment,
-    step_record,
 )
 from gradwatch.result import CheckResult
 
-__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample"]
+__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample", "WatchState"]
 
 Sample = int | float | Literal["auto", "directional"] | None
 OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
@@ -70,6 +70,7 @@ SKIP_EVENT = "gradient_check_skipped"
 CHECK_ERROR_EVENT = "gradient_check_error"
 REPORT_WRITE_FAILED_EVENT = "report_write_failed"
 REPORT_INCOMPLETE_EVENT = "report_incomplete"
+REPORT_CONTINUED_EVENT = "report_continued"
 
 MAX_ERROR_CHARS = 2000
 """Longest exception text a report keeps: a message quoting a whole tensor would bloat
@@ -181,6 +182,9 @@ class GradWatch:
         self._writer: ReportWriter | None = None
         self._closed = False
         self._results: list[CheckResult] = []
+        self._alerts: list[Alert] = []
+        self._skipped: list[SkippedCheck] = []
+        self._resumed: str | None = None
         self._unwritten: deque[CheckResult] = deque()
         """Recorded checks not yet in ``checks.jsonl`` (deferred directory, full disk)."""
         self._write_failures: dict[tuple[str, str], int] = {}
@@ -234,13 +238,13 @@ class GradWatch:
 
     @property
     def alerts(self) -> list[Alert]:
-        """The alerts raised so far."""
-        return list(self._summary.alerts)
+        """The alerts raised so far (by this run; load_report has every run's)."""
+        return list(self._alerts)
 
     @property
     def skipped(self) -> list[SkippedCheck]:
         """The due checks skipped to stay within `budget`."""
-        return list(self._summary.skipped)
+        return list(self._skipped)
 
     @property
     def plans(self) -> list[BudgetPlan]:
@@ -295,8 +299,55 @@ class GradWatch:
             )
         self._requested_dir = directory
         self._writer = ReportWriter(directory, self._summary)
+        run = self._writer.run
+        run.resumed = self._resumed
+        if run.run > 0:
+            self._log.event(
+                logging.INFO,
+                REPORT_CONTINUED_EVENT,
+                report_dir=str(self._writer.directory),
+                run=run.run,
+                earlier_checks=run.first_line,
+                resumed=run.resumed,
+                notes=run.notes,
+                detail="the report in this directory is continued: earlier checks kept",
+            )
         self._unwritten = deque(self._results)  # checks recorded before the directory was known
         self._write_report()
+
+    def resume(self, step: int, source: str) -> None:
+        """Say that this run resumed training from a checkpoint taken at `step`.
+
+        The report's record of this run (``report.json`` ``runs``, `gradwatch show`)
+        says so. Integrations call it on a framework resume; a plain loop may too.
+        Whether or not it is called, a run that opens a directory holding a report
+        continues it (earlier checks kept).
+
+        Raises:
+            OptionError: `step` is not an int >= 0.
+        """
+        step = _checked_step(step)
+        self._resumed = f"a checkpoint at step {step} ({source})"
+        if self._writer is not None and not self._writer.closed:
+            self._writer.run.resumed = self._resumed
+            self._flush_summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this report, as JSON-able values.
+
+        Framework callbacks save it in their checkpoints (Lightning ``state_dict``,
+        transformers' stateful callbacks) and give it back with `WatchState`.
+
+        >>> GradWatch(every=5, report_dir=None).state_dict()
+        {'version': 1, 'report_dir': None, 'checks': 0, 'last_step': None}
+        """
+        last = self._results[-1].step if self._results else None
+        directory = self.report_dir
+        return WatchState(
+            report_dir=None if directory is None else str(directory),
+            checks=len(self._results),
+            last_step=last,
+        ).model_dump()
 
     def set_context(self, **info: Any) -> None:
         """Add run information to ``report.json``'s configuration (``context``).
@@ -449,7 +500,8 @@ class GradWatch:
             share=share,
             budget=self.budget,
         )
-        self._summary.skipped.append(skip)
+        self._skipped.append(skip)
+        self._summary.add_skipped(skip)
         self._log.event(
             logging.INFO,
             SKIP_EVENT,
@@ -635,11 +687,11 @@ class GradWatch:
         self._costs.append((stamped.loss_evals, cost))
         if stamped.status != "error":  # an error result says nothing about theta or J
             self._learn_from(stamped)
-        self._summary.series.append(step_record(stamped))
         self._log_check(stamped, exception)
         alert = alert_for(stamped)
         if alert is not None:
-            self._summary.alerts.append(alert)
+            self._alerts.append(alert)
+            self._summary.add_alert(alert)
             self._log_alert(alert)
         if self._writer is not None:
             self._unwritten.append(stamped)
@@ -795,6 +847,38 @@ class GradWatch:
                 )
             return False
         return True
+
+
+class WatchState(BaseModel):
+    """`GradWatch.state_dict` read back from a checkpoint.
+
+    Attributes:
+        version: of this layout.
+        report_dir: the directory the run wrote (None: not writing, or deferred).
+        checks: checks recorded by the run when the checkpoint was taken.
+        last_step: the last checked step by then.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = 1
+    report_dir: str | None = None
+    checks: int = 0
+    last_step: int | None = None
+
+    @classmethod
+    def read(cls, state: object) -> WatchState:
+        """Validate a saved state (a mapping from a checkpoint).
+
+        Raises:
+            OptionError: `state` is not what `GradWatch.state_dict` returns.
+        """
+        try:
+            return cls.model_validate(state)
+        except ValidationError as error:
+            raise OptionError(
+                f"state: expected what GradWatch.state_dict() returns, received {state!r:.200}"
+            ) from error
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.errors import GradwatchError
-from gradwatch.report import Report, TruncatedReportWarning, load_report
+from gradwatch.report import Report, RunRecord, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult
 
 __all__ = ["main"]
@@ -94,6 +94,7 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
         payload: dict[str, Any] = {
             "directory": str(report.directory),
             "closed": report.closed,
+            "runs": [run.model_dump() for run in report.runs],
             "steps": report.steps,
             "ratio": _ratio_summary(report),
             "threshold": _threshold(report),
@@ -110,6 +111,10 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
 
     state = "closed" if report.closed else "not closed: still running, or killed"
     print(f"gradwatch report {report.directory} ({state})")
+    if len(report.runs) > 1 or any(run.resumed for run in report.runs):
+        print(f"runs: {len(report.runs)} (restarted or resumed; every run's checks are kept)")
+        for run in report.runs:
+            print("  " + _run_text(run, last=run is report.runs[-1]))
     if not report.checks:
         print("no checks recorded")
         return code
@@ -156,6 +161,25 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
         for component in worst_check.worst[:5]:
             print("  " + _component_text(component.model_dump()))
     return code
+
+
+def _run_text(run: RunRecord, *, last: bool) -> str:
+    """``run 1: pid 42 on node1, started ..., resumed from ..., 3 checks (steps 5..7), closed``."""
+    who = "pid ?" if run.pid is None else f"pid {run.pid}"
+    if run.host:
+        who += f" on {_printable(run.host)}"
+    parts = [f"run {run.run}: {who}"]
+    if run.started:
+        parts.append(f"started {_printable(run.started)}")
+    if run.resumed:
+        parts.append(f"resumed from {_printable(run.resumed)}")
+    steps = "" if run.first_step is None else f" (steps {run.first_step}..{run.last_step})"
+    parts.append(f"{run.checks} check{'' if run.checks == 1 else 's'}{steps}")
+    if run.closed:
+        parts.append("closed")
+    else:
+        parts.append("not closed: still running, or killed" if last else "not closed: killed")
+    return ", ".join(parts)
 
 
 def _setup_text(report: Report) -> str:
@@ -457,6 +481,11 @@ def _print_json(payload: object) -> None:
 
 def _one_line(error: BaseException) -> str:
     return _one_line_text(str(error)) or type(error).__name__
+
+
+def _printable(text: str) -> str:
+    """`text` on one line with control characters (terminal escapes) shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in _one_line_text(text))
 
 
 def _one_line_text(text: str) -> str:

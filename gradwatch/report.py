@@ -1,27 +1,41 @@
 """Reports on disk: ``checks.jsonl`` (append-only) and ``report.json`` (atomic summary).
 
-A report directory holds two files:
+A report directory holds:
 
 - ``checks.jsonl``: one `CheckResult` per line, appended, flushed and fsynced after each
-  check, so a run killed at any moment leaves every finished check readable.
-- ``report.json``: a `ReportSummary` (configuration, environment, the ratio series per step,
-  worst components per step, alerts, skipped checks), replaced atomically (temporary file
-  + ``os.replace``) after each check and on close.
+  check, so a run killed at any moment leaves every finished check readable. It is the
+  only place the ratio series lives: `load_report` derives the series from it.
+- ``report.json``: a `ReportSummary` of constant size per check (configuration,
+  environment, the runs that wrote the report, the latest check, the first alerts and
+  skipped checks with their counts), replaced atomically (temporary file +
+  ``os.replace``) after each check and on close. Reporting one check therefore costs the
+  same at check 10,000 as at check 10.
+- ``writer.lock``: held (``fcntl.flock``) by the one writer while it is open, removed
+  at close. A second writer on the directory is refused with a `ReportInUseError` naming
+  the first (pid, host, start time).
+
+A run that opens a directory holding a report *continues* it: the earlier checks are
+kept, a line cut short by a killed run is cut off (or completed), and a new `RunRecord`
+in ``report.json`` marks the restart (``runs``), so `load_report` tells which run wrote
+each check (``Report.check_runs``).
 
 `load_report` reads both back into a `Report` whose ``.checks`` lists the results in step
 order. A truncated last line of ``checks.jsonl`` (a killed run) loads with a
 `TruncatedReportWarning`; any other corruption raises `ReportError` naming file and line.
+Reports written by schema version 1 (``report.json`` with the whole ``series``) load too.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import importlib.metadata
-import io
 import json
 import os
 import platform
+import stat
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,16 +47,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gradwatch.errors import ReportError
 from gradwatch.result import CheckResult, Component, Mode, Status
 
+if sys.platform != "win32":
+    import fcntl
+
 __all__ = [
     "CHECKS_FILE",
+    "LOCK_FILE",
+    "MAX_LISTED",
     "SCHEMA_VERSION",
     "SUMMARY_FILE",
     "Alert",
     "Environment",
     "Report",
+    "ReportInUseError",
     "ReportSummary",
     "ReportWriter",
     "RunConfiguration",
+    "RunRecord",
     "SkippedCheck",
     "StepRecord",
     "TruncatedReportWarning",
@@ -50,9 +71,21 @@ __all__ = [
     "load_report",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``report.json`` holds ``runs`` and ``last`` instead of the whole ``series`` (1)."""
 CHECKS_FILE = "checks.jsonl"
 SUMMARY_FILE = "report.json"
+LOCK_FILE = "writer.lock"
+
+MAX_LISTED = 100
+"""Alerts and skipped checks ``report.json`` lists (the first ones; counts are complete):
+a run full of alerts must not make each rewrite of ``report.json`` longer than the last.
+Every alert is derived again from ``checks.jsonl`` by `load_report`."""
+
+
+class ReportInUseError(ReportError):
+    """Another writer holds the report directory (its ``writer.lock``)."""
+
 
 # Same policy as CheckResult: inf and NaN are written as JSON constants, never as null.
 _MODEL_CONFIG = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
@@ -147,19 +180,64 @@ class SkippedCheck(BaseModel):
     budget: float
 
 
+class RunRecord(BaseModel):
+    """One process that wrote to the report: the first run, and each restart or resume."""
+
+    model_config = _MODEL_CONFIG
+
+    run: int
+    """0 for the run that created the report, 1 for its first restart, ..."""
+    pid: int | None = None
+    host: str | None = None
+    started: str | None = None
+    """None: unknown (a report written before gradwatch kept its runs)."""
+    first_line: int
+    """Index (0-based) of this run's first line in ``checks.jsonl``: the run wrote the
+    lines from here up to the next run's ``first_line``."""
+    checks: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    resumed: str | None = None
+    """What the run said it resumed from, e.g. ``"a checkpoint at step 5 (transformers)"``;
+    None when it did not say (a plain loop restarted, or a new run in the directory)."""
+    closed: bool = False
+    """False while the run goes on, or when it was killed before it closed the report."""
+    notes: list[str] = []
+
+
 class ReportSummary(BaseModel):
-    """The content of ``report.json``."""
+    """The content of ``report.json`` (its size does not grow with the number of checks)."""
 
     model_config = _MODEL_CONFIG
 
     schema_version: int = SCHEMA_VERSION
     configuration: RunConfiguration
     environment: Environment
-    series: list[StepRecord] = []
+    runs: list[RunRecord] = []
+    checks: int = 0
+    """Lines in ``checks.jsonl`` (every run)."""
+    last: StepRecord | None = None
+    """The latest check written; the whole series is in ``checks.jsonl``."""
     alerts: list[Alert] = []
+    """The first `MAX_LISTED` alerts; ``alert_count`` counts them all."""
+    alert_count: int = 0
     skipped: list[SkippedCheck] = []
+    """The first `MAX_LISTED` skipped checks; ``skipped_count`` counts them all."""
+    skipped_count: int = 0
     closed: bool = False
     updated: str = ""
+
+    def add_alert(self, alert: Alert) -> None:
+        """Count `alert`; list it while fewer than `MAX_LISTED` are listed."""
+        self.alert_count += 1
+        if len(self.alerts) < MAX_LISTED:
+            self.alerts.append(alert)
+
+    def add_skipped(self, skipped: SkippedCheck) -> None:
+        """Count `skipped`; list it while fewer than `MAX_LISTED` are listed."""
+        self.skipped_count += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append(skipped)
 
 
 class Report(BaseModel):
@@ -172,11 +250,17 @@ class Report(BaseModel):
     configuration: RunConfiguration | None
     environment: Environment | None
     checks: list[CheckResult]
-    """Every finished check, in step order (read from ``checks.jsonl``)."""
+    """Every finished check of every run, in step order (read from ``checks.jsonl``); a
+    step checked by two runs (a resume from a checkpoint before the last check) appears
+    twice, the earlier run's first."""
+    check_runs: list[int] = Field(default_factory=list)
+    """The run (index into `runs`) that wrote each check of `checks`."""
+    runs: list[RunRecord] = Field(default_factory=list)
+    """The processes that wrote the report; more than one after a restart or resume."""
     alerts: list[Alert]
     skipped: list[SkippedCheck]
     closed: bool
-    """False while the run is going on, or when it was killed before `GradWatch.close`."""
+    """False while the last run is going on, or when it was killed before `GradWatch.close`."""
     warnings: list[str] = Field(default_factory=list)
 
     @property
@@ -216,7 +300,7 @@ class Report(BaseModel):
         Raises:
             ReportError: no check was recorded at that step.
         """
-        for check in self.checks:
+        for check in reversed(self.checks):  # the latest run's, when a resume repeated it
             if check.step == step:
                 return check
         raise ReportError(
@@ -324,26 +408,40 @@ def step_record(result: CheckResult) -> StepRecord:
 
 
 class ReportWriter:
-    """Writes one run's report directory.
+    """Writes one run's part of a report directory.
 
-    The directory is created and both files are written when the writer is built, so an
+    Building it takes the directory's ``writer.lock`` (a second writer is refused),
+    continues a report found there (its checks kept, a line a killed run left unfinished
+    cut off, a new `RunRecord` in ``summary.runs``) and writes ``report.json``, so an
     unwritable directory fails at once rather than at the first due check.
 
     Raises:
-        ReportError: the directory cannot be created or written.
+        ReportInUseError: another writer holds the directory.
+        ReportError: the directory cannot be created or written, or ``checks.jsonl`` is
+            not a regular file (a symlink, a FIFO, ...).
     """
 
     def __init__(self, directory: str | os.PathLike[str], summary: ReportSummary) -> None:
         self.directory = Path(directory).absolute()
         self.summary = summary
-        self._checks: io.FileIO | None = None
+        self._checks: int | None = None
+        self._lock: int | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire_lock(self.directory / LOCK_FILE)
+            self._file_mode = 0o666 & ~_umask()
+            lines, notes = _prepare_checks(self.checks_path)
+            # Append, never replace: a restarted run continues the report it finds.
+            self._checks = os.open(
+                self.checks_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666
+            )
+            _continue_summary(summary, self.summary_path, lines, notes)
             self.write_summary()
-            # A new run starts a new report: a previous run's checks are replaced.
-            # Unbuffered bytes, so a failed write leaves nothing pending to be cut off.
-            self._checks = open(self.checks_path, "wb", buffering=0)  # noqa: SIM115
+        except ReportError:
+            self._release()
+            raise
         except OSError as error:
+            self._release()
             raise ReportError(
                 f"report_dir: expected a writable directory, received {str(directory)!r} "
                 f"({error.strerror or error})"
@@ -364,6 +462,11 @@ class ReportWriter:
         """The path of ``report.json``."""
         return self.directory / SUMMARY_FILE
 
+    @property
+    def run(self) -> RunRecord:
+        """This run's record in ``report.json``."""
+        return self.summary.runs[-1]
+
     def append_line(self, result: CheckResult) -> None:
         """Append one check to ``checks.jsonl``, written and fsynced before returning.
 
@@ -375,18 +478,24 @@ class ReportWriter:
         """
         if self._checks is None:
             raise ReportError(f"the report in {self.directory} is closed; cannot record a check")
-        handle = self._checks
+        descriptor = self._checks
         line = memoryview((result.model_dump_json() + "\n").encode("utf-8"))
-        start = handle.seek(0, os.SEEK_END)
+        start = os.lseek(descriptor, 0, os.SEEK_END)
         try:
             while line:  # a write near a size limit may write part of the line only
-                line = line[handle.write(line) :]
-            os.fsync(handle.fileno())
+                line = line[os.write(descriptor, line) :]
+            os.fsync(descriptor)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.ftruncate(handle.fileno(), start)
-                handle.seek(start)
+                os.ftruncate(descriptor, start)
             raise
+        self.summary.checks += 1
+        run = self.run
+        run.checks += 1
+        if result.step is not None:
+            run.first_step = result.step if run.first_step is None else run.first_step
+            run.last_step = result.step
+            self.summary.last = step_record(result)
 
     def write_summary(self) -> None:
         """Replace ``report.json`` atomically with the current summary.
@@ -401,6 +510,7 @@ class ReportWriter:
             dir=self.directory, prefix=f".{SUMMARY_FILE}.", suffix=".tmp"
         )
         try:
+            os.fchmod(descriptor, self._file_mode)  # readable like checks.jsonl, not 0600
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
@@ -413,19 +523,213 @@ class ReportWriter:
         _fsync_directory(self.directory)
 
     def close(self) -> None:
-        """Mark the summary closed, write it and close ``checks.jsonl``. Idempotent.
+        """Mark this run closed, write the summary, close ``checks.jsonl``, free the lock.
+
+        Idempotent.
 
         Raises:
             OSError: ``report.json`` could not be written (the writer is closed anyway).
         """
         if self._checks is None:
             return
-        handle, self._checks = self._checks, None
+        descriptor, self._checks = self._checks, None
         try:
-            handle.close()
-        finally:
+            os.close(descriptor)
             self.summary.closed = True
+            self.run.closed = True
             self.write_summary()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Remove ``writer.lock`` while holding it, then let go of it."""
+        if self._checks is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._checks)
+            self._checks = None
+        descriptor, self._lock = self._lock, None
+        if descriptor is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / LOCK_FILE)  # a waiting writer sees the inode change
+        os.close(descriptor)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""Never follow a planted symlink: the writer writes its own files only."""
+
+_LOCK_ATTEMPTS = 5
+"""Tries to take ``writer.lock`` when it keeps being removed by writers closing meanwhile."""
+
+
+def _acquire_lock(path: Path) -> int | None:
+    """Hold ``writer.lock`` (an exclusive ``flock``) and write who holds it into it.
+
+    Returns:
+        The locked descriptor (None where ``fcntl`` does not exist: no lock is taken).
+
+    Raises:
+        ReportInUseError: another writer holds it.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no flock; the README says so
+        return None
+    for _ in range(_LOCK_ATTEMPTS):
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise ReportInUseError(
+                f"report_dir: expected a directory no other run is writing, received "
+                f"{str(path.parent)!r}, held by {holder} ({LOCK_FILE}); give this run its "
+                "own report_dir, or start it once that run has closed its report"
+            ) from None
+        except BaseException:
+            os.close(descriptor)
+            raise
+        try:  # the file locked is still the one at `path` (not removed by a closing writer)
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            holder_text = json.dumps(
+                {"pid": os.getpid(), "host": platform.node(), "started": _now()}
+            )
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, holder_text.encode("utf-8"))
+            return descriptor
+        os.close(descriptor)
+    raise ReportInUseError(
+        f"report_dir: could not take {path} in {_LOCK_ATTEMPTS} attempts (other writers keep "
+        "opening and closing it); give this run its own report_dir"
+    )
+
+
+def _lock_holder(descriptor: int) -> str:
+    """``"pid 123 on host node1 (since ...)"`` from a held ``writer.lock``."""
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
+        pid, host, started = holder["pid"], holder["host"], holder["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another writer (pid unknown: it has just started)"
+    return f"pid {int(pid)} on host {_printable(str(host))} (since {_printable(str(started))})"
+
+
+def _printable(text: str, width: int = 80) -> str:
+    """`text` without control characters (a hostile file must not drive the terminal)."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text)
+    return _shorten(cleaned, width)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prepare_checks(path: Path) -> tuple[int, list[str]]:
+    """Count the complete lines of an existing ``checks.jsonl`` and repair its end.
+
+    A run killed mid-write leaves an unfinished last line; it is cut off (or completed
+    with its newline when the JSON is whole), so the next append starts a clean line.
+
+    Returns:
+        (complete lines, notes on what was repaired).
+
+    Raises:
+        ReportError: the path is not a regular file.
+    """
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return 0, []
+    if not stat.S_ISREG(status.st_mode):
+        raise ReportError(
+            f"{path}: expected a regular file (or none), received {_file_kind(status.st_mode)}; "
+            "gradwatch writes its own files only"
+        )
+    notes: list[str] = []
+    descriptor = os.open(path, os.O_RDWR | _NOFOLLOW)
+    try:
+        lines = offset = line_end = 0
+        while chunk := os.read(descriptor, 1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk.rfind(b"\n")
+            if last >= 0:
+                line_end = offset + last + 1
+            offset += len(chunk)
+        if line_end < offset:
+            unfinished = os.pread(descriptor, offset - line_end, line_end)
+            try:
+                CheckResult.model_validate_json(unfinished)
+            except ValueError:
+                os.ftruncate(descriptor, line_end)
+                notes.append(
+                    f"cut off an unfinished last line of {CHECKS_FILE} ({offset - line_end} "
+                    "bytes) left by a killed run"
+                )
+            else:
+                os.pwrite(descriptor, b"\n", offset)
+                lines += 1
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    return lines, notes
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _continue_summary(summary: ReportSummary, path: Path, lines: int, notes: list[str]) -> None:
+    """Carry a previous report's runs, alerts and skipped checks into `summary`; add this run."""
+    previous: ReportSummary | None = None
+    if path.exists():
+        try:
+            previous = _read_summary(path)
+        except ReportError as error:
+            notes.append(f"the previous {SUMMARY_FILE} was unreadable and is replaced ({error})")
+    runs = [] if previous is None else previous.runs
+    if lines and not runs:
+        notes.append(f"{lines} earlier checks were found in {CHECKS_FILE} from an unknown run")
+        runs = [RunRecord(run=0, first_line=0, checks=lines)]
+    if runs and not runs[-1].closed:
+        pid = runs[-1].pid
+        notes.append(
+            f"run {runs[-1].run}{'' if pid is None else f' (pid {pid})'} did not close its "
+            "report: it was killed or crashed"
+        )
+    if previous is not None:
+        summary.alerts = [*previous.alerts, *summary.alerts][:MAX_LISTED]
+        summary.alert_count += previous.alert_count
+        summary.skipped = [*previous.skipped, *summary.skipped][:MAX_LISTED]
+        summary.skipped_count += previous.skipped_count
+        summary.last = previous.last
+    environment = summary.environment
+    summary.runs = [
+        *runs,
+        RunRecord(
+            run=len(runs),
+            pid=environment.pid,
+            host=platform.node(),
+            started=environment.started,
+            first_line=lines,
+            notes=notes,
+        ),
+    ]
+    summary.checks = lines
+    summary.closed = False
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -479,7 +783,7 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
             f"{SUMMARY_FILE}, found {found}"
         )
     notes: list[str] = []
-    checks = _read_checks(checks_path, notes)
+    numbered = _read_checks(checks_path, notes)
     summary: ReportSummary | None = None
     if summary_path.exists():
         summary = _read_summary(summary_path)
@@ -487,7 +791,13 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
         notes.append(f"{summary_path} is missing: configuration and environment are unknown")
     for note in notes:
         warnings.warn(note, TruncatedReportWarning, stacklevel=2)
-    checks.sort(key=lambda check: -1 if check.step is None else check.step)
+    runs = _runs_of(summary, len(numbered))
+    starts = [run.first_line for run in runs]
+    placed = [(check, bisect.bisect_right(starts, line) - 1) for line, check in numbered]
+    placed.sort(key=lambda item: -1 if item[0].step is None else item[0].step)  # stable
+    checks = [check for check, _ in placed]
+    check_runs = [max(run, 0) for _, run in placed]
+    _count_checks(runs, checks, check_runs)
     alerts = [alert for alert in map(alert_for, checks) if alert is not None]
     return Report(
         directory=directory.absolute(),
@@ -495,6 +805,8 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
         configuration=summary.configuration if summary else None,
         environment=summary.environment if summary else None,
         checks=checks,
+        check_runs=check_runs,
+        runs=runs,
         alerts=alerts,
         skipped=summary.skipped if summary else [],
         closed=summary.closed if summary else False,
@@ -502,7 +814,40 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
     )
 
 
-def _read_checks(path: Path, notes: list[str]) -> list[CheckResult]:
+def _runs_of(summary: ReportSummary | None, checks: int) -> list[RunRecord]:
+    """The runs that wrote the report (one unknown run when ``report.json`` does not say)."""
+    if summary is not None and summary.runs:
+        return [run.model_copy() for run in summary.runs]
+    closed = summary.closed if summary is not None else False
+    environment = summary.environment if summary is not None else None
+    return [
+        RunRecord(
+            run=0,
+            pid=environment.pid if environment else None,
+            started=environment.started if environment else None,
+            first_line=0,
+            checks=checks,
+            closed=closed,
+        )
+    ]
+
+
+def _count_checks(runs: list[RunRecord], checks: list[CheckResult], check_runs: list[int]) -> None:
+    """Set each run's checks and first/last step from the checks read (report.json may lag)."""
+    for run in runs:
+        run.checks, run.first_step, run.last_step = 0, None, None
+    for check, index in zip(checks, check_runs, strict=True):
+        run = runs[index]
+        run.checks += 1
+        if check.step is not None:
+            run.first_step = (
+                check.step if run.first_step is None else min(run.first_step, check.step)
+            )
+            run.last_step = check.step if run.last_step is None else max(run.last_step, check.step)
+
+
+def _read_checks(path: Path, notes: list[str]) -> list[tuple[int, CheckResult]]:
+    """The checks of ``checks.jsonl`` with their line index (0-based)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -511,12 +856,12 @@ def _read_checks(path: Path, notes: list[str]) -> list[CheckResult]:
     # A complete file ends with "\n", so the last piece is empty; anything else there is a
     # line the writer did not finish.
     unfinished = lines.pop()
-    checks: list[CheckResult] = []
+    checks: list[tuple[int, CheckResult]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            checks.append(CheckResult.model_validate_json(line))
+            checks.append((number - 1, CheckResult.model_validate_json(line)))
         except ValidationError as error:
             raise ReportError(
                 f"{path}, line {number}: expected one CheckResult as JSON, received "
@@ -524,7 +869,7 @@ def _read_checks(path: Path, notes: list[str]) -> list[CheckResult]:
             ) from error
     if unfinished.strip():
         try:
-            checks.append(CheckResult.model_validate_json(unfinished))
+            checks.append((len(lines), CheckResult.model_validate_json(unfinished)))
         except ValidationError:
             notes.append(
                 f"{path}, line {len(lines) + 1} is truncated (the run was probably killed "
@@ -548,6 +893,8 @@ def _read_summary(path: Path) -> ReportSummary:
             "(written by a newer gradwatch; upgrade gradwatch to read it)"
         )
     try:
+        if version == 1:  # the whole series was kept in report.json; checks.jsonl has it
+            return _upgrade_version_1(json.loads(text))
         return ReportSummary.model_validate_json(text)
     except ValidationError as error:
         line = _error_line(text, error)
@@ -556,6 +903,17 @@ def _read_summary(path: Path) -> ReportSummary:
             f"{path}{where}: expected a gradwatch report summary, received invalid content "
             f"({_first_error(error)})"
         ) from error
+
+
+def _upgrade_version_1(data: Any) -> ReportSummary:
+    """A schema 1 ``report.json`` as a `ReportSummary`: ``series`` dropped, counts added."""
+    if isinstance(data, dict):
+        series = data.pop("series", None)
+        data.setdefault("alert_count", len(data.get("alerts") or []))
+        data.setdefault("skipped_count", len(data.get("skipped") or []))
+        if isinstance(series, list) and series:
+            data.setdefault("last", series[-1])
+    return ReportSummary.model_validate(data)
 
 
 def _first_error(error: ValidationError) -> str:

@@ -40,6 +40,7 @@ from gradwatch.integrations.torch import (
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from gradwatch.callback import WatchState
 from gradwatch.errors import LossError, MissingBatchError
 
 __all__ = ["GradWatch", "training_step_loss"]
@@ -107,6 +108,18 @@ class GradWatch(TrainingWatch, Callback):
     _batch_idx: int | None = None
     _armed = False
     _checking = False
+    _saved: WatchState | None = None
+
+    # -- checkpoints: a resumed fit (``ckpt_path``) continues the same report ------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: the report directory and the checks so far."""
+        return WatchState.read(self.watch.state_dict()).model_dump()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Read back from ``ckpt_path`` before ``on_train_start``: a resumed fit writes to the
+        report the checkpointed run wrote (not to a new logger version's directory)."""
+        self._saved = WatchState.read(state_dict)
 
     # -- Lightning hooks --------------------------------------------------------------
 
@@ -122,8 +135,9 @@ class GradWatch(TrainingWatch, Callback):
         ]
         if not pl_module.automatic_optimization and self.loss_fn is None:
             notes.append("manual optimization: training_step steps the optimizer; pass loss_fn")
+        saved = self._saved.report_dir if self._saved is not None else None
         self.start(
-            Path(root) / "gradwatch",
+            Path(saved) if saved else Path(root) / "gradwatch",
             writer=self._checking,
             context={
                 "framework": "lightning",
@@ -135,6 +149,8 @@ class GradWatch(TrainingWatch, Callback):
             },
             notes=notes,
         )
+        if trainer.global_step > 0:  # restored from ckpt_path before on_train_start
+            self.watch.resume(trainer.global_step, "lightning ckpt_path")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

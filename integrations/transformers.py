@@ -43,8 +43,10 @@ from gradwatch.integrations.torch import (
 )
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from gradwatch.errors import LossError, MissingBatchError
+from gradwatch.callback import WatchState
+from gradwatch.errors import LossError, MissingBatchError, OptionError
 from gradwatch.result import CheckResult
 
 __all__ = ["GradWatch", "model_loss"]
@@ -77,7 +79,7 @@ def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
     )
 
 
-class GradWatch(TrainingWatch, TrainerCallback):
+class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     """A `TrainerCallback` that checks the backprop gradient every `every` optimizer updates.
 
     Args:
@@ -109,6 +111,50 @@ class GradWatch(TrainingWatch, TrainerCallback):
     _trainer: Trainer | None = None
     _checking = False
     _differences: Sequence[str] = ()
+    _saved_state: dict[str, Any] | None = None
+    _unsaved_options: Sequence[str] = ()
+
+    # -- checkpoints: a resumed train() continues the same report -----------------------
+
+    def state(self) -> dict[str, Any]:
+        """Saved in each checkpoint's ``trainer_state.json`` (a stateful callback).
+
+        ``attributes`` hold `gradwatch.GradWatch.state_dict` (the report directory, the
+        checks so far), read back on ``train(resume_from_checkpoint=...)``. ``args`` hold
+        the options JSON can carry, for ``restore_callback_states_from_checkpoint=True``
+        (which rebuilds the callback from them); a callable ``loss_fn``,
+        ``regularization`` or ``on_alert`` cannot be saved, and a callback rebuilt
+        without them refuses to start rather than check another J.
+        """
+        options = {
+            **self._options,
+            "precision": self.precision,
+            "report_dir": None if self.report_dir is None else str(self.report_dir),
+        }
+        saved = {key: value for key, value in options.items() if not callable(value)}
+        unsaved = [key for key, value in options.items() if callable(value)]
+        unsaved += [name for name in ("loss_fn", "regularization") if getattr(self, name)]
+        return {
+            "args": saved,
+            "attributes": {"_saved_state": self.watch.state_dict(), "_unsaved_options": unsaved},
+        }
+
+    def _resumed_state(self, state: TrainerState) -> WatchState | None:
+        """The state saved with the checkpoint this train() resumed from, if any."""
+        if state.global_step == 0:
+            return None  # a fresh run: stateful_callbacks holds this run's own state
+        saved = self._saved_state
+        if saved is None:
+            stored_states: object = state.stateful_callbacks  # a dict once loaded from JSON
+            stored = (
+                stored_states.get(type(self).__name__)
+                if isinstance(stored_states, Mapping)
+                else None
+            )
+            attributes = stored.get("attributes") if isinstance(stored, Mapping) else None
+            if isinstance(attributes, Mapping):
+                saved = attributes.get("_saved_state")
+        return None if saved is None else WatchState.read(saved)
 
     # -- Trainer events ---------------------------------------------------------------
 
@@ -125,14 +171,24 @@ class GradWatch(TrainingWatch, TrainerCallback):
                 "on_train_begin: expected the Trainer to pass `model` to its callbacks, "
                 "received none; cannot hook the model's forward to capture batches"
             )
+        if self._unsaved_options:
+            raise OptionError(
+                "restore_callback_states_from_checkpoint: GradWatch was rebuilt from the "
+                f"checkpoint without {', '.join(self._unsaved_options)} (a callable cannot be "
+                "saved as JSON); expected restore_callback_states_from_checkpoint=False (GradWatch "
+                "reads its report state from the checkpoint either way)"
+            )
         self._trainer = _find_trainer()
         self._checking = bool(state.is_world_process_zero)
+        resumed = self._resumed_state(state)
         notes = [
             *self._loss_notes(args),
             *check_step_notes(args.gradient_accumulation_steps),
         ]
         self.start(
-            Path(args.output_dir or ".") / "gradwatch",
+            Path(resumed.report_dir)
+            if resumed is not None and resumed.report_dir
+            else Path(args.output_dir or ".") / "gradwatch",
             writer=self._checking,
             context={
                 "framework": "transformers",
@@ -144,6 +200,8 @@ class GradWatch(TrainingWatch, TrainerCallback):
             },
             notes=notes,
         )
+        if state.global_step > 0:  # TrainerState was loaded from the checkpoint
+            self.watch.resume(state.global_step, "transformers resume_from_checkpoint")
         if self._capture is not None:
             self._capture.remove()
         self._capture = BatchCapture(model)

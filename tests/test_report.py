@@ -91,18 +91,18 @@ def test_non_finite_ratios_survive_both_files(tmp_path: Path) -> None:
     assert math.isnan(report.checks[0].ratio)
     assert report.checks[1].ratio == math.inf
     summary = json.loads((tmp_path / "report.json").read_text())
-    assert math.isnan(summary["series"][0]["ratio"])
-    assert summary["series"][1]["ratio"] == math.inf
+    assert math.isnan(summary["alerts"][0]["ratio"])
+    assert summary["last"]["ratio"] == math.inf
 
 
-def test_report_json_holds_configuration_environment_and_series(tmp_path: Path) -> None:
-    """report.json says how the run was checked, where, and the ratio series per tensor."""
+def test_report_json_holds_configuration_environment_and_latest_check(tmp_path: Path) -> None:
+    """report.json says how the run was checked, where, by which run, and the latest check."""
     with GradWatch(every=7, sample=0.5, report_dir=tmp_path, threshold=1e-4, warn=1e-6) as watch:
         watch.set_context(framework="numpy")
         watch.note("gradient accumulation: the check covers the last micro-batch")
         watch.record(make_result(2e-7), 0)
     summary = json.loads((tmp_path / "report.json").read_text())
-    assert summary["schema_version"] == 1
+    assert summary["schema_version"] == 2
     configuration = summary["configuration"]
     assert configuration["every"] == 7
     assert configuration["sample"] == 0.5
@@ -117,9 +117,17 @@ def test_report_json_holds_configuration_environment_and_series(tmp_path: Path) 
     assert environment["python"] == ".".join(map(str, sys.version_info[:3]))
     assert environment["gradwatch"] == "0.1.0"
     assert environment["numpy"]
-    assert summary["series"][0]["tensors"] == {"W": 2e-7, "b": 2e-8}
-    assert summary["series"][0]["worst"][0]["name"] == "W[1, 0]"
+    assert summary["last"]["tensors"] == {"W": 2e-7, "b": 2e-8}
+    assert summary["last"]["worst"][0]["name"] == "W[1, 0]"
     assert summary["closed"] is True
+    assert summary["checks"] == 1
+    [run] = summary["runs"]
+    assert (run["pid"], run["first_line"], run["first_step"], run["closed"]) == (
+        os.getpid(),
+        0,
+        0,
+        True,
+    )
 
 
 def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
@@ -165,7 +173,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "report.json").read_text())
     summary["schema_version"] = 99
     (tmp_path / "report.json").write_text(json.dumps(summary))
-    with pytest.raises(ReportError, match="expected schema_version <= 1, received 99"):
+    with pytest.raises(ReportError, match="expected schema_version <= 2, received 99"):
         load_report(tmp_path)
 
 
