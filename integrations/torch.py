@@ -284,6 +284,12 @@ class _Shadow:
         """Flat index range of each held padding row (see `held_padding_rows`), by tensor."""
         self._sources = trainable_parameters(model)
         """The model's parameters by the shadow's names: the unperturbed values, exactly."""
+        self._source_views = {
+            name: p.detach().numpy()
+            for name, p in self._sources.items()
+            if p.device.type == "cpu" and p.layout == torch.strided and p.dtype != torch.bfloat16
+        }
+        """Numpy views of the CPU parameters (no copy): a restore makes no torch call."""
         self.arrays: dict[str, npt.NDArray[np.floating]] = {}
         self._synced: list[tuple[torch.Tensor, npt.NDArray[np.floating]]] = []
         for name, p in self.params.items():
@@ -325,7 +331,8 @@ class _Shadow:
         The shadow's values are the model's converted to float64 (or kept), which is
         exact, so the model is the backup; it is only read.
         """
-        self.arrays[name][...] = _to_numpy(self._sources[name])
+        source = self._source_views.get(name)
+        self.arrays[name][...] = _to_numpy(self._sources[name]) if source is None else source
 
     def arrays_dtype(self) -> npt.DTypeLike:
         """The numpy dtype of the checked arrays (float64, or the native dtype)."""
@@ -973,38 +980,102 @@ def check_module(
             f"model: expected at least one parameter with requires_grad=True, "
             f"received {type(model).__name__} with none"
         )
-    all_notes = list(notes)
     options = dict(check_options)
-
     with _untouched_globals(model) as rng:
-        shadow, objective, mode, shadow_notes = _probed_shadow(
-            model, loss_fn, batch, penalties, rng, precision
-        )
-        all_notes.extend(shadow_notes)
+        run = _ShadowCheck(model, loss_fn, batch, penalties, rng, analytic, batched, options)
+        try:
+            result = run.check(precision)
+            fallback = run.coarse_reason() if precision == "float64" else None
+        except Exception as error:
+            if not run.can_fall_back(precision):
+                raise
+            fallback = f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
+        if fallback is not None:
+            rng.restore()
+            try:
+                result = run.check("native")
+            except Exception as error:
+                error.add_note(f"gradwatch checked on a float64 copy first: {fallback}")
+                raise
+            run.notes.insert(
+                0,
+                f"{fallback}; checked in the model's own {_dtype_name(run.shadow.dtype)} "
+                "instead, with that dtype's step and thresholds: a float64 check would read "
+                "the rounding of J as a bug",
+            )
+    if optimizer is not None:
+        run.notes.extend(weight_decay_notes(optimizer))
+    penalty_values = run.penalty_values
+    if penalties:
+        run.notes.append("penalties in J (both sides): " + ", ".join(penalty_values))
+    else:
+        run.notes.append("penalties in J: none")
+    return result.model_copy(
+        update={
+            "regularization": {**result.regularization, **penalty_values},
+            "notes": [*result.notes, *notes, *run.notes],
+        }
+    )
+
+
+class _ShadowCheck:
+    """One check of J on a shadow of ``model`` in a given precision, and what it found.
+
+    After a float64 check, `coarse_reason` says whether J really came out in float64:
+    where an op the `ShadowMode` could not answer turned float64 into float32, or J's
+    value is exact in float32, the float64 check judged the gradient on a J rounded
+    to float32, and ``check_module`` checks again in the model's own precision.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        penalties: list[tuple[str, Penalty]],
+        rng: RngState,
+        analytic: Analytic,
+        batched: bool,
+        options: dict[str, Any],
+    ) -> None:
+        self.model, self.loss_fn, self.batch, self.penalties = model, loss_fn, batch, penalties
+        self.rng, self.analytic, self.batched, self.options = rng, analytic, batched, options
+        self.notes: list[str] = []
+        self.penalty_values: dict[str, float] = {}
+
+    def can_fall_back(self, precision: Precision) -> bool:
+        """True when a float64 check of a float32/float16 model could run natively instead."""
+        native = _floating_dtype(self.model)
+        return precision == "float64" and native != torch.float64 and native in NATIVE_DTYPES
+
+    def check(self, precision: Precision) -> CheckResult:
+        self.shadow = shadow = _Shadow(self.model, precision)
+        self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
+        objective = _Objective(shadow, self.loss_fn, self.batch, self.penalties, self.rng)
+        notes: list[str] = []
         grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]]
-        if analytic == "recompute":
+        if self.analytic == "recompute":
             grads = _ShadowGradients(objective)
             largest: Mapping[str, int] = grads.largest
         else:
-            grads, grad_notes = module_gradients(model, shadow.arrays_dtype())
+            grads, grad_notes = module_gradients(self.model, shadow.arrays_dtype())
             largest = {name: _largest_entry(g) for name, g in grads.items()}
-            all_notes.append(
+            notes.append(
                 "live: analytic gradient is the model's .grad (after accumulation and any "
                 "clipping done before this point), numeric gradient is of J on this batch"
             )
-            all_notes.extend(grad_notes)
-        all_notes.extend(_precision_notes(shadow, options))
-        if optimizer is not None:
-            all_notes.extend(weight_decay_notes(optimizer))
-        loss = _BatchedObjective(objective, largest) if batched else objective
-        with mode, torch.inference_mode():
+            notes.extend(grad_notes)
+        notes.extend(_precision_notes(shadow))
+        loss = _BatchedObjective(objective, largest) if self.batched else objective
+        options = self.options
+        with self.mode, torch.inference_mode():
             try:
                 result = gradwatch.check(loss, shadow.arrays, grads, **options)
             except _AccumulatedInParts as parts:
                 assert isinstance(grads, _ShadowGradients)
                 grads = _ShadowGradients(objective, hold=True, largest=grads.largest)
                 result = gradwatch.check(loss, shadow.arrays, grads, **options)
-                all_notes.append(
+                notes.append(
                     f"the gradient of {parts} arrived in parts (reentrant checkpointing?): "
                     "checked again holding the whole gradient until each backward pass ends"
                 )
@@ -1012,93 +1083,47 @@ def check_module(
             if stray:  # drawn at some evaluations only: replay everything, one by one
                 objective.replay = frozenset(GENERATORS)
                 result = gradwatch.check(objective, shadow.arrays, grads, **options)
-                all_notes.append(
+                notes.append(
                     f"J drew from the {', '.join(sorted(stray))} RNG at some evaluations "
                     "only; checked again replaying every generator at every evaluation"
                 )
             elif isinstance(loss, _BatchedObjective):
-                all_notes.extend(loss.notes())
-            penalty_values = objective.penalty_values()
-        all_notes.extend(_mode_notes(mode, shadow))
-    if isinstance(grads, _ShadowGradients):
-        all_notes.extend(grads.notes)
-        kept = (
-            "the whole gradient held until each pass ends"
-            if grads.hold
-            else "each tensor's gradient read as it arrives and dropped (never held whole)"
-        )
-        all_notes.append(
-            f"analytic gradient: autograd on the shadow, {grads.visits} backward pass(es), {kept}"
-        )
+                notes.extend(loss.notes())
+            self.penalty_values = objective.penalty_values()
+        notes.extend(_mode_notes(self.mode, shadow))
+        if isinstance(grads, _ShadowGradients):
+            notes.extend(grads.notes)
+            kept = (
+                "the whole gradient held until each pass ends"
+                if grads.hold
+                else "each tensor's gradient read as it arrives and dropped (never held whole)"
+            )
+            notes.append(
+                f"analytic gradient: autograd on the shadow, {grads.visits} backward pass(es), "
+                f"{kept}"
+            )
+        self.notes = notes
+        self.loss = result.loss
+        return result
 
-    if penalties:
-        all_notes.append("penalties in J (both sides): " + ", ".join(penalty_values))
-    else:
-        all_notes.append("penalties in J: none")
-    return result.model_copy(
-        update={
-            "regularization": {**result.regularization, **penalty_values},
-            "notes": [*result.notes, *all_notes],
-        }
-    )
-
-
-def _probed_shadow(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    penalties: list[tuple[str, Penalty]],
-    rng: RngState,
-    precision: Precision,
-) -> tuple[_Shadow, _Objective, ShadowMode, list[str]]:
-    """The shadow, J on it and its `ShadowMode`, after a first evaluation of J.
-
-    That first evaluation (which every check makes) shows whether J really comes out
-    in float64. Where it does not (an op the mode could not answer turned float64
-    into float32, or a kernel without float64 ran in float32) or it raises, a
-    float64 check would judge the gradient on a J rounded to float32: the check runs
-    on a copy in the model's own precision instead (step and thresholds from that
-    dtype), and a note says why.
-    """
-    shadow = _Shadow(model, precision)
-    mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
-    objective = _Objective(shadow, loss_fn, batch, penalties, rng)
-    if shadow.dtype == shadow.native_dtype or shadow.native_dtype not in NATIVE_DTYPES:
-        return shadow, objective, mode, []
-    try:
-        with mode:
-            value = objective()
-    except Exception as error:
-        reason = f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
-    else:
-        if mode.coarse_ops:
-            reason = (
+    def coarse_reason(self) -> str | None:
+        """Why J of the last check was coarser than its shadow, or None."""
+        native = _floating_dtype(self.model)
+        if not self.can_fall_back("float64") or self.shadow.dtype != torch.float64:
+            return None
+        if self.mode.coarse_ops:
+            return (
                 "J came out coarser than float64 (float32 made by "
-                + ", ".join(mode.coarse_ops)
+                + ", ".join(self.mode.coarse_ops)
                 + ": a cast gradwatch cannot answer, or a kernel without float64)"
             )
-        elif _rounded_to(value, shadow.native_dtype):
-            reason = (
-                f"J came out rounded to {_dtype_name(shadow.native_dtype)} (its value is exact "
-                f"in {_dtype_name(shadow.native_dtype)}: computed outside torch, or by a "
-                "kernel gradwatch cannot see into)"
+        if _rounded_to(self.loss, native):
+            name = _dtype_name(native)
+            return (
+                f"J came out rounded to {name} (its value is exact in {name}: computed "
+                "outside torch, or by a kernel gradwatch cannot see into)"
             )
-        else:
-            return shadow, objective, mode, []
-    rng.restore()
-    shadow = _Shadow(model, "native")
-    mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
-    objective = _Objective(shadow, loss_fn, batch, penalties, rng)
-    native = _dtype_name(shadow.dtype)
-    return (
-        shadow,
-        objective,
-        mode,
-        [
-            f"{reason}; checked in the model's own {native} instead, with the step and "
-            f"thresholds of {native}: a float64 check would read the rounding of J as a bug"
-        ],
-    )
+        return None
 
 
 def _rounded_to(value: float, dtype: torch.dtype) -> bool:
@@ -1142,7 +1167,7 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:200]
 
 
-def _precision_notes(shadow: _Shadow, options: dict[str, Any]) -> list[str]:
+def _precision_notes(shadow: _Shadow) -> list[str]:
     """Say which precision J was evaluated in (the core scales warn/threshold by dtype)."""
     if shadow.dtype == torch.float64:
         if shadow.native_dtype != torch.float64:

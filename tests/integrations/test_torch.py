@@ -394,7 +394,8 @@ def test_check_leaves_model_optimizer_and_every_rng_untouched() -> None:
 
 
 def test_state_is_restored_when_the_loss_raises() -> None:
-    """A loss_fn that fails mid-check still leaves every RNG and the default dtype alone."""
+    """A loss_fn that fails mid-check (in float64, then in the float32 retry) still leaves
+    every RNG and the default dtype alone."""
     model, optimizer = trained_model()
     before = snapshot(model, optimizer)
     torch_rng = torch.get_rng_state()
@@ -405,12 +406,15 @@ def test_state_is_restored_when_the_loss_raises() -> None:
         calls += 1
         torch.set_default_dtype(torch.float64)
         torch.rand(3)
-        if calls == 5:
+        if calls >= 5:
             raise RuntimeError("boom")
         return cross_entropy(m, batch)
 
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom") as raised:
         check_module(model, flaky, make_batch())
+    assert "float64 copy first: J on the float64 copy raised RuntimeError: boom" in str(
+        raised.value.__notes__
+    )
     assert_same(before, snapshot(model, optimizer))
     assert torch.equal(torch.get_rng_state(), torch_rng)
 
