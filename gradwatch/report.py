@@ -436,7 +436,7 @@ class ReportWriter:
                 self.checks_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666
             )
             _continue_summary(summary, self.summary_path, lines, notes)
-            self.write_summary()
+            self.write_summary(durable=True)
         except ReportError:
             self._release()
             raise
@@ -497,8 +497,14 @@ class ReportWriter:
             run.last_step = result.step
             self.summary.last = step_record(result)
 
-    def write_summary(self) -> None:
+    def write_summary(self, *, durable: bool = False) -> None:
         """Replace ``report.json`` atomically with the current summary.
+
+        Args:
+            durable: fsync the file and the directory (at open and close). After a
+                check it is only renamed into place: a killed process leaves the old or
+                the new summary, and ``checks.jsonl`` (fsynced) is the durable record;
+                two fsyncs more would cost a small model about two training steps.
 
         Raises:
             OSError: it could not be written; the previous ``report.json`` is left as it was.
@@ -514,13 +520,15 @@ class ReportWriter:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(temporary, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _fsync_directory(self.directory)
+        if durable:
+            _fsync_directory(self.directory)
 
     def close(self) -> None:
         """Mark this run closed, write the summary, close ``checks.jsonl``, free the lock.
@@ -537,7 +545,7 @@ class ReportWriter:
             os.close(descriptor)
             self.summary.closed = True
             self.run.closed = True
-            self.write_summary()
+            self.write_summary(durable=True)
         finally:
             self._release()
 
