@@ -1,0 +1,115 @@
+"""The ``sample="auto"`` screen: 0-d tensors, no structural blind spot, bounded localization."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradwatch
+from benchmarks.screen_miss_rate import PLACEMENTS, trial
+from gradwatch._bisection import bisect, bisection_cost
+from gradwatch.check import AUTO_LOCALIZE_EVALUATIONS
+
+
+def scalars_next_to_a_large_tensor(error: float) -> tuple[dict, object, dict]:
+    """Issue 12's repro: two scalars (a temperature used twice) and a 2,500-entry tensor."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(2500)
+    params = {"a": np.array(1.3), "W": rng.standard_normal(2500), "b": np.array(-0.7)}
+
+    def loss() -> float:
+        t = np.tanh(params["W"] * x)
+        return float(np.sum(t) * params["a"] + 3 * params["b"] ** 2 + params["a"] ** 2)
+
+    t = np.tanh(params["W"] * x)
+    grads = {
+        "a": np.array((np.sum(t) + 2 * params["a"]) * (1 + error)),
+        "W": params["a"] * (1 - t**2) * x,
+        "b": np.array(6 * params["b"] * (1 + error)),
+    }
+    return params, loss, grads
+
+
+def test_equal_errors_in_two_scalars_fail_under_auto_at_every_seed() -> None:
+    """Both scalars 10% too large (the same sign) fail the default check, at 50 seeds."""
+    params, loss, grads = scalars_next_to_a_large_tensor(0.1)
+    for seed in range(50):
+        result = gradwatch.check(loss, params, grads, sample="auto", seed=seed)
+        assert result.status == "fail", (seed, result.notes)
+        failing = {n for n, t in result.tensors.items() if t.status == "fail"}
+        assert failing == {"a", "b"}
+        assert result.loss_evals <= 40
+
+
+def test_correct_scalars_next_to_a_large_tensor_are_ok() -> None:
+    """The same model with the right gradient passes the screen in 6 evaluations."""
+    params, loss, grads = scalars_next_to_a_large_tensor(0.0)
+    result = gradwatch.check(loss, params, grads, sample="auto")
+    assert (result.status, result.loss_evals) == ("ok", 6)
+
+
+def test_zero_d_numpy_parameters_are_screened_and_localized() -> None:
+    """A 0-d array goes through the screen, the per-tensor directions and localization."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(3000)
+    params = {"s": np.array(0.7), "w": rng.standard_normal(3000)}
+
+    def loss() -> float:
+        return float(params["s"] * np.sum(np.sin(params["w"] * x)))
+
+    right = np.array(np.sum(np.sin(params["w"] * x)))
+    grads = {"s": right, "w": params["s"] * np.cos(params["w"] * x) * x}
+    for sample in ("auto", "directional"):
+        assert gradwatch.check(loss, params, grads, sample=sample).status == "ok"
+    grads["s"] = np.array(1.01 * right)
+    result = gradwatch.check(loss, params, grads, sample="auto")
+    assert result.status == "fail"
+    assert result.worst[0].name == "s"
+    assert float(params["s"]) == 0.7  # restored
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), placement=st.sampled_from(PLACEMENTS))
+def test_a_one_percent_error_is_never_missed(seed: int, placement: str) -> None:
+    """Random layouts (0-d to 5,000 entries, 2-40 tensors), r = 1e-2 in one or two tensors."""
+    r = 0.1 if placement == "two-scalars" else 1e-2
+    assert not trial(seed, placement, r)
+
+
+def test_bisection_finds_one_wrong_entry_in_log_evaluations() -> None:
+    """One wrong entry among 4,096 is found in 2 + 2 * 12 evaluations, theta restored."""
+    rng = np.random.default_rng(2)
+    weights = rng.standard_normal(4096)
+    theta = rng.standard_normal(4096)
+    before = theta.copy()
+    gradient = weights * np.cos(theta)
+    gradient[1234] += 0.1
+    evaluations = []
+
+    def evaluate(where: str) -> float:
+        evaluations.append(where)
+        return float(np.sum(weights * np.sin(theta)))
+
+    direction = rng.uniform(0.5, 1.5, 4096) * rng.choice([-1.0, 1.0], 4096)
+    assert bisect(theta, gradient, direction, 1e-5, evaluate, "W") == 1234
+    assert len(evaluations) == bisection_cost(4096) == 26
+    assert np.array_equal(theta, before)
+
+
+def test_a_failing_check_with_many_wrong_tensors_stays_within_its_bound() -> None:
+    """60 wrong tensors: localization stops at its budget and names what it skipped."""
+    rng = np.random.default_rng(3)
+    params = {f"W{k}": rng.standard_normal(200) for k in range(60)}
+    weights = {name: rng.standard_normal(200) for name in params}
+
+    def loss() -> float:
+        return float(sum(np.sum(weights[n] * np.sin(p)) for n, p in params.items()))
+
+    grads = {n: 1.05 * weights[n] * np.cos(p) for n, p in params.items()}
+    result = gradwatch.check(loss, params, grads, sample="auto", top_k=10)
+    assert result.status == "fail"
+    overhead = 2 + 4 + 2 * len(params) + 2 * 10  # probes, screen, directions, diagnosis
+    assert result.loss_evals <= overhead + AUTO_LOCALIZE_EVALUATIONS
+    assert any(note.startswith("not localized") for note in result.notes)
+    assert result.worst and result.worst[0].diagnosis == "bug"
