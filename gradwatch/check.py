@@ -400,6 +400,7 @@ def check(
         threshold=threshold,
         seed=seed,
         notes=notes,
+        verdict=_verdict(status, ratio, per_tensor, warn, threshold),
     )
 
 
@@ -1216,6 +1217,39 @@ def _ratio(numeric: F64, analytic: F64, floor: float = 0.0) -> float:
     difference = float(np.linalg.norm(numeric - analytic))
     denominator = max(float(np.linalg.norm(numeric) + np.linalg.norm(analytic)), floor)
     return difference / denominator if denominator > 0 else 0.0
+
+
+def _verdict(
+    status: Status,
+    ratio: float,
+    per_tensor: Mapping[str, TensorResult],
+    warn: float,
+    threshold: float,
+) -> str:
+    """Which rule set ``status``, with that rule's own number.
+
+    The global rule judges ``ratio`` over every checked component; the per-tensor rule
+    judges each tensor's own ratio, its denominator floored at ``NEAR_ZERO_FLOOR`` of
+    the whole gradient's scale (DESIGN.md section 8). The status is the worse of the two.
+    """
+    if status == "nondeterministic":
+        return "nondeterministic: J(theta) evaluated twice differs; no verdict, no alert"
+    limit = {"fail": ("threshold", threshold), "warn": ("warn", warn)}
+    if status not in limit:
+        return f"ok: global ratio {ratio:.3g} and every tensor's ratio below warn {warn:g}"
+    name, value = limit[status]
+    if _status(ratio, warn, threshold) == status:
+        return f"{status} by the global rule: ratio {ratio:.3g} >= {name} {value:g}"
+    flagged = sorted(
+        ((t, r.ratio) for t, r in per_tensor.items() if r.status == status), key=lambda x: -x[1]
+    )
+    listed = ", ".join(f"{t} (ratio {r:.3g})" for t, r in flagged[:3])
+    more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
+    return (
+        f"{status} by the per-tensor rule: {listed}{more} >= {name} {value:g}; the global "
+        f"ratio {ratio:.3g} is below it (a tensor is judged on its own, its denominator "
+        f"floored at {NEAR_ZERO_FLOOR:g} of the whole gradient's scale)"
+    )
 
 
 def _status(ratio: float, warn: float, threshold: float) -> Status:

@@ -82,6 +82,10 @@ class CheckResult(BaseModel):
     threshold: float = 1e-3
     seed: int = 0
     notes: list[str] = []
+    verdict: str | None = None
+    """Which rule set ``status`` (global ratio or a tensor's own ratio), with its number,
+    e.g. ``"fail by the per-tensor rule: act2.beta (ratio 0.0476) >= threshold 0.001; the
+    global ratio 0.0004 is below it ..."``. None in reports written before it existed."""
     error: str | None = None
     """The exception (``"RuntimeError: mixed dtype (CPU)"``) when ``status="error"``."""
     error_source: str | None = None

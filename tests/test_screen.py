@@ -113,3 +113,23 @@ def test_a_failing_check_with_many_wrong_tensors_stays_within_its_bound() -> Non
     assert result.loss_evals <= overhead + AUTO_LOCALIZE_EVALUATIONS
     assert any(note.startswith("not localized") for note in result.notes)
     assert result.worst and result.worst[0].diagnosis == "bug"
+
+
+def test_the_verdict_names_the_rule_that_fired_with_its_number() -> None:
+    """A wrong 1-entry bias beside a large correct weight: the per-tensor rule, its ratio."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(400)
+    params = {"W": rng.standard_normal(400), "b": np.array([0.3])}
+
+    def loss() -> float:
+        return float(np.sum(np.sin(params["W"] * x)) + 0.01 * params["b"][0] ** 2)
+
+    grads = {"W": np.cos(params["W"] * x) * x, "b": np.array([0.02 * 0.3 * 1.1])}
+    result = gradwatch.check(loss, params, grads)
+    assert result.status == "fail" and result.ratio < 1e-3
+    assert result.verdict is not None
+    bias_ratio = result.tensors["b"].ratio
+    assert result.verdict.startswith(f"fail by the per-tensor rule: b (ratio {bias_ratio:.3g})")
+    assert f"global ratio {result.ratio:.3g} is below it" in result.verdict
+    grads["b"] = np.array([0.02 * 0.3])
+    assert gradwatch.check(loss, params, grads).verdict.startswith("ok: global ratio")
