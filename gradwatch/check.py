@@ -118,6 +118,10 @@ cannot resolve more)."""
 _STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
 
 
+BLOCK_CACHE_ENTRIES = 2**20
+"""Entries of random blocks a direction keeps between uses (8 MiB of float64)."""
+
+
 def default_step(dtype: np.dtype[np.floating]) -> float:
     """The base step cbrt(machine eps): it balances truncation (h^2) against roundoff (eps/h).
 
@@ -743,13 +747,16 @@ def _term_changes(term: RegularizationTerm, tensor: str, old: F64, new: F64) -> 
 class _Direction:
     """A random direction with a block of norm proportional to ``weights[t]`` in each tensor t.
 
-    Blocks are drawn again whenever needed rather than kept (seeded by the tensor's
-    position in ``weights``), so a direction never costs more than one tensor's memory.
-    A direction over several tensors also multiplies each tensor's block by a random
-    gain uniform in [0.5, 1.5): without it a 1-component tensor's block is exactly +-1
-    (its magnitude is normalized away), and equal relative errors in two scalars cancel
-    in g . v with probability 1/2 (issue 12). With it, the contribution of any one
-    tensor to g . v has a bounded density, so no error pattern cancels structurally.
+    Blocks are seeded by the tensor's position in ``weights``. A direction keeps the
+    blocks it has drawn up to ``BLOCK_CACHE_ENTRIES`` entries in all (drawing one costs
+    more than a small model's forward, and each is used three times); beyond that they
+    are drawn again whenever needed, so a large model's direction never costs more than
+    that plus one tensor's memory. A direction over several tensors also multiplies each
+    tensor's block by a random gain uniform in [0.5, 1.5): without it a 1-component
+    tensor's block is exactly +-1 (its magnitude is normalized away), and equal relative
+    errors in two scalars cancel in g . v with probability 1/2 (issue 12). With it, the
+    contribution of any one tensor to g . v has a bounded density, so no error pattern
+    cancels structurally.
     """
 
     def __init__(self, weights: dict[str, float], seed: list[int], where: str) -> None:
@@ -765,10 +772,19 @@ class _Direction:
             }
         self.weights = weights
         self._total = math.sqrt(sum(w * w for w in weights.values()))
+        self._kept: dict[str, F64] = {}
+        self._kept_entries = 0
 
     def block(self, name: str, shape: tuple[int, ...]) -> F64:
+        """This direction's block in tensor ``name``: a fresh array the caller may modify."""
+        kept = self._kept.get(name)
+        if kept is not None:
+            return kept.reshape(shape).copy()
         block = _random_block(np.random.default_rng([*self.seed, self._position[name]]), shape)
         block *= self.weights[name] / (self._total * max(float(np.linalg.norm(block)), 1e-300))
+        if self._kept_entries + block.size <= BLOCK_CACHE_ENTRIES:
+            self._kept[name] = block.copy()
+            self._kept_entries += block.size
         return block
 
 
