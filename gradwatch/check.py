@@ -763,29 +763,42 @@ class _Direction:
         self.seed = seed
         self.where = where
         self._position = {name: position for position, name in enumerate(weights)}
-        if len(weights) > 1:
-            gains = np.random.default_rng([*seed, len(weights), 1]).uniform(
-                0.5, 1.5, size=len(weights)
-            )
-            weights = {
-                name: w * float(g) for (name, w), g in zip(weights.items(), gains, strict=True)
-            }
-        self.weights = weights
-        self._total = math.sqrt(sum(w * w for w in weights.values()))
-        self._kept: dict[str, F64] = {}
+        self._gains = (
+            np.random.default_rng([*seed, len(weights), 1]).uniform(0.5, 1.5, size=len(weights))
+            if len(weights) > 1
+            else np.ones(1)
+        )
+        self._units: dict[str, F64] = {}
         self._kept_entries = 0
+        self.reweight(weights)
+
+    def reweight(self, weights: dict[str, float]) -> None:
+        """Set the norm of each tensor's block (proportional to ``weights``, times its gain)."""
+        self.weights = {
+            name: w * float(g) for (name, w), g in zip(weights.items(), self._gains, strict=True)
+        }
+        self._total = math.sqrt(sum(w * w for w in self.weights.values()))
+
+    def share(self, name: str) -> float:
+        """The norm of this direction's block in tensor ``name`` (the direction has norm 1)."""
+        return self.weights[name] / self._total
+
+    def unit_block(self, name: str, size: int) -> F64:
+        """The block's random pattern in tensor ``name``, flat and of norm 1 (read only)."""
+        kept = self._units.get(name)
+        if kept is not None:
+            return kept
+        block = _random_block(np.random.default_rng([*self.seed, self._position[name]]), (size,))
+        block /= max(float(np.linalg.norm(block)), 1e-300)
+        if self._kept_entries + size <= BLOCK_CACHE_ENTRIES:
+            self._units[name] = block
+            self._kept_entries += size
+        return block
 
     def block(self, name: str, shape: tuple[int, ...]) -> F64:
         """This direction's block in tensor ``name``: a fresh array the caller may modify."""
-        kept = self._kept.get(name)
-        if kept is not None:
-            return kept.reshape(shape).copy()
-        block = _random_block(np.random.default_rng([*self.seed, self._position[name]]), shape)
-        block *= self.weights[name] / (self._total * max(float(np.linalg.norm(block)), 1e-300))
-        if self._kept_entries + block.size <= BLOCK_CACHE_ENTRIES:
-            self._kept[name] = block.copy()
-            self._kept_entries += block.size
-        return block
+        block = self.unit_block(name, math.prod(shape)) * self.share(name)
+        return block.reshape(shape)
 
 
 def _directional(
@@ -844,23 +857,65 @@ def _screen(
     relative error in any one of them shows, at 2 evaluations per direction. The
     denominator is floored at the roundoff resolution (NOISE_UNITS).
     """
+    names = tensors.names
+    directions = [
+        _Direction(dict.fromkeys(names, 1.0), [seed, 2, draw], "all tensors +- h v")
+        for draw in range(count)
+    ]
+    # In float64 the realized step is h v to roundoff, so g . v follows from each tensor's
+    # projection on its unit pattern, taken in the same backward pass as the norms that
+    # weight the blocks: one pass of the gradient, not two.
+    one_pass = all(tensors.params[name].dtype == np.float64 for name in names)
     norms: dict[str, float] = {}
+    projections: dict[str, list[float]] = {}
 
     def measure(name: str, gradient: npt.NDArray[np.floating]) -> None:
         norms[name] = float(np.linalg.norm(gradient))
+        if one_pass:
+            flat = gradient.reshape(-1)
+            projections[name] = [
+                float(np.dot(flat, d.unit_block(name, flat.size))) for d in directions
+            ]
 
-    tensors.visit_grads(tensors.names, measure)
+    tensors.visit_grads(names, measure)
     floor = NEAR_ZERO_FLOOR * math.sqrt(sum(n * n for n in norms.values()))
-    weights = {
-        name: math.sqrt(tensors.params[name].size) / max(norms[name], floor, 1e-300)
-        for name in tensors.names
-    }
-    directions = [
-        _Direction(weights, [seed, 2, draw], "all tensors +- h v") for draw in range(count)
-    ]
-    numeric, analytic, steps = _along_directions(objective, tensors, directions, base_step)
+    for direction in directions:
+        direction.reweight(
+            {
+                name: math.sqrt(tensors.params[name].size) / max(norms[name], floor, 1e-300)
+                for name in names
+            }
+        )
+    if one_pass:
+        steps = _direction_steps(tensors.params, directions, base_step)
+        analytic = np.array(
+            [
+                sum(d.share(name) * projections[name][k] for name in names)
+                for k, d in enumerate(directions)
+            ]
+        )
+        numeric = np.array(
+            [
+                _numeric_along(objective, tensors.params, direction, float(h))
+                for direction, h in zip(directions, steps, strict=True)
+            ]
+        )
+    else:
+        numeric, analytic, steps = _along_directions(objective, tensors, directions, base_step)
     resolution = NOISE_UNITS * objective.roundoff * loss_over_warn / float(np.min(steps))
     return _ratio(numeric, analytic, floor=resolution)
+
+
+def _direction_steps(
+    params: dict[str, npt.NDArray[np.floating]], directions: list[_Direction], base_step: float
+) -> F64:
+    """The step h along each direction: ``base_step`` times the largest |theta| it moves (>= 1)."""
+    return np.array(
+        [
+            base_step * max([1.0, *(_largest_magnitude(params[n]) for n in d.weights)])
+            for d in directions
+        ]
+    )
 
 
 def _along_directions(
@@ -879,12 +934,7 @@ def _along_directions(
     copy at all), else from a backup of just the moved tensors.
     """
     params = tensors.params
-    steps = np.array(
-        [
-            base_step * max([1.0, *(_largest_magnitude(params[n]) for n in d.weights)])
-            for d in directions
-        ]
-    )
+    steps = _direction_steps(params, directions, base_step)
     analytic = np.zeros(len(directions))
 
     def project(name: str, gradient: npt.NDArray[np.floating]) -> None:
