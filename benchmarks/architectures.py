@@ -1,7 +1,7 @@
 """Architecture sweep: GradWatch at default options on tiny `transformers` models.
 
     python -m benchmarks.architectures                       # every architecture
-    python -m benchmarks.architectures --only gpt2,llama --steps 6 --every 5
+    python -m benchmarks.architectures --only gpt2,llama --steps 16 --every 5
     python -m benchmarks.architectures --bug                 # the planted bugs
     python -m benchmarks.architectures --json sweep.json
 
@@ -13,7 +13,7 @@ twice on one thread, with the same seed:
   after the first (the first pays for lazy set-up);
 * watched: ``trainer.add_callback(GradWatch(every=...))`` from
   ``gradwatch.integrations.transformers``, nothing else set (no ``loss_fn``).
-  ``check s`` is the mean, over checked steps, of the step's wall time minus ``step
+  ``check s`` is the median, over checked steps, of the step's wall time minus ``step
   s`` (what a check adds to the step: the float64 copy, the checks' loss evaluations
   and the report), and ``cost`` is ``check s / step s`` in training steps.
 
@@ -271,7 +271,7 @@ def sweep_one(
             watched.timer.seconds[s] for s in row.steps_checked if s in watched.timer.seconds
         ]
         if checked:
-            row.check_seconds = statistics.mean(checked) - row.step_seconds
+            row.check_seconds = statistics.median(checked) - row.step_seconds
             row.cost_steps = row.check_seconds / row.step_seconds
     if plain.crash is None and watched.crash is None:
         row.same_weights = all(torch.equal(a, watched.weights[k]) for k, a in plain.weights.items())
@@ -358,7 +358,7 @@ def summary(rows: Sequence[Row], bugs: bool, elapsed: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture (or bug) names")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     parser.add_argument("--every", type=int, default=5, help="GradWatch(every=...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bug", action="store_true", help="sweep the planted bugs instead")

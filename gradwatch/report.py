@@ -309,10 +309,15 @@ class Report(BaseModel):
         )
 
 
+TIE = 0.99
+"""Failing tensors within this factor of the largest ratio count as tied in an alert."""
+
+
 def alert_for(result: CheckResult) -> Alert | None:
     """The alert a failing check raises, or None when `result` did not fail.
 
-    The alert names the failing tensor with the largest per-tensor ratio (falling back on
+    The alert names the failing tensor with the largest per-tensor ratio (among tensors
+    tied within ``TIE``, the one holding the worst component; with no failing tensor,
     the worst component's tensor) and the worst component.
     """
     if not result.failed:
@@ -322,6 +327,11 @@ def alert_for(result: CheckResult) -> Alert | None:
     failing = {name: t.ratio for name, t in result.tensors.items() if t.status == "fail"}
     if failing:
         tensor = max(failing, key=lambda name: _sort_key(failing[name]))
+        tied = {name for name, ratio in failing.items() if ratio >= TIE * failing[tensor]}
+        if len(tied) > 1 and result.worst and result.worst[0].tensor in tied:
+            # Several tensors at about the same ratio (1 when the signs of one direction's
+            # derivatives disagree): the worst component, measured entry by entry, decides.
+            tensor = result.worst[0].tensor
         tensor_ratio = failing[tensor]
     elif result.worst:
         tensor = result.worst[0].tensor
