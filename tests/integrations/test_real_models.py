@@ -200,3 +200,26 @@ def test_an_exception_inside_a_check_is_recorded_and_training_goes_on(tmp_path: 
     assert first.error_source is not None and "copy of the model" in first.error_source
     assert second.status == "ok"
     assert [c.status for c in gradwatch.load_report(tmp_path).checks] == ["error", "ok"]
+
+
+def test_a_check_that_cannot_run_does_not_stop_the_trainer() -> None:
+    """Under the real Trainer, a J that raises on gradwatch's copy in every precision gives
+    `error` checks while all training steps complete with the weights of a plain run."""
+    from gradwatch.integrations.transformers import GradWatch
+
+    from benchmarks.architectures import train
+
+    def broken(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        if is_shadow(model):
+            raise RuntimeError("no kernel for this dtype")
+        return model_loss(model, batch)
+
+    model, data = ARCHITECTURES["gpt2"].build()
+    plain_model, _ = ARCHITECTURES["gpt2"].build()
+    watch = GradWatch(every=2, loss_fn=broken)
+    run = train(model, data, steps=3, seed=0, callback=watch)
+    plain = train(plain_model, data, steps=3, seed=0)
+    assert run.crash is None and run.steps_done == 3
+    assert [(r.step, r.status) for r in watch.results] == [(0, "error"), (2, "error")]
+    assert all("no kernel for this dtype" in (r.error or "") for r in watch.results)
+    assert all(torch.equal(w, plain.weights[k]) for k, w in run.weights.items())
