@@ -46,6 +46,7 @@ import copy
 import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -848,8 +849,20 @@ def _nbytes(value: Any) -> int:
 
 
 def _vmap_failure(error: Exception) -> str:
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return f"vmap raised {type(error).__name__}: {first_line[:200]}"
+    """Why vmap could not run J, in a sentence (no URL cut in the middle)."""
+    text = str(error)
+    if "setup_context" in text:
+        return (
+            "an autograd.Function in the classic style (forward(ctx, ...)) cannot run under "
+            "torch.func.vmap; give it a setup_context staticmethod and "
+            "generate_vmap_rule = True for the fast path"
+        )
+    first_line = (text.strip().splitlines() or [""])[0]
+    first_line = re.sub(r"\s*(For more details, )?[Pp]lease see https?://\S+", "", first_line)
+    first_line = re.sub(r"https?://\S+", "", first_line).strip()
+    if len(first_line) > 200:
+        first_line = first_line[:200].rsplit(" ", 1)[0] + " ..."
+    return f"vmap raised {type(error).__name__}: {first_line}"
 
 
 @contextmanager

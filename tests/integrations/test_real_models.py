@@ -223,3 +223,33 @@ def test_a_check_that_cannot_run_does_not_stop_the_trainer() -> None:
     assert [(r.step, r.status) for r in watch.results] == [(0, "error"), (2, "error")]
     assert all("no kernel for this dtype" in (r.error or "") for r in watch.results)
     assert all(torch.equal(w, plain.weights[k]) for k, w in run.weights.items())
+
+
+def test_a_classic_autograd_function_says_readably_why_the_fast_path_is_off() -> None:
+    """A forward(ctx, ...) Function that vmap refuses is checked one by one, and the note says
+    why in a sentence with no truncated URL."""
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x, w)
+            return x * w
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, w = ctx.saved_tensors
+            return grad * w, (grad * x).sum(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(40))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return Scale.apply(x, self.w)  # type: ignore[no-any-return]
+
+    x = torch.randn(3, 40)
+    result = check_module(Net(), lambda m, b: m(b).square().mean(), x)
+    assert result.status == "ok"
+    (note,) = [n for n in result.notes if n.startswith("batched evaluation unavailable")]
+    assert "classic style" in note and "setup_context" in note and "http" not in note
