@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 import gradwatch
-from gradwatch.errors import LossError, OptionError, ParameterError
+from gradwatch.errors import GradwatchError, LossError, OptionError, ParameterError
 from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
@@ -1000,8 +1000,8 @@ def check_module(
             result = run.check(precision)
             fallback = run.coarse_reason() if precision == "float64" else None
         except Exception as error:
-            if not run.can_fall_back(precision):
-                raise
+            if isinstance(error, GradwatchError) or not run.can_fall_back(precision):
+                raise  # misuse (no loss, a bad shape) is the same in any precision
             fallback = f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
         if fallback is not None:
             rng.restore()

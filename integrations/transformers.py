@@ -257,8 +257,13 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         if capture.loss_inputs is not None:
             batch = capture.loss_inputs
         capture.clear()
+        result = self.check(step, model, self._model_loss, batch, optimizer=optimizer)
+        self._log_metrics(result, state)
+
+    def _model_loss(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """`model_loss`, whose error says how the Trainer computes its loss otherwise."""
         try:
-            result = self.check(step, model, model_loss, batch, optimizer=optimizer)
+            return model_loss(model, inputs)
         except LossError as error:
             if not self._differences:
                 raise
@@ -266,7 +271,6 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 f"{error} (the Trainer computes its training loss otherwise: "
                 f"{', '.join(self._differences)}; pass GradWatch(loss_fn=...))"
             ) from error
-        self._log_metrics(result, state)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -97,9 +97,20 @@ def smoothed_loss(model: Any, inputs: dict[str, Any]) -> Any:
 
 
 def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path) -> None:
-    """Label smoothing / an overridden compute_loss are noted; a user loss_fn is J."""
+    """Label smoothing / an overridden compute_loss are noted; a user loss_fn is J; without
+    one, a model that returns no loss gives an error check saying why (training goes on), and
+    on_error="raise" raises it."""
+    _, watch = run(tmp_path / "smooth", GradWatch(every=1), max_steps=1, label_smoothing_factor=0.1)
+    (result,) = watch.results
+    assert result.status == "error"
+    assert result.error is not None and "label smoothing 0.1; pass GradWatch" in result.error
     with pytest.raises(gradwatch.LossError, match=r"label smoothing 0\.1; pass GradWatch"):
-        run(tmp_path / "smooth", GradWatch(every=1), max_steps=1, label_smoothing_factor=0.1)
+        run(
+            tmp_path / "smooth-raise",
+            GradWatch(every=1, on_error="raise"),
+            max_steps=1,
+            label_smoothing_factor=0.1,
+        )
     _, watch = run(
         tmp_path / "smooth-fn",
         GradWatch(every=1, loss_fn=smoothed_loss),
