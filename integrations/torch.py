@@ -1013,8 +1013,7 @@ def check_module(
             run.notes.insert(
                 0,
                 f"{fallback}; checked in the model's own {_dtype_name(run.shadow.dtype)} "
-                "instead, with that dtype's step and thresholds: a float64 check would read "
-                "the rounding of J as a bug",
+                "instead, with that dtype's step and thresholds",
             )
     if optimizer is not None:
         run.notes.extend(weight_decay_notes(optimizer))
@@ -1128,13 +1127,15 @@ class _ShadowCheck:
             return (
                 "J came out coarser than float64 (float32 made by "
                 + ", ".join(self.mode.coarse_ops)
-                + ": a cast gradwatch cannot answer, or a kernel without float64)"
+                + ": a cast gradwatch cannot answer, or a kernel without float64), so a "
+                "float64 check would read its rounding as a bug"
             )
         if _rounded_to(self.loss, native):
             name = _dtype_name(native)
             return (
                 f"J came out rounded to {name} (its value is exact in {name}: computed "
-                "outside torch, or by a kernel gradwatch cannot see into)"
+                "outside torch, or by a kernel gradwatch cannot see into), so a float64 check "
+                "would read its rounding as a bug"
             )
         return None
 
