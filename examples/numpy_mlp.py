@@ -150,17 +150,32 @@ def synthetic_data(m: int, seed: int = 1) -> tuple[Array, Array]:
 
 
 def configure_logging() -> None:
-    """Console output for this script; the gradwatch library itself configures nothing."""
+    """Terse console output for this script; the gradwatch library itself configures nothing.
+
+    One short line per check at INFO, the alert at ERROR instead of the failing check's
+    own line; every field stays in the report (``gradwatch show --json``).
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     structlog.configure(
-        processors=[
-            structlog.stdlib.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
-        ],
+        processors=[structlog.stdlib.add_log_level, _one_line_per_check],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
     )
+
+
+def _one_line_per_check(logger: object, method: str, event: dict[str, Any]) -> str:
+    """``gradwatch step 50: fail, ratio 2.35e-03, tensor b2`` (a failing check's alert only)."""
+    name, step = event.get("event"), event.get("step")
+    if name == "gradient_check" and event.get("status") == "fail":
+        raise structlog.DropEvent  # the alert that follows says it, with the tensor
+    if name == "gradient_check":
+        return f"gradwatch step {step}: {event.get('status')}, ratio {event.get('ratio'):.2e}"
+    if name == "gradient_alert":
+        return (
+            f"gradwatch step {step}: ALERT, ratio {event.get('ratio'):.2e}, "
+            f"tensor {event.get('tensor')} ({event.get('tensor_ratio'):.2e})"
+        )
+    return f"gradwatch {event.get('level', method)}: {name} {event.get('detail', '')}".rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 ``gradwatch show DIR`` (exit 0 clean, 1 alert or a check that could not run, 2
 missing/unreadable), ``gradwatch trend DIR``,
-``gradwatch worst DIR [--step N]``, ``gradwatch plot DIR -o FILE.png``; each takes ``--json``.
+``gradwatch worst DIR [--step N]``, ``gradwatch plot DIR -o FILE.png``,
+``gradwatch html DIR -o FILE.html``; each takes ``--json``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradwatch._html import report_html
+from gradwatch._plot import write_plot
+from gradwatch._reading import completed as _completed
+from gradwatch._reading import format_ratio as _g
+from gradwatch._reading import nan_last as _nan_last
+from gradwatch._reading import next_step, notable_notes
+from gradwatch._reading import step_of as _step
+from gradwatch._reading import threshold as _threshold
+from gradwatch._reading import worst_check as _worst_check
+from gradwatch._show import error_text, show_lines, steps_text
 from gradwatch.errors import GradwatchError
-from gradwatch.report import Report, RunRecord, TruncatedReportWarning, load_report
+from gradwatch.report import Report, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult
 
 __all__ = ["main"]
@@ -81,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     plot = command("plot", "PNG of ratio per step per tensor (needs matplotlib)")
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png", help="image to write")
     plot.set_defaults(handler=_plot)
+    html = command("html", "one self-contained HTML page of the report (no network needed)")
+    html.add_argument("-o", "--output", required=True, metavar="FILE.html", help="page to write")
+    html.set_defaults(handler=_html)
     return parser
 
 
@@ -103,98 +117,17 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
             "worst": None if worst_check is None else _worst_payload(worst_check, 10),
             "skipped": [skip.model_dump() for skip in report.skipped],
             "configuration": report.configuration.model_dump() if report.configuration else None,
+            "notes": [note for note, _ in notable_notes(report)[0]],
+            "next_step": next_step(report, str(report.directory)),
             "warnings": report.warnings,
             "exit_code": code,
         }
         _print_json(payload)
         return code
 
-    state = "closed" if report.closed else "not closed: still running, or killed"
-    print(f"gradwatch report {report.directory} ({state})")
-    if len(report.runs) > 1 or any(run.resumed for run in report.runs):
-        print(f"runs: {len(report.runs)} (restarted or resumed; every run's checks are kept)")
-        for run in report.runs:
-            print("  " + _run_text(run, last=run is report.runs[-1]))
-    if not report.checks:
-        print("no checks recorded")
-        return code
-    print(f"steps checked: {len(report.checks)} ({_steps_text(report.steps)}){_setup_text(report)}")
-    summary = _ratio_summary(report)
-    if summary:
-        print(
-            f"ratio: first {_g(summary['first'])} (step {summary['first_step']}), "
-            f"last {_g(summary['last'])} (step {summary['last_step']}), "
-            f"max {_g(summary['max'])} (step {summary['max_step']}); "
-            f"threshold {_g(_threshold(report))}"
-        )
-    else:
-        print("ratio: - (no check ran to completion)")
-    if report.errors:
-        errors = report.errors
-        counted = f"{len(errors)} check{'' if len(errors) == 1 else 's'}"
-        print(f"errors: {counted} could not run, first at step {errors[0].step}")
-        for check in errors[:5]:
-            print(f"  {_error_text(check)}")
-        if len(errors) > 5:
-            print(f"  ... and {len(errors) - 5} more")
-    if report.skipped:
-        print(f"skipped for the time budget: {len(report.skipped)} due checks")
-    if report.alerts:
-        first = report.alerts[0]
-        print(f"alerts: {len(report.alerts)}, first at step {first.step}")
-        for alert in report.alerts[:5]:
-            tensor = f"{alert.tensor} ({_g(alert.tensor_ratio)})" if alert.tensor else "-"
-            print(
-                f"  step {alert.step}: ratio {_g(alert.ratio)}, tensor {tensor}, "
-                f"worst {alert.component or '-'}"
-            )
-        if len(report.alerts) > 5:
-            print(f"  ... and {len(report.alerts) - 5} more")
-    else:
-        print("alerts: none")
-    if worst_check is not None:
-        print(
-            f"worst check: step {worst_check.step}, ratio {_g(worst_check.ratio)} "
-            f"({worst_check.status})"
-        )
-        print("  tensors: " + _tensors_text(worst_check))
-        for component in worst_check.worst[:5]:
-            print("  " + _component_text(component.model_dump()))
+    for line in show_lines(report):
+        print(line)
     return code
-
-
-def _run_text(run: RunRecord, *, last: bool) -> str:
-    """``run 1: pid 42 on node1, started ..., resumed from ..., 3 checks (steps 5..7), closed``."""
-    who = "pid ?" if run.pid is None else f"pid {run.pid}"
-    if run.host:
-        who += f" on {_printable(run.host)}"
-    parts = [f"run {run.run}: {who}"]
-    if run.started:
-        parts.append(f"started {_printable(run.started)}")
-    if run.resumed:
-        parts.append(f"resumed from {_printable(run.resumed)}")
-    steps = "" if run.first_step is None else f" (steps {run.first_step}..{run.last_step})"
-    parts.append(f"{run.checks} check{'' if run.checks == 1 else 's'}{steps}")
-    if run.closed:
-        parts.append("closed")
-    else:
-        parts.append("not closed: still running, or killed" if last else "not closed: killed")
-    return ", ".join(parts)
-
-
-def _setup_text(report: Report) -> str:
-    configuration = report.configuration
-    if configuration is None:
-        return ""
-    parts = [f"every {configuration.every}"]
-    completed = _completed(report)
-    mode = completed[-1].mode if completed else None
-    parts.append(f"sample {configuration.sample!r}" + (f" ({mode})" if mode else ""))
-    if configuration.dtype:
-        parts.append(configuration.dtype)
-    if configuration.regularization:
-        parts.append("J includes " + ", ".join(configuration.regularization))
-    return "; " + ", ".join(parts)
 
 
 # -- trend --------------------------------------------------------------------------------
@@ -225,7 +158,7 @@ def _trend(report: Report, arguments: argparse.Namespace) -> int:
         print("no checks recorded")
         return EXIT_CLEAN
     if error_steps:
-        print(f"checks that could not run (error), not drawn: steps {_steps_text(error_steps)}")
+        print(f"checks that could not run (error), not drawn: steps {steps_text(error_steps)}")
     if not completed:
         print("no check ran to completion")
         return EXIT_CLEAN
@@ -294,7 +227,7 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
         _print_json(_worst_payload(check, arguments.top))
         return EXIT_CLEAN
     if check.status == "error":
-        print(_error_text(check))
+        print(error_text(check))
         return EXIT_CLEAN
     print(
         f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
@@ -324,64 +257,22 @@ def _error_payload(check: CheckResult) -> dict[str, Any]:
     return {"step": check.step, "error": check.error, "source": check.error_source}
 
 
-def _error_text(check: CheckResult) -> str:
-    return (
-        f"step {check.step}: error in {check.error_source or 'gradwatch'}: "
-        f"{_one_line_text(check.error or 'unknown error')}"
-    )
-
-
-# -- plot ---------------------------------------------------------------------------------
-
-
 def _plot(report: Report, arguments: argparse.Namespace) -> int:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise GradwatchError(
-            "gradwatch plot needs matplotlib, which is not installed: pip install 'gradwatch[plot]'"
-        ) from error
-    completed = _completed(report)
-    if not completed:
-        raise GradwatchError(
-            f"{report.directory} has no check that ran to completion; nothing to plot"
-        )
     output = Path(arguments.output)
-    threshold = _threshold(report)
-    floor = 1e-16  # a ratio of exactly 0 has no place on a log axis
+    write_plot(report, output)
+    if arguments.json:
+        _print_json({"output": str(output.absolute()), "checks": len(report.checks)})
+    else:
+        print(f"wrote {output}")
+    return EXIT_CLEAN
 
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    for name, points in report.tensor_series().items():
-        steps = [step for step, _ in points]
-        axes.plot(steps, [max(ratio, floor) for _, ratio in points], marker=".", lw=1, label=name)
-    axes.plot(
-        [_step(check) for check in completed],
-        [max(check.ratio, floor) for check in completed],
-        color="black",
-        lw=2.2,
-        marker="o",
-        label="global",
-    )
-    axes.axhline(threshold, color="dimgray", ls="--", lw=1.2, label=f"threshold {threshold:g}")
-    alerts = [alert for alert in report.alerts if alert.step is not None]
-    if alerts:
-        axes.scatter(
-            [alert.step or 0 for alert in alerts],
-            [max(alert.ratio, floor) for alert in alerts],
-            marker="x",
-            s=80,
-            color="red",
-            zorder=5,
-            label="alert",
-        )
-    axes.set_yscale("log")
-    axes.set_xlabel("step (optimizer updates)")
-    axes.set_ylabel("ratio  ‖numeric − analytic‖ / (‖numeric‖ + ‖analytic‖)")
-    axes.set_title(f"gradwatch: {Path(*report.directory.parts[-2:])}")
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.savefig(output, dpi=120)
+
+# -- html ---------------------------------------------------------------------------------
+
+
+def _html(report: Report, arguments: argparse.Namespace) -> int:
+    output = Path(arguments.output)
+    output.write_text(report_html(report), encoding="utf-8")
     if arguments.json:
         _print_json({"output": str(output.absolute()), "checks": len(report.checks)})
     else:
@@ -390,22 +281,6 @@ def _plot(report: Report, arguments: argparse.Namespace) -> int:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _completed(report: Report) -> list[CheckResult]:
-    """The checks that ran to completion (an error check has no ratio), in step order."""
-    return [check for check in report.checks if check.status != "error"]
-
-
-def _step(check: CheckResult) -> int:
-    return -1 if check.step is None else check.step
-
-
-def _worst_check(report: Report) -> CheckResult | None:
-    completed = _completed(report)
-    if not completed:
-        return None
-    return max(completed, key=lambda check: _nan_last(check.ratio))
 
 
 def _ratio_summary(report: Report) -> dict[str, Any]:
@@ -425,14 +300,8 @@ def _ratio_summary(report: Report) -> dict[str, Any]:
     }
 
 
-def _threshold(report: Report) -> float:
-    if report.configuration is not None:
-        return report.configuration.threshold
-    return report.checks[-1].threshold if report.checks else 1e-3
-
-
 SHOWN_TENSORS = 6
-"""Tensors listed per check in human output: every non-ok one, then the largest ratios."""
+"""Tensors ``gradwatch worst`` lists: every non-ok one, then the largest ratios."""
 
 
 def _tensors_text(check: CheckResult) -> str:
@@ -456,22 +325,8 @@ def _component_text(component: dict[str, Any]) -> str:
     ).rstrip()
 
 
-def _steps_text(steps: list[int]) -> str:
-    if len(steps) <= 8:
-        return ", ".join(str(step) for step in steps)
-    return ", ".join(str(step) for step in steps[:3]) + ", ..., " + str(steps[-1])
-
-
 def _at_or_above(ratio: float, threshold: float) -> bool:
     return math.isnan(ratio) or ratio >= threshold
-
-
-def _nan_last(value: float) -> float:
-    return math.inf if math.isnan(value) else value
-
-
-def _g(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2e}"
 
 
 def _print_json(payload: object) -> None:
@@ -481,11 +336,6 @@ def _print_json(payload: object) -> None:
 
 def _one_line(error: BaseException) -> str:
     return _one_line_text(str(error)) or type(error).__name__
-
-
-def _printable(text: str) -> str:
-    """`text` on one line with control characters (terminal escapes) shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in _one_line_text(text))
 
 
 def _one_line_text(text: str) -> str:

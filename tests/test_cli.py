@@ -106,15 +106,18 @@ def test_show_alert_exits_1_and_names_the_tensor(
 def test_show_lists_failing_tensors_and_folds_the_quiet_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A model with many tensors stays one readable line: the failing one first, the rest folded."""
+    """A model with many tensors lists the failing one first, then the worst, the rest folded."""
     ratios = {f"layer{i}.weight": 1e-9 * (i + 1) for i in range(40)}
     ratios["head.bias"] = 0.5
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.record(make_result(ratios), 0)
     _, out, _ = run(capsys, "show", str(tmp_path))
-    line = next(text for text in out.splitlines() if text.strip().startswith("tensors:"))
-    assert line.strip().startswith("tensors: head.bias 5.00e-01 fail, layer39.weight")
-    assert line.endswith("... and 35 more (ok)")
+    lines = out.splitlines()
+    start = next(i for i, text in enumerate(lines) if text.strip().startswith("tensors:"))
+    assert lines[start].strip() == "tensors: 41 (1 fail, 40 ok); worst first"
+    assert lines[start + 1].split()[:3] == ["head.bias", "5.00e-01", "fail"]
+    assert lines[start + 2].split()[0] == "layer39.weight"
+    assert lines[start + 7].strip().startswith("... and 35 more (35 ok; ratio at most")
 
 
 def test_show_json_is_machine_readable(buggy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,484 @@
+"""`gradwatch html`: the whole report as one self-contained page.
+
+No network and no CDN: the charts are SVG written here, the style and the one small
+script (filtering rows by tensor name) are inline. The page holds the verdict and next
+step, the alerts and error checks, the ratio trend (global, the worst tensors, a band for
+the rest), a tensor-by-step heatmap, and each check's rule, notes, tensors and worst
+components.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from html import escape
+
+from gradwatch._reading import (
+    completed,
+    format_ratio,
+    nan_last,
+    next_step,
+    ranked_tensors,
+    screened_only,
+    step_of,
+    threshold,
+    worst_check,
+)
+from gradwatch.report import Report
+from gradwatch.result import CheckResult
+
+__all__ = ["DETAILED_CHECKS", "HEATMAP_COLUMNS", "report_html"]
+
+HIGHLIGHTED = 5
+"""Tensors drawn as their own line in the trend: the highest ratios over the run."""
+HEATMAP_COLUMNS = 80
+"""Heatmap columns at most; longer runs are binned, each cell showing its bin's worst."""
+DETAILED_CHECKS = 200
+"""Checks listed with their tensors and components: the non-ok ones first, then the
+highest ratios (``checks.jsonl`` has every one)."""
+TENSORS_PER_CHECK = 12
+"""Tensor rows per listed check: every non-ok one up to this, then the highest ratios."""
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+_FLOOR = -16.0
+
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222}
+body{padding:0 1em}
+h1{font-size:1.35em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.badge{padding:.15em .6em;border-radius:.3em;color:#fff;font-weight:600}
+.fail,.error{background:#b3261e}.ok{background:#2e7d32}.warn{background:#b26a00}
+.nondeterministic{background:#666}
+table{border-collapse:collapse;margin:.4em 0}
+td,th{padding:.1em .5em;text-align:left;vertical-align:top}
+td:nth-child(2){white-space:nowrap}
+tr:nth-child(even){background:#f6f6f6}code,.mono{font-family:ui-monospace,monospace}
+.heat td.c{height:12px;padding:0;border:1px solid #fff}
+.heat td.n{font:12px ui-monospace,monospace;white-space:nowrap;padding-right:.6em}
+#filter{font-size:1em;padding:.3em;width:22em}
+.next{background:#fff4e5;padding:.5em;border-left:4px solid #b26a00}
+details{margin:.3em 0}summary{cursor:pointer}.note{color:#444}.legend span{margin-right:1em}
+"""
+
+_SCRIPT = """
+const box = document.getElementById('filter');
+const count = document.getElementById('matches');
+function applyFilter() {
+  const text = box.value.trim().toLowerCase();
+  const rows = document.querySelectorAll('[data-tensor]');
+  const names = new Set();
+  rows.forEach(function (row) {
+    const name = row.getAttribute('data-tensor');
+    const shown = text === '' || name.toLowerCase().includes(text);
+    row.style.display = shown ? '' : 'none';
+    if (shown) { names.add(name); }
+  });
+  count.textContent = text === '' ? '' : names.size + ' tensors match';
+}
+box.addEventListener('input', applyFilter);
+const given = new URLSearchParams(location.hash.slice(1)).get('filter');
+if (given !== null) { box.value = given; applyFilter(); }
+document.body.setAttribute('data-filter-ready', 'yes');
+"""
+
+
+def report_html(report: Report) -> str:
+    """The page for `report`, as one string (UTF-8, no external resource)."""
+    title = f"gradwatch report {report.directory}"
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        _verdict(report),
+        _alerts(report),
+        _trend_section(report),
+        _heatmap_section(report),
+        _checks_section(report),
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(body)
+        + f"<script>{_SCRIPT}</script></body></html>\n"
+    )
+
+
+def _status_of(report: Report) -> str:
+    if report.errors and not report.alerts:
+        return "error"
+    return "fail" if report.alerts else "ok"
+
+
+def _verdict(report: Report) -> str:
+    status = _status_of(report)
+    label = {"fail": "ALERT", "error": "ERROR", "ok": "CLEAN"}[status]
+    checks = completed(report)
+    state = "closed" if report.closed else "not closed: still running, or killed"
+    parts = [
+        f"<p><span class='badge {status}'>{label}</span> {len(report.checks)} checks "
+        f"(steps {_steps(report.steps)}), {escape(state)}; threshold "
+        f"{threshold(report):g}; {len(report.alerts)} alerts, {len(report.errors)} errors, "
+        f"{len(report.runs)} run(s).</p>"
+    ]
+    if checks:
+        worst = worst_check(report)
+        assert worst is not None
+        parts.append(
+            f"<p>ratio first {format_ratio(checks[0].ratio)} (step {checks[0].step}), "
+            f"last {format_ratio(checks[-1].ratio)} (step {checks[-1].step}), "
+            f"max {format_ratio(worst.ratio)} (step {worst.step}).</p>"
+        )
+    advice = next_step(report, str(report.directory))
+    if advice:
+        parts.append(f"<p class='next'>{escape(advice)}</p>")
+    if report.configuration is not None:
+        configuration = report.configuration
+        setup = (
+            f"every {configuration.every}, sample {configuration.sample!r}, "
+            f"dtype {configuration.dtype or '-'}, J includes "
+            f"{', '.join(configuration.regularization) or 'no penalty'}"
+        )
+        parts.append(f"<p class='note'>setup: {escape(setup)}</p>")
+        parts += [f"<p class='note'>run note: {escape(n)}</p>" for n in configuration.notes]
+    return "\n".join(parts)
+
+
+def _alerts(report: Report) -> str:
+    rows = [
+        f"<tr data-tensor='{escape(alert.tensor or '')}'><td>{alert.step}</td>"
+        f"<td>{format_ratio(alert.ratio)}</td><td class='mono'>{escape(alert.tensor or '-')}"
+        f"</td><td class='mono'>{escape(alert.component or '-')}</td>"
+        f"<td>{escape(alert.message)}</td></tr>"
+        for alert in report.alerts
+    ]
+    errors = [
+        f"<tr><td>{check.step}</td><td>{escape(check.error_source or 'gradwatch')}</td>"
+        f"<td class='mono'>{escape(check.error or 'unknown error')}</td></tr>"
+        for check in report.errors
+    ]
+    parts = ["<h2>Alerts</h2>"]
+    if rows:
+        parts.append(
+            "<table><tr><th>step</th><th>ratio</th><th>tensor</th><th>worst component</th>"
+            "<th>alert</th></tr>" + "".join(rows) + "</table>"
+        )
+    else:
+        parts.append("<p>No alerts.</p>")
+    if errors:
+        parts.append(
+            "<h2>Checks that could not run</h2><table><tr><th>step</th><th>in</th>"
+            "<th>error</th></tr>" + "".join(errors) + "</table>"
+        )
+    return "\n".join(parts)
+
+
+# -- trend --------------------------------------------------------------------------------
+
+
+def _trend_section(report: Report) -> str:
+    checks = completed(report)
+    if not checks:
+        return "<h2>Ratio trend</h2><p>No check ran to completion.</p>"
+    series = report.tensor_series()
+    ranked = sorted(series, key=lambda name: -max(nan_last(r) for _, r in series[name]))
+    lines = [("global ratio", "#000", [(step_of(c), c.ratio) for c in checks], 2.5)]
+    lines += [
+        (name, _COLORS[i % len(_COLORS)], series[name], 1.3)
+        for i, name in enumerate(ranked[:HIGHLIGHTED])
+    ]
+    band = _band([series[name] for name in ranked[HIGHLIGHTED:]])
+    svg = _trend_svg(report, lines, band)
+    legend = "".join(
+        f"<span><b style='color:{color}'>&#9644;</b> <code>{escape(name)}</code></span>"
+        for name, color, _, _ in lines
+    )
+    if band:
+        legend += f"<span>grey band: the other {len(ranked) - HIGHLIGHTED} tensors</span>"
+    legend += "<span style='color:#b3261e'>--- threshold</span><span>&#x2715; alert</span>"
+    return f"<h2>Ratio trend</h2>{svg}<p class='legend'>{legend}</p>"
+
+
+def _band(points: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
+    """(step, lowest, median, highest) log10 ratio of `points` at each step."""
+    by_step: dict[int, list[float]] = {}
+    for series in points:
+        for step, ratio in series:
+            if not math.isnan(ratio):
+                by_step.setdefault(step, []).append(_log(ratio))
+    return [(step, min(v), statistics.median(v), max(v)) for step, v in sorted(by_step.items())]
+
+
+def _trend_svg(
+    report: Report,
+    lines: list[tuple[str, str, list[tuple[int, float]], float]],
+    band: list[tuple[int, float, float, float]],
+) -> str:
+    width, height, left, right, top, bottom = 900, 340, 64, 16, 12, 36
+    steps = [step for _, _, points, _ in lines for step, _ in points]
+    values = [_log(r) for _, _, points, _ in lines for _, r in points if not math.isnan(r)]
+    values += [low for _, low, _, _ in band] + [_log(threshold(report))]
+    values.append(_log(report.checks[-1].warn))
+    low_y, high_y = math.floor(min(values)) - 0.5, math.ceil(max(values)) + 0.5
+    first, last = min(steps), max(steps)
+    span = max(last - first, 1)
+
+    def x(step: float) -> float:
+        if last == first:
+            return (width + left - right) / 2
+        return left + 10 + (step - first) / span * (width - left - right - 20)
+
+    def y(value: float) -> float:
+        return top + (high_y - value) / (high_y - low_y) * (height - top - bottom)
+
+    parts = [
+        f"<svg role='img' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' font-size='11' font-family='sans-serif'>"
+    ]
+    for decade in range(math.ceil(low_y), math.floor(high_y) + 1):
+        parts.append(
+            f"<line x1='{left}' x2='{width - right}' y1='{y(decade):.1f}' y2='{y(decade):.1f}' "
+            f"stroke='#e5e5e5'/><text x='{left - 6}' y='{y(decade) + 4:.1f}' "
+            f"text-anchor='end'>1e{decade}</text>"
+        )
+    for step in _integer_ticks(first, last):
+        parts.append(
+            f"<text x='{x(step):.1f}' y='{height - bottom + 16}' text-anchor='middle'>{step}</text>"
+        )
+    parts.append(
+        f"<text x='{(width + left) / 2:.0f}' y='{height - 4}' text-anchor='middle'>"
+        "step (optimizer updates)</text>"
+    )
+    if band:
+        outline = [(x(s), y(hi)) for s, _, _, hi in band]
+        outline += [(x(s), y(lo)) for s, lo, _, _ in reversed(band)]
+        parts.append(f"<polygon points='{_points(outline)}' fill='#999' fill-opacity='0.3'/>")
+        median = [(x(s), y(m)) for s, _, m, _ in band]
+        parts.append(_polyline(median, "#777", 1.0, dash="4 3"))
+    for value, color, dash in (
+        (threshold(report), "#b3261e", "6 4"),
+        (report.checks[-1].warn, "#b26a00", "2 3"),
+    ):
+        parts.append(
+            f"<line x1='{left}' x2='{width - right}' y1='{y(_log(value)):.1f}' "
+            f"y2='{y(_log(value)):.1f}' stroke='{color}' stroke-dasharray='{dash}'/>"
+        )
+    for name, color, points, stroke in reversed(lines):
+        drawn = [(x(step), y(_log(r))) for step, r in points if not math.isnan(r)]
+        parts.append(_polyline(drawn, color, stroke, title=name))
+    for alert in report.alerts:
+        if alert.step is None:
+            continue
+        cx, cy = x(alert.step), y(_log(alert.ratio))
+        parts.append(
+            f"<g stroke='#d00' stroke-width='2.5'><title>alert at step {alert.step}: "
+            f"{escape(alert.tensor or '-')}</title><line x1='{cx - 5:.1f}' y1='{cy - 5:.1f}' "
+            f"x2='{cx + 5:.1f}' y2='{cy + 5:.1f}'/><line x1='{cx - 5:.1f}' y1='{cy + 5:.1f}' "
+            f"x2='{cx + 5:.1f}' y2='{cy - 5:.1f}'/></g>"
+        )
+    parts.append(
+        f"<rect x='{left}' y='{top}' width='{width - left - right}' "
+        f"height='{height - top - bottom}' fill='none' stroke='#888'/></svg>"
+    )
+    return "".join(parts)
+
+
+def _polyline(
+    points: Sequence[tuple[float, float]],
+    color: str,
+    stroke: float,
+    *,
+    dash: str = "",
+    title: str = "",
+) -> str:
+    dashes = f" stroke-dasharray='{dash}'" if dash else ""
+    label = f"<title>{escape(title)}</title>" if title else ""
+    dots = "".join(f"<circle cx='{px:.1f}' cy='{py:.1f}' r='2.2'/>" for px, py in points)
+    return (
+        f"<g fill='{color}'>{label}<polyline points='{_points(points)}' fill='none' "
+        f"stroke='{color}' stroke-width='{stroke}'{dashes}/>{dots if not dash else ''}</g>"
+    )
+
+
+def _points(points: Iterable[tuple[float, float]]) -> str:
+    return " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+
+
+def _integer_ticks(first: int, last: int, most: int = 10) -> list[int]:
+    stride = max(1, math.ceil((last - first) / most))
+    magnitude = 10 ** max(0, len(str(stride)) - 1)
+    stride = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= stride)
+    return list(
+        range(first - first % stride + (stride if first % stride else 0), last + 1, stride)
+    ) or [first]
+
+
+def _log(ratio: float) -> float:
+    return _FLOOR if ratio <= 0 else max(math.log10(ratio), _FLOOR)
+
+
+# -- heatmap ------------------------------------------------------------------------------
+
+
+def _heatmap_section(report: Report) -> str:
+    checks = completed(report)
+    parts = [
+        "<h2>Tensors by step</h2>",
+        "<p><input id='filter' type='search' placeholder='filter by tensor name' "
+        "aria-label='filter by tensor name'> <span id='matches'></span></p>",
+    ]
+    if not checks:
+        return "\n".join(parts)
+    bins = _bins(len(checks))
+    cell = max(8, min(40, 640 // len(bins)))
+    warn, limit = checks[-1].warn, threshold(report)
+    head = "".join(
+        f"<th title='steps {step_of(checks[a])}..{step_of(checks[b - 1])}'></th>" for a, b in bins
+    )
+    rows = []
+    for name in report.tensor_names:
+        cells = []
+        worst = -math.inf
+        for a, b in bins:
+            ratios = [c.tensors[name].ratio for c in checks[a:b] if name in c.tensors]
+            if not ratios:
+                cells.append("<td class='c' style='background:#fff'></td>")
+                continue
+            value = max(ratios, key=nan_last)
+            worst = max(worst, nan_last(value))
+            screen = all(screened_only(c) for c in checks[a:b])
+            tip = f"{name} steps {step_of(checks[a])}..{step_of(checks[b - 1])}: {value:.2e}"
+            tip += " (screen only)" if screen else ""
+            cells.append(
+                f"<td class='c' style='width:{cell}px;background:{_color(value, warn, limit)}' "
+                f"title='{escape(tip)}'></td>"
+            )
+        rows.append(
+            f"<tr data-tensor='{escape(name)}'><td class='n'>{escape(name)}</td>"
+            f"<td class='n'>{format_ratio(worst) if worst > -math.inf else '-'}</td>"
+            + "".join(cells)
+            + "</tr>"
+        )
+    parts.append(
+        f"<p class='note'>One row per tensor (parameter order), one column per check"
+        f"{' bin' if len(checks) > HEATMAP_COLUMNS else ''}, colored by ratio: "
+        f"<span style='background:{_color(1e-10, warn, limit)}'>&nbsp;below warn&nbsp;</span> "
+        f"<span style='background:{_color(warn * 10, warn, limit)}'>&nbsp;warn&nbsp;</span> "
+        f"<span style='background:{_color(limit * 10, warn, limit)};color:#fff'>&nbsp;at or above "
+        f"threshold&nbsp;</span>. A wrong backward spoils the tensors before it: the last "
+        f"red row in parameter order is nearest the bug.</p>"
+    )
+    parts.append(
+        "<table class='heat'><tr><th>tensor</th><th>max</th>"
+        + head
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    return "\n".join(parts)
+
+
+def _bins(count: int) -> list[tuple[int, int]]:
+    columns = min(count, HEATMAP_COLUMNS)
+    edges = [round(i * count / columns) for i in range(columns + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(columns)]
+
+
+def _color(ratio: float, warn: float, limit: float) -> str:
+    """Light green far below warn, yellow at warn, orange to dark red from the threshold."""
+    if math.isnan(ratio):
+        return "#888"
+    value = _log(ratio)
+    if ratio >= limit:
+        depth = min((value - _log(limit)) / 2, 1.0)
+        return _mix((0xF4, 0x8C, 0x3A), (0x8B, 0x0F, 0x14), depth)
+    if ratio >= warn:
+        depth = (value - _log(warn)) / max(_log(limit) - _log(warn), 1e-9)
+        return _mix((0xFF, 0xE0, 0x82), (0xF4, 0xA2, 0x61), depth)
+    depth = min(max((value - (_log(warn) - 8)) / 8, 0.0), 1.0)
+    return _mix((0xF4, 0xFA, 0xF2), (0xB7, 0xDF, 0xB0), depth)
+
+
+def _mix(start: tuple[int, int, int], end: tuple[int, int, int], depth: float) -> str:
+    depth = min(max(depth, 0.0), 1.0)
+    red, green, blue = (round(a + (b - a) * depth) for a, b in zip(start, end, strict=True))
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def _checks_section(report: Report) -> str:
+    checks = report.checks
+    chosen = sorted(
+        checks,
+        key=lambda c: (c.status == "ok", -nan_last(c.ratio)),
+    )[:DETAILED_CHECKS]
+    chosen.sort(key=step_of)
+    parts = [f"<h2>Checks ({len(chosen)} of {len(checks)} listed)</h2>"]
+    parts += [_check_details(check) for check in chosen]
+    return "\n".join(parts)
+
+
+def _check_details(check: CheckResult) -> str:
+    opened = " open" if check.status in ("fail", "error") else ""
+    summary = (
+        f"step {check.step}: <span class='badge {check.status}'>{check.status}</span> "
+        f"ratio {format_ratio(check.ratio)}, {check.mode}, {check.checked} of {check.size} "
+        f"components, {check.loss_evals} loss evaluations, {check.seconds:.3g} s"
+    )
+    parts = [f"<details{opened}><summary>{summary}</summary>"]
+    if check.error:
+        parts.append(
+            f"<p>error in {escape(check.error_source or 'gradwatch')}: "
+            f"<code>{escape(check.error)}</code></p>"
+        )
+    if check.verdict:
+        parts.append(f"<p>rule: {escape(check.verdict)}</p>")
+    if check.notes:
+        parts.append(
+            "<ul>" + "".join(f"<li class='note'>{escape(n)}</li>" for n in check.notes) + "</ul>"
+        )
+    if check.tensors:
+        parts.append(_tensor_table(check))
+    if check.worst:
+        rows = "".join(
+            f"<tr data-tensor='{escape(c.tensor)}'><td class='mono'>{escape(c.name)}</td>"
+            f"<td>{c.analytic:+.6e}</td><td>{c.numeric:+.6e}</td><td>{c.abs_error:.2e}</td>"
+            f"<td>{c.rel_error:.2e}</td><td>{c.diagnosis or ''}</td></tr>"
+            for c in check.worst
+        )
+        parts.append(
+            "<table><tr><th>worst component</th><th>analytic</th><th>numeric</th>"
+            "<th>abs error</th><th>rel error</th><th>label</th></tr>" + rows + "</table>"
+        )
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def _tensor_table(check: CheckResult) -> str:
+    if screened_only(check):
+        return (
+            f"<p>{len(check.tensors)} tensors, none checked on its own: the screen over all "
+            f"of them gave {format_ratio(check.ratio)}.</p>"
+        )
+    ranked = ranked_tensors(check)
+    shown = ranked[:TENSORS_PER_CHECK]
+    rows = "".join(
+        f"<tr data-tensor='{escape(name)}'><td class='mono'>{escape(name)}</td>"
+        f"<td>{format_ratio(t.ratio)}</td><td>{t.status}</td><td>{t.checked}/{t.size}</td></tr>"
+        for name, t in shown
+    )
+    more = len(ranked) - len(shown)
+    folded = f"<p class='note'>... and {more} more tensors, all ok.</p>" if more else ""
+    if more and any(t.status != "ok" for _, t in ranked[len(shown) :]):
+        folded = f"<p class='note'>... and {more} more tensors (see checks.jsonl).</p>"
+    return (
+        "<table><tr><th>tensor</th><th>ratio</th><th>status</th><th>checked</th></tr>"
+        + rows
+        + "</table>"
+        + folded
+    )
+
+
+def _steps(steps: list[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(str(step) for step in steps)
+    return f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"

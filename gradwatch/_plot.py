@@ -1,0 +1,135 @@
+"""`gradwatch plot`: one PNG that reads the same for 1 tensor and for 1,000.
+
+The global ratio in black, the few tensors with the highest ratios as their own lines,
+every other tensor as one grey band (lowest to highest ratio at each step) with its
+median, the threshold and warn lines, a red cross at each alert and a grey line at each
+check that could not run. The legend sits below the axes, so it never squeezes them;
+steps are integers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gradwatch._reading import completed, nan_last, step_of, threshold
+from gradwatch.errors import GradwatchError
+from gradwatch.report import Report
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["HIGHLIGHTED", "plot_figure", "write_plot"]
+
+HIGHLIGHTED = 5
+"""Tensors drawn as their own line: those with the highest ratio over the run."""
+FLOOR = 1e-16
+"""A ratio of exactly 0 has no place on a log axis; it is drawn here instead."""
+_NAME_WIDTH = 48
+
+
+def write_plot(report: Report, output: Path) -> None:
+    """Render `report` to the PNG `output` (needs matplotlib)."""
+    plot_figure(report).savefig(output, dpi=120)
+
+
+def plot_figure(report: Report) -> Figure:
+    """The figure `write_plot` saves (tests measure its axes)."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as error:
+        raise GradwatchError(
+            "gradwatch plot needs matplotlib, which is not installed: pip install 'gradwatch[plot]'"
+        ) from error
+    checks = completed(report)
+    if not checks:
+        raise GradwatchError(
+            f"{report.directory} has no check that ran to completion; nothing to plot"
+        )
+    series = report.tensor_series()
+    ranked = sorted(series, key=lambda name: -max(nan_last(r) for _, r in series[name]))
+    highlighted, rest = ranked[:HIGHLIGHTED], ranked[HIGHLIGHTED:]
+
+    figure = Figure(figsize=(9, 5.5), layout="constrained")
+    axes = figure.add_subplot()
+    if rest:
+        _band(axes, {name: series[name] for name in rest})
+    for name in highlighted:
+        points = series[name]
+        axes.plot(
+            [step for step, _ in points],
+            [max(ratio, FLOOR) for _, ratio in points],
+            marker=".",
+            lw=1.2,
+            label=_shorten(name),
+        )
+    axes.plot(
+        [step_of(check) for check in checks],
+        [max(check.ratio, FLOOR) for check in checks],
+        color="black",
+        lw=2.2,
+        marker="o",
+        label="global ratio",
+    )
+    limit = threshold(report)
+    axes.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:g}")
+    axes.axhline(checks[-1].warn, color="tab:orange", ls=":", lw=1.2, label="warn")
+    alerts = [alert for alert in report.alerts if alert.step is not None]
+    if alerts:
+        axes.scatter(
+            [alert.step or 0 for alert in alerts],
+            [max(alert.ratio, FLOOR) for alert in alerts],
+            marker="x",
+            s=90,
+            color="red",
+            zorder=5,
+            label=f"alert ({len(alerts)})",
+        )
+    for position, unfinished in enumerate(report.errors):
+        axes.axvline(
+            step_of(unfinished),
+            color="gray",
+            lw=1,
+            alpha=0.6,
+            label="check could not run" if position == 0 else None,
+        )
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = [step_of(check) for check in report.checks]
+    if min(steps) == max(steps):
+        axes.set_xlim(min(steps) - 1, max(steps) + 1)
+    axes.set_xlabel("step (optimizer updates)")
+    axes.set_ylabel("ratio ‖numeric − analytic‖ / (‖numeric‖ + ‖analytic‖)")
+    axes.set_title(
+        f"gradwatch: {Path(*report.directory.parts[-2:])}: "
+        f"{len(series)} tensors, {len(report.checks)} checks"
+    )
+    axes.grid(True, which="major", alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    return figure
+
+
+def _band(axes: Axes, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Lowest to highest ratio of `series` at each step, and the median line."""
+    by_step: dict[int, list[float]] = {}
+    for points in series.values():
+        for step, ratio in points:
+            if ratio == ratio:  # NaN: no place in a band
+                by_step.setdefault(step, []).append(max(ratio, FLOOR))
+    steps = sorted(by_step)
+    low = [min(by_step[step]) for step in steps]
+    high = [max(by_step[step]) for step in steps]
+    middle = [statistics.median(by_step[step]) for step in steps]
+    label = f"other {len(series)} tensors: lowest to highest"
+    axes.fill_between(steps, low, high, color="0.6", alpha=0.35, lw=0, label=label)
+    axes.plot(steps, middle, color="0.45", lw=1, ls="-.", label="their median")
+
+
+def _shorten(name: str) -> str:
+    if len(name) <= _NAME_WIDTH:
+        return name
+    head = (_NAME_WIDTH - 3) // 2
+    return name[:head] + "..." + name[len(name) - (_NAME_WIDTH - 3 - head) :]

@@ -1,0 +1,307 @@
+"""`gradwatch show` as text that fits an 80x40 terminal for a model of any size.
+
+A run of any length and a model of any number of tensors give the same few blocks: the
+run, the ratio, the errors and alerts (the first few), the worst check (which rule set
+its status, the failing and the worst few tensors, the rest folded with a count, its
+worst components), the notes that change how to read the result, and one line of next
+steps when something went wrong. Every line is wrapped to `WIDTH` columns.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+from gradwatch._reading import (
+    completed,
+    format_ratio,
+    next_step,
+    notable_notes,
+    ranked_tensors,
+    screened_only,
+    threshold,
+    worst_check,
+)
+from gradwatch.report import Report, RunRecord
+from gradwatch.result import CheckResult, Component
+
+__all__ = ["HEIGHT", "WIDTH", "error_text", "show_lines", "steps_text", "tensor_lines"]
+
+WIDTH = 80
+HEIGHT = 40
+"""The terminal `show_lines` fits: at most `WIDTH` columns and `HEIGHT` lines."""
+
+LISTED_ALERTS = 3
+LISTED_ERRORS = 3
+LISTED_RUNS = 3
+LISTED_TENSORS = 6
+"""Tensor rows of the worst check: the failing ones first, then the highest ratios."""
+LISTED_COMPONENTS = 3
+LISTED_NOTES = 4
+NOTE_ROWS = 2
+"""A note longer than this many rows is cut (``--json`` has it whole)."""
+
+_ORDER = ("fail", "error", "nondeterministic", "warn", "ok")
+_SHORT_STATUS = {"nondeterministic": "nondet"}
+
+
+def show_lines(report: Report) -> list[str]:
+    """The human summary of `report`, every line at most `WIDTH` columns."""
+    directory = str(report.directory)
+    state = "closed" if report.closed else "not closed: still running, or killed"
+    lines = [f"gradwatch report {directory} ({state})"]
+    lines += _runs(report)
+    if not report.checks:
+        return _fit([*lines, "no checks recorded"])
+    lines.append(
+        f"steps checked: {len(report.checks)} ({steps_text(report.steps)}); "
+        f"threshold {threshold(report):.0e}, warn {report.checks[-1].warn:.0e}"
+    )
+    setup = _setup_text(report)
+    if setup:
+        lines.append("setup: " + setup)
+    lines.append(_ratio_text(report))
+    lines += _errors(report)
+    lines += _alerts(report)
+    found = worst_check(report)
+    if found is not None:
+        lines += _worst_check(found)
+    lines += _notes(report)
+    advice = next_step(report, directory)
+    if advice is not None:
+        lines.append(advice)
+    return _fit(lines)
+
+
+def _runs(report: Report) -> list[str]:
+    runs = report.runs
+    if len(runs) <= 1 and not any(run.resumed for run in runs):
+        return []
+    lines = [f"runs: {len(runs)} (restarted or resumed; every run's checks are kept)"]
+    shown = runs if len(runs) <= LISTED_RUNS else [runs[0], *runs[-(LISTED_RUNS - 1) :]]
+    for position, run in enumerate(shown):
+        if position == 1 and len(runs) > LISTED_RUNS:
+            lines.append(f"  ... {len(runs) - LISTED_RUNS} more runs (--json lists them)")
+        who, what = _run_text(run, last=run is runs[-1])
+        lines += [f"  {who}", f"    {what}"]
+    return lines
+
+
+def _run_text(run: RunRecord, *, last: bool) -> tuple[str, str]:
+    """(``run 1: pid 42 on node1, started ...``, ``resumed from ..., 3 checks (...), closed``)."""
+    who = f"run {run.run}: " + ("pid ?" if run.pid is None else f"pid {run.pid}")
+    if run.host:
+        who += f" on {_printable(run.host)}"
+    if run.started:
+        who += f", started {_printable(run.started)}"
+    parts = [f"resumed from {_printable(run.resumed)}"] if run.resumed else []
+    steps = "" if run.first_step is None else f" (steps {run.first_step}..{run.last_step})"
+    parts.append(f"{run.checks} check{'' if run.checks == 1 else 's'}{steps}")
+    if run.closed:
+        parts.append("closed")
+    else:
+        parts.append("not closed: still running, or killed" if last else "not closed: killed")
+    return who, ", ".join(parts)
+
+
+def _setup_text(report: Report) -> str:
+    configuration = report.configuration
+    parts: list[str] = []
+    if configuration is not None:
+        parts.append(f"every {configuration.every}")
+        mode = completed(report)[-1].mode if completed(report) else None
+        parts.append(f"sample {configuration.sample!r}" + (f" ({mode})" if mode else ""))
+        if configuration.dtype:
+            parts.append(configuration.dtype)
+    if configuration is not None and configuration.regularization:
+        parts.append("J includes " + ", ".join(configuration.regularization))
+    return ", ".join(parts)
+
+
+def _ratio_text(report: Report) -> str:
+    checks = completed(report)
+    if not checks:
+        return "ratio: - (no check ran to completion)"
+    first, last = checks[0], checks[-1]
+    worst = max(checks, key=lambda check: (check.ratio != check.ratio, check.ratio))
+    return (
+        f"ratio first {format_ratio(first.ratio)} (step {first.step}), "
+        f"last {format_ratio(last.ratio)} (step {last.step}), "
+        f"max {format_ratio(worst.ratio)} (step {worst.step})"
+    )
+
+
+def _errors(report: Report) -> list[str]:
+    errors = report.errors
+    if not errors:
+        return []
+    counted = f"{len(errors)} check{'' if len(errors) == 1 else 's'}"
+    lines = [f"errors: {counted} could not run, first at step {errors[0].step}"]
+    for check in errors[:LISTED_ERRORS]:
+        lines.append("  " + _cut(error_text(check), WIDTH - 2))
+    if len(errors) > LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - LISTED_ERRORS} more")
+    return lines
+
+
+def error_text(check: CheckResult) -> str:
+    """``step 2: error in gradwatch.check: RuntimeError: ...`` on one line."""
+    return (
+        f"step {check.step}: error in {check.error_source or 'gradwatch'}: "
+        f"{_one_line(check.error or 'unknown error')}"
+    )
+
+
+def _alerts(report: Report) -> list[str]:
+    alerts = report.alerts
+    if not alerts:
+        return ["alerts: none"]
+    lines = [f"alerts: {len(alerts)}, first at step {alerts[0].step}"]
+    listed = alerts if len(alerts) <= LISTED_ALERTS else alerts[:1]
+    for alert in listed:
+        tensor = f"{alert.tensor} ({format_ratio(alert.tensor_ratio)})" if alert.tensor else "-"
+        lines.append(
+            f"  step {alert.step}: ratio {format_ratio(alert.ratio)}, tensor {tensor}, "
+            f"worst {alert.component or '-'}"
+        )
+    rest = alerts[len(listed) :]
+    if rest:
+        named = Counter(alert.tensor or "-" for alert in rest)
+        tensors = ", ".join(f"{name} ({count})" for name, count in named.most_common(2))
+        others = len(named) - 2
+        tensors += f" and {others} other tensors" if others > 0 else ""
+        lines.append(
+            f"  ... and {len(rest)} more (steps {rest[0].step}..{rest[-1].step}) naming {tensors}"
+        )
+    return lines
+
+
+def _worst_check(check: CheckResult) -> list[str]:
+    lines = [f"worst check: step {check.step}, ratio {format_ratio(check.ratio)} ({check.status})"]
+    if check.verdict:
+        lines += _cut_rows(f"  rule: {check.verdict}", NOTE_ROWS, indent="    ")
+    lines += tensor_lines(check)
+    lines += _component_lines(check.worst[:LISTED_COMPONENTS])
+    return lines
+
+
+def tensor_lines(check: CheckResult) -> list[str]:
+    """The failing and the worst few tensors of `check`, the rest folded with a count."""
+    total = len(check.tensors)
+    if screened_only(check):
+        return [
+            f"  tensors: {total}, none checked on its own: the screen along "
+            f"{check.checked} random directions over all of them gave "
+            f"{format_ratio(check.ratio)} ({check.status})"
+        ]
+    ranked = ranked_tensors(check)
+    counts: Counter[str] = Counter(tensor.status for _, tensor in ranked)
+    summary = ", ".join(f"{counts[status]} {status}" for status in _ORDER if counts[status])
+    lines = [f"  tensors: {total} ({summary}); worst first"]
+    shown = ranked[:LISTED_TENSORS]
+    sizes = [f"{tensor.checked}/{tensor.size}" for _, tensor in shown]
+    size_width = max(len(text) for text in sizes)
+    name_width = min(max(len(name) for name, _ in shown), WIDTH - 25 - size_width)
+    for (name, tensor), size in zip(shown, sizes, strict=True):
+        status = _SHORT_STATUS.get(tensor.status, tensor.status)
+        lines.append(
+            f"    {_shorten(name, name_width):<{name_width}}  {format_ratio(tensor.ratio)}  "
+            f"{status:<6} {size:>{size_width}}"
+        )
+    rest = ranked[LISTED_TENSORS:]
+    if rest:
+        folded = Counter(tensor.status for _, tensor in rest)
+        folded_kinds = ", ".join(f"{count} {status}" for status, count in folded.most_common())
+        top = format_ratio(max(tensor.ratio for _, tensor in rest))
+        lines.append(f"    ... and {len(rest)} more ({folded_kinds}; ratio at most {top})")
+    return lines
+
+
+def _component_lines(components: list[Component]) -> list[str]:
+    if not components:
+        return []
+    lines = ["  worst components: analytic, numeric, abs error, label"]
+    width = WIDTH - 4 - 40
+    for component in components:
+        numbers = (
+            f"{component.analytic:+.4e}  {component.numeric:+.4e}  "
+            f"{component.abs_error:.2e}  {component.diagnosis or ''}"
+        ).rstrip()
+        if len(component.name) < width:
+            lines.append(f"    {component.name:<{width}}{numbers}")
+        else:
+            lines += [f"    {component.name}", f"    {'':<{width}}{numbers}"]
+    return lines
+
+
+def _notes(report: Report) -> list[str]:
+    notes, routine = notable_notes(report)
+    if not notes:
+        return []
+    checks = len(report.checks)
+    folded = f" ({routine} routine in --json)" if routine else ""
+    lines = [f"notes that change how to read it{folded}:"]
+    for note, count in notes[:LISTED_NOTES]:
+        where = "" if count >= checks else f" [{count} of {checks} checks]"
+        lines += _cut_rows(f"  - {_one_line(note)}{where}", NOTE_ROWS, indent="    ")
+    if len(notes) > LISTED_NOTES:
+        lines.append(f"  ... and {len(notes) - LISTED_NOTES} more notes (--json)")
+    return lines
+
+
+# -- fitting ------------------------------------------------------------------------------
+
+
+def _fit(lines: list[str]) -> list[str]:
+    """Every line wrapped at `WIDTH` with its own indentation plus four."""
+    fitted = []
+    for line in lines:
+        if len(line) <= WIDTH:
+            fitted.append(line)
+            continue
+        indent = " " * (len(line) - len(line.lstrip()))
+        fitted += textwrap.wrap(
+            line,
+            WIDTH,
+            subsequent_indent=indent + "    ",
+            break_long_words=True,
+            break_on_hyphens=False,
+        )
+    return fitted
+
+
+def _cut_rows(line: str, rows: int, *, indent: str) -> list[str]:
+    """`line` wrapped to at most `rows` rows, the last one ending in ``...`` when cut."""
+    wrapped = textwrap.wrap(line, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+    if len(wrapped) <= rows:
+        return wrapped
+    kept = wrapped[:rows]
+    kept[-1] = _cut(kept[-1] + " " + wrapped[rows].strip(), WIDTH)
+    return kept
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def _shorten(name: str, width: int) -> str:
+    """`name` cut in the middle to `width` characters (the layer and the tensor kind stay)."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 2
+    return name[:head] + "..." + name[len(name) - (width - 3 - head) :]
+
+
+def steps_text(steps: list[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(str(step) for step in steps)
+    return ", ".join(str(step) for step in steps[:3]) + ", ..., " + str(steps[-1])
+
+
+def _printable(text: str) -> str:
+    """`text` on one line with control characters (terminal escapes) shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in _one_line(text))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
