@@ -42,7 +42,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gradwatch.check import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
-from gradwatch.errors import GradientCheckError, OptionError, ReportError
+from gradwatch.errors import GradientCheckError, NonFiniteError, OptionError, ReportError
 from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
@@ -54,7 +54,7 @@ from gradwatch.report import (
     alert_for,
     current_environment,
 )
-from gradwatch.result import CheckResult
+from gradwatch.result import CheckResult, TensorResult
 
 __all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample", "WatchState"]
 
@@ -624,6 +624,11 @@ class GradWatch:
             result = compute()
         except GradientCheckError:
             raise
+        except NonFiniteError as error:
+            # NaN/inf in theta, the gradient or J(theta): the run's own numbers went bad.
+            # That is a finding (a failed check and an alert), not a check that broke.
+            bad = _non_finite_result(error, self._clock() - started, self)
+            return self.record(bad, step, seconds=bad.seconds)
         except Exception as error:
             failed = _error_result(error, source, self._clock() - started, self)
             recorded = self._record(failed, step, seconds=None, exception=error)
@@ -685,7 +690,8 @@ class GradWatch:
         cost = stamped.seconds if seconds is None else seconds
         self._check_seconds += cost
         self._costs.append((stamped.loss_evals, cost))
-        if stamped.status != "error":  # an error result says nothing about theta or J
+        # An error or non-finite result says nothing about theta's shape or J's setup.
+        if stamped.status != "error" and stamped.non_finite is None:
             self._learn_from(stamped)
         self._log_check(stamped, exception)
         alert = alert_for(stamped)
@@ -756,6 +762,7 @@ class GradWatch:
             tensor=alert.tensor,
             tensor_ratio=alert.tensor_ratio,
             component=alert.component,
+            rule=alert.rule,
             detail=alert.message,
             report_dir=str(self.report_dir) if self.report_dir else None,
         )
@@ -1014,6 +1021,35 @@ def _error_result(error: Exception, source: str, seconds: float, watch: GradWatc
         seed=watch.seed,
         error=text,
         error_source=source,
+    )
+
+
+def _non_finite_result(error: NonFiniteError, seconds: float, watch: GradWatch) -> CheckResult:
+    """The failed check recorded when theta, the gradient or J(theta) is not finite."""
+    tensors = {}
+    if error.tensor is not None:
+        tensors[error.tensor] = TensorResult(
+            ratio=math.nan, checked=0, size=error.size, max_abs_error=math.nan, status="fail"
+        )
+    return CheckResult(
+        ratio=math.nan,
+        status="fail",
+        tensors=tensors,
+        worst=[],
+        eps=math.nan if watch.eps is None else watch.eps,
+        eps_policy="none: nothing to compare",
+        checked=0,
+        size=0,
+        loss=math.nan,
+        loss_evals=0 if error.quantity != "loss" else 1,
+        seconds=seconds,
+        regularization={},
+        warn=watch.warn,
+        threshold=watch.threshold,
+        seed=watch.seed,
+        verdict=f"fail: non-finite {error.what}; nothing to compare, no ratio",
+        rule="non-finite",
+        non_finite=error.what,
     )
 
 

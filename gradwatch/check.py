@@ -41,10 +41,10 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch._bisection import bisect, bisection_cost
-from gradwatch.errors import LossError, OptionError
+from gradwatch.errors import LossError, NonFiniteLossError, OptionError
 from gradwatch.params import GradientSource, NamedTensors, component_name, named_tensors
 from gradwatch.regularization import RegularizationTerm
-from gradwatch.result import CheckResult, Component, Diagnosis, Status, TensorResult
+from gradwatch.result import CheckResult, Component, Diagnosis, Rule, Status, TensorResult
 
 __all__ = [
     "AUTO_FULL_MAX_SIZE",
@@ -66,6 +66,9 @@ callable that has this method is evaluated in batches (e.g. torch vmap). A loss 
 also has ``restore_tensor(tensor)``, writing the tensor's unperturbed values back
 exactly (the torch shadow copies them from the model), spares the check a backup of
 the tensors a random direction moves."""
+
+THETA = "J(theta)"
+"""Where the first evaluation of J happens: unperturbed theta, the training's own loss."""
 
 NEAR_ZERO_FLOOR = 1e-3
 """Per-tensor denominators are floored at this fraction of the whole gradient's scale,
@@ -114,6 +117,10 @@ of J over the step). Directional denominators are floored at NOISE_UNITS times t
 ``warn``, so an error within a few roundoff units stays below ``warn`` whatever the dtype
 (float64: a floor near 1e-5 |J|; float32: near 1e-1 |J|, where a per-tensor direction
 cannot resolve more)."""
+
+ROUNDING_STEP_ULPS = 16.0
+"""J's changes are called coarser than its dtype only when the smallest is above this many
+units of eps_J |J|: any two floats near J differ by a whole number of ulps anyway."""
 
 _STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
 
@@ -279,7 +286,7 @@ def check(
             f"{threshold:g} (differences in {dtype} are noisier than in float64)"
         )
 
-    loss0 = objective.loss("J(theta)")
+    loss0 = objective.loss(THETA)
     loss0_again = objective.loss("J(theta), evaluated again")
     nondeterministic = abs(loss0 - loss0_again) > 64 * objective.roundoff * max(abs(loss0), 1e-300)
     if nondeterministic:
@@ -291,7 +298,9 @@ def check(
     def compare_components(
         plan: dict[str, npt.NDArray[np.intp]],
     ) -> tuple[_Comparison, list[Component]]:
-        comparison = _componentwise(objective, tensors, plan, loss0, base_step, eps is not None)
+        comparison = _componentwise(
+            objective, tensors, plan, loss0, base_step, eps is not None, warn
+        )
         worst = comparison.worst_components(tensors, top_k)
         if diagnose:
             _diagnose(worst, comparison, objective, tensors, loss0, nondeterministic, warn)
@@ -307,9 +316,13 @@ def check(
     if sample == "auto" and tensors.size <= AUTO_FULL_MAX_SIZE:
         sample = None
     screen: tuple[float, int] | None = None
+    below: tuple[float, float] | None = None  # (gradient scale, resolution floor)
+    rounding_step: float | None = None
     if sample == "auto":
         directions = screen_directions(len(tensors.names))
-        screen_ratio = _screen(objective, tensors, base_step, seed, abs(loss0) / warn, directions)
+        screen_ratio, screen_below = _screen(
+            objective, tensors, base_step, seed, abs(loss0) / warn, directions
+        )
         notes.append(
             f"screened along {directions} random directions over all tensors, each "
             f"tensor weighted to count equally: ratio {screen_ratio:.3g}"
@@ -317,7 +330,7 @@ def check(
         # A clean screen is the whole check, and so is a screen of a nondeterministic J:
         # checking each tensor on noise would only spend evaluations.
         if screen_ratio < warn or nondeterministic:
-            screen = (screen_ratio, directions)
+            screen, below = (screen_ratio, directions), screen_below
     if screen is not None:
         ratio, checked, mode, worst = screen[0], screen[1], "directional", []
         screened: Status = "nondeterministic" if nondeterministic else "ok"
@@ -352,7 +365,7 @@ def check(
                 comparison, per_tensor = again, per_tensor_again
         checked, mode = comparison.checked + redrawn, comparison.mode
         worst = comparison.worst_components(tensors, top_k)
-        ratio = comparison.ratio()
+        ratio, below = comparison.ratio(), comparison.below_resolution()
         failing = [name for name, verdict in per_tensor.items() if verdict.status == "fail"]
         if sample == "auto" and failing:
             # Most suspicious first: the worst per-tensor ratio is localized first.
@@ -375,15 +388,38 @@ def check(
         assert not isinstance(sample, str)
         comparison, worst = compare_components(_sample_plan(tensors, sample, seed))
         checked, mode = comparison.checked, comparison.mode
-        ratio = comparison.ratio()
+        ratio, below = comparison.ratio(), comparison.below_resolution()
         per_tensor = comparison.per_tensor(tensors, warn, threshold)
+        rounding_step = comparison.rounding_step
+
+    if rounding_step is not None:
+        notes.append(
+            f"J's values are whole multiples of a rounding step {rounding_step:.3g} (J is "
+            f"computed coarser than {dtype}: float32, bfloat16 or quantized): a numeric "
+            f"derivative resolves no less than {rounding_step:.3g} / h, and the ratios "
+            "are judged against that resolution, not called a bug"
+        )
+    if below is not None:
+        notes.append(
+            f"below resolution: the gradient's size {below[0]:.3g} (||numeric|| + "
+            f"||analytic||) is below {below[1]:.3g}, what J's finite differences resolve "
+            f"at warn {warn:g} ({NOISE_UNITS:g} roundoff units eps_J |J| / h over warn): "
+            "at or near an optimum; the ratio is judged against that resolution"
+        )
+    quiet = [n for n, t in per_tensor.items() if t.below_resolution]
+    if quiet and below is None:
+        listed = ", ".join(quiet[:5]) + (f" and {len(quiet) - 5} more" if len(quiet) > 5 else "")
+        notes.append(
+            f"below resolution (judged against J's roundoff, not their own size): {listed}"
+        )
 
     status = _status(ratio, warn, threshold)
-    for verdict in per_tensor.values():
-        if _STATUS_ORDER[verdict.status] > _STATUS_ORDER[status]:
-            status = verdict.status
+    for tensor_verdict in per_tensor.values():
+        if _STATUS_ORDER[tensor_verdict.status] > _STATUS_ORDER[status]:
+            status = tensor_verdict.status
     if nondeterministic:
         status = "nondeterministic"
+    verdict, rule, rule_ratio = _verdict(status, ratio, per_tensor, warn, threshold, below)
 
     return CheckResult(
         ratio=ratio,
@@ -404,7 +440,12 @@ def check(
         threshold=threshold,
         seed=seed,
         notes=notes,
-        verdict=_verdict(status, ratio, per_tensor, warn, threshold),
+        verdict=verdict,
+        rule=rule,
+        rule_ratio=rule_ratio,
+        below_resolution=below is not None,
+        resolution=None if below is None else below[1],
+        rounding_step=rounding_step,
     )
 
 
@@ -443,6 +484,14 @@ class _Objective:
         raw = self._loss()
         # float is the hot path: no numpy round trip
         value = raw if type(raw) is float else _as_scalar(raw, _where(where))
+        if not math.isfinite(value) and where == THETA:
+            # The training's own loss went bad at this step: a finding, not a misuse.
+            raise NonFiniteLossError(
+                f"loss at {THETA}: expected a finite scalar, received {value!r}",
+                quantity="loss",
+                tensor=None,
+                detail=f"J(theta) = {value!r}",
+            )
         if not math.isfinite(value):
             raise LossError(
                 f"loss at {_where(where)}: expected a finite scalar, received {value!r}"
@@ -496,8 +545,13 @@ class _Comparison:
     minus: F64
     gradient_scale: float
     """||numeric|| + ||analytic|| over the whole comparison, for the near-zero floor."""
-    resolution: F64 | None = None
-    """Per component, the smallest denominator its roundoff allows (directional only)."""
+    resolution: F64
+    """Per component, NOISE_UNITS times the roundoff of its numeric derivative
+    (eps_J |J| / h, or the rounding step of a coarse J over h) over ``warn``: an error
+    of a few roundoff units over a denominator floored at it stays below ``warn``. A
+    set of components is floored at the norm of theirs (roundoff adds up like noise)."""
+    rounding_step: float | None = None
+    """The step J's values come in when coarser than its dtype (see `_rounding_step`)."""
     included: npt.NDArray[np.bool_] = field(init=False)
     position: dict[str, int] = field(default_factory=dict)
     """Position of each component that ``worst_components`` returned, by name."""
@@ -514,7 +568,18 @@ class _Comparison:
 
     def ratio(self) -> float:
         keep = self.included
-        return _ratio(self.numeric[keep], self.analytic[keep])
+        return _ratio(self.numeric[keep], self.analytic[keep], self.floor(keep))
+
+    def floor(self, members: npt.NDArray[np.bool_]) -> float:
+        """The resolution floor of a set of components' denominator."""
+        return float(np.linalg.norm(self.resolution[members]))
+
+    def below_resolution(self) -> tuple[float, float] | None:
+        """(gradient scale, floor) when the whole gradient is below resolution, else None."""
+        keep = self.included
+        scale = float(np.linalg.norm(self.numeric[keep]) + np.linalg.norm(self.analytic[keep]))
+        floor = self.floor(keep)
+        return (scale, floor) if scale < floor else None
 
     def per_tensor(
         self, tensors: NamedTensors, warn: float, threshold: float
@@ -527,9 +592,8 @@ class _Comparison:
             error = float(np.linalg.norm(numeric - analytic))
             scale = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
             floor = NEAR_ZERO_FLOOR * self.gradient_scale * self._floor_weight(tensors, name)
-            if self.resolution is not None:
-                floor = max(floor, float(np.max(self.resolution[members], initial=0.0)))
-            denominator = max(scale, floor)
+            resolution = self.floor(keep)
+            denominator = max(scale, floor, resolution)
             ratio = error / denominator if denominator > 0 else 0.0
             results[name] = TensorResult(
                 ratio=ratio,
@@ -537,6 +601,7 @@ class _Comparison:
                 size=tensors.params[name].size,
                 max_abs_error=float(np.max(np.abs(numeric - analytic), initial=0.0)),
                 status=_status(ratio, warn, threshold),
+                below_resolution=bool(keep.any()) and scale < resolution,
             )
         return results
 
@@ -589,7 +654,9 @@ def _componentwise(
     loss0: float,
     base_step: float,
     step_given: bool,
+    warn: float,
 ) -> _Comparison:
+    raw_changes: list[F64] = []
     plus_changes: list[F64] = []
     minus_changes: list[F64] = []
     steps: list[F64] = []
@@ -606,7 +673,17 @@ def _componentwise(
         ups = (olds + h).astype(view.dtype)
         downs = (olds - h).astype(view.dtype)
         plus, minus = _differences(
-            objective, tensors, tensor, chosen, ups, downs, loss0, separable, generic, batched
+            objective,
+            tensors,
+            tensor,
+            chosen,
+            ups,
+            downs,
+            loss0,
+            separable,
+            generic,
+            batched,
+            raw=raw_changes,
         )
         plus_changes.append(plus)
         minus_changes.append(minus)
@@ -620,6 +697,8 @@ def _componentwise(
     numeric = (plus_array - minus_array) / step_array
     analytic = np.concatenate(analytic_parts) if analytic_parts else np.zeros(0)
     full = all(plan[t].size == tensors.params[t].size for t in tensors.names)
+    rounding_step = _rounding_step(np.concatenate([np.zeros(0), *raw_changes]), loss0, objective)
+    noise = max(objective.roundoff * abs(loss0), rounding_step or 0.0)
     return _Comparison(
         mode="full" if full else "sampled",
         tensor_names=tensors.names,
@@ -631,7 +710,31 @@ def _componentwise(
         plus=plus_array,
         minus=minus_array,
         gradient_scale=float(np.linalg.norm(numeric) + np.linalg.norm(analytic)),
+        resolution=NOISE_UNITS * noise / warn / (step_array / 2),
+        rounding_step=rounding_step,
     )
+
+
+def _rounding_step(changes: F64, loss0: float, objective: _Objective) -> float | None:
+    """The step q that J's values come in, when J is rounded coarser than its dtype.
+
+    Differences J(theta +- h e_i) - J(theta) of a J computed in float32, bfloat16 or
+    quantized are whole multiples of one q (the spacing of J's values near J(theta));
+    None when they are not, or when q is within ``ROUNDING_STEP_ULPS`` of the dtype's own
+    spacing (every float difference is a multiple of that).
+    """
+    values = np.abs(changes[changes != 0])
+    if values.size < 4:
+        return None
+    smallest = float(values.min())
+    if smallest <= ROUNDING_STEP_ULPS * objective.roundoff * max(abs(loss0), 1e-300):
+        return None
+    multiples = values / smallest
+    for divisor in range(1, 9):  # the smallest change may itself be a few steps
+        scaled = multiples * divisor
+        if np.all(np.abs(scaled - np.round(scaled)) <= 1e-6 * np.maximum(1.0, scaled)):
+            return smallest / divisor
+    return None
 
 
 def _gradient_components(
@@ -659,14 +762,21 @@ def _differences(
     generic: list[RegularizationTerm],
     batched: BatchedEvaluation | None,
     step_name: str = "h",
+    raw: list[F64] | None = None,
 ) -> tuple[F64, F64]:
-    """J(theta with component j at ups / downs) - J(theta) for each chosen j, penalties included."""
+    """J(theta with component j at ups / downs) - J(theta) for each chosen j, penalties included.
+
+    ``raw``, when given, receives the changes of the loss alone (no penalty), for
+    `_rounding_step`.
+    """
     if batched is not None and chosen.size:
         plus, minus = _evaluate_in_batch(batched, objective, tensor, chosen, ups, downs, loss0)
     else:
         plus, minus = _evaluate_one_by_one(
             objective, tensors, tensor, chosen, ups, downs, loss0, generic, step_name
         )
+    if raw is not None and not generic:
+        raw.extend((plus.copy(), minus.copy()))
     olds = tensors.flat_param(tensor)[chosen].astype(np.float64)
     for term in separable:
         plus += _term_changes(term, tensor, olds, ups.astype(np.float64))
@@ -849,8 +959,9 @@ def _screen(
     seed: int,
     loss_over_warn: float,
     count: int = SCREEN_DIRECTIONS,
-) -> float:
-    """The ratio along ``count`` random directions that move every tensor at once.
+) -> tuple[float, tuple[float, float] | None]:
+    """The ratio along ``count`` random directions that move every tensor at once, and
+    (gradient scale, resolution) when the gradient is below resolution.
 
     Each tensor's block of the direction is scaled by sqrt(size) / ||g_t|| (floored at
     NEAR_ZERO_FLOOR * ||g||), so every tensor adds about the same to g . v and a
@@ -903,7 +1014,9 @@ def _screen(
     else:
         numeric, analytic, steps = _along_directions(objective, tensors, directions, base_step)
     resolution = NOISE_UNITS * objective.roundoff * loss_over_warn / float(np.min(steps))
-    return _ratio(numeric, analytic, floor=resolution)
+    scale = float(np.linalg.norm(numeric) + np.linalg.norm(analytic))
+    below = (scale, resolution) if scale < resolution else None
+    return _ratio(numeric, analytic, floor=resolution), below
 
 
 def _direction_steps(
@@ -1044,14 +1157,16 @@ def _diagnose(
       roundoff / truncation for a component that agrees (relative error below
             ``warn``): truncation when the error at h/2 is at most half the error
             at h, else roundoff.
+      roundoff: the error is within 4 noise (the noise being the larger of eps_J |J| / h
+            and J's rounding step over h, when J is coarser than its dtype); checked
+            before kink, since an error of pure noise can look like any pattern.
       kink: the one-sided slopes (J(theta+h)-J(theta))/h and (J(theta)-J(theta-h))/h
             differ by at least half the error and by more than 16 noise, and either the
             gap stays the same size at h/2 (ratio 0.75..1.5: the kink lies within h/2)
             or the error at h/2 is below 1/16 of the error at h (the kink lies between
             h/2 and h). For a smooth J the gap is about h * J'' (it halves) and the error
             shrinks by 4; for roundoff the gap is about noise (it doubles).
-      roundoff: the error is within 4 noise, the noise taken as the gap itself
-            when the gap grows like 1/h.
+            (A gap growing like 1/h is noise too: it then counts as the noise.)
       truncation: the error at h/2 is at most half the error at h (it shrinks like h^2).
       bug: none of the above: the error is stable under a change of step.
     """
@@ -1059,7 +1174,8 @@ def _diagnose(
         return
     separable, generic = _split_terms(objective.terms)
     generic0 = sum(term.value(tensors.params) for term in generic)
-    j_scale = max(abs(loss0 + generic0), 1e-300) * objective.roundoff
+    j_scale = max(abs(loss0 + generic0) * objective.roundoff, comparison.rounding_step or 0.0)
+    j_scale = max(j_scale, 1e-300)
     for component in worst:
         if nondeterministic:
             component.diagnosis = "nondeterministic"
@@ -1081,12 +1197,12 @@ def _diagnose(
         label: Diagnosis
         if component.rel_error < warn:
             label = "truncation" if error_half <= 0.5 * error_h else "roundoff"
+        elif error_h <= 4 * noise:
+            label = "roundoff"  # first: noise can mimic any pattern below (issue 12)
         elif gap_h >= 0.5 * error_h and gap_h > 16 * noise and 0.75 <= gap_growth <= 1.5:
             label = "kink"
         elif gap_h >= 0.5 * error_h and gap_h > 16 * noise and error_half < error_h / 16:
             label = "kink"  # crossed at h but not at h/2: the error vanishes, not / 4
-        elif error_h <= 4 * noise:
-            label = "roundoff"
         elif error_half <= 0.5 * error_h:
             label = "truncation"
         else:
@@ -1291,31 +1407,51 @@ def _verdict(
     per_tensor: Mapping[str, TensorResult],
     warn: float,
     threshold: float,
-) -> str:
-    """Which rule set ``status``, with that rule's own number.
+    below: tuple[float, float] | None = None,
+) -> tuple[str, Rule, float | None]:
+    """Which rule set ``status``, with that rule's own number: (sentence, rule, number).
 
     The global rule judges ``ratio`` over every checked component; the per-tensor rule
     judges each tensor's own ratio, its denominator floored at ``NEAR_ZERO_FLOOR`` of
     the whole gradient's scale (DESIGN.md section 8). The status is the worse of the two.
+    Both denominators are floored at J's resolution (``NOISE_UNITS``).
     """
+    resolved = (
+        ""
+        if below is None
+        else f" (gradient {below[0]:.3g} below resolution {below[1]:.3g}, judged against it)"
+    )
     if status == "nondeterministic":
-        return "nondeterministic: J(theta) evaluated twice differs; no verdict, no alert"
+        return (
+            "nondeterministic: J(theta) evaluated twice differs; no verdict, no alert",
+            "none",
+            None,
+        )
     limit = {"fail": ("threshold", threshold), "warn": ("warn", warn)}
     if status not in limit:
-        return f"ok: global ratio {ratio:.3g} and every tensor's ratio below warn {warn:g}"
+        return (
+            f"ok: global ratio {ratio:.3g}{resolved} and every tensor's ratio below warn {warn:g}",
+            "none",
+            None,
+        )
     name, value = limit[status]
     if _status(ratio, warn, threshold) == status:
-        return f"{status} by the global rule: ratio {ratio:.3g} >= {name} {value:g}"
+        return (
+            f"{status} by the global rule: ratio {ratio:.3g} >= {name} {value:g}{resolved}",
+            "global",
+            ratio,
+        )
     flagged = sorted(
         ((t, r.ratio) for t, r in per_tensor.items() if r.status == status), key=lambda x: -x[1]
     )
     listed = ", ".join(f"{t} (ratio {r:.3g})" for t, r in flagged[:3])
     more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
-    return (
+    sentence = (
         f"{status} by the per-tensor rule: {listed}{more} >= {name} {value:g}; the global "
         f"ratio {ratio:.3g} is below it (a tensor is judged on its own, its denominator "
         f"floored at {NEAR_ZERO_FLOOR:g} of the whole gradient's scale)"
     )
+    return sentence, "per-tensor", flagged[0][1]
 
 
 def _status(ratio: float, warn: float, threshold: float) -> Status:

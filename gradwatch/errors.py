@@ -15,6 +15,7 @@ __all__ = [
     "GradwatchError",
     "LossError",
     "MissingBatchError",
+    "NonFiniteError",
     "OptionError",
     "ParameterError",
     "ReportError",
@@ -35,6 +36,40 @@ class OptionError(GradwatchError, ValueError):
 
 class LossError(GradwatchError, ValueError):
     """The loss callable returned something that is not a finite scalar."""
+
+
+class NonFiniteError(GradwatchError, ValueError):
+    """theta, the gradient or J(theta) holds NaN or inf: the training's own numbers went bad.
+
+    Raised as `ParameterError` or `LossError` too (a direct `gradwatch.check` call is
+    refused); a `gradwatch.GradWatch` records it as a failed check with an alert instead
+    of an error. ``quantity`` is ``"parameter"``, ``"gradient"`` or ``"loss"``; ``tensor``
+    the tensor holding it (None for the loss); ``detail`` says how many entries and the
+    first one, e.g. ``"2 of 12 entries, first [0, 3]: nan"``.
+    """
+
+    def __init__(
+        self, message: str, *, quantity: str, tensor: str | None, detail: str, size: int = 1
+    ) -> None:
+        super().__init__(message)
+        self.quantity = quantity
+        self.tensor = tensor
+        self.detail = detail
+        self.size = size
+
+    @property
+    def what(self) -> str:
+        """``"gradient in tensor W1 (2 of 12 entries, first [0, 3]: nan)"``."""
+        where = f" in tensor {self.tensor}" if self.tensor is not None else ""
+        return f"{self.quantity}{where} ({self.detail})"
+
+
+class NonFiniteParameterError(NonFiniteError, ParameterError):
+    """A NaN or inf in theta or in the gradient."""
+
+
+class NonFiniteLossError(NonFiniteError, LossError):
+    """J(theta) is NaN or inf."""
 
 
 class ReportError(GradwatchError):

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch.errors import ParameterError
+from gradwatch.errors import NonFiniteParameterError, ParameterError
 
 __all__ = ["GradientSource", "NamedTensors", "component_name", "named_tensors"]
 
@@ -203,7 +203,7 @@ def _check_param(name: str, value: object) -> FloatArray:
             f"{where}: expected a C-contiguous array, received a strided view "
             "(pass the array itself, not a slice of it)"
         )
-    _require_finite(where, value)
+    _require_finite(where, value, "parameter", name)
     return value
 
 
@@ -217,15 +217,20 @@ def _check_grad(name: str, value: object, shape: tuple[int, ...]) -> FloatArray:
             f"{where}: expected shape {shape} (the shape of params[{name!r}]), "
             f"received {value.shape}"
         )
-    _require_finite(where, value)
+    _require_finite(where, value, "gradient", name)
     return value
 
 
-def _require_finite(where: str, value: FloatArray) -> None:
+def _require_finite(where: str, value: FloatArray, quantity: str, name: str) -> None:
     finite = np.isfinite(value)
     if not finite.all():
         bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ParameterError(
+        count = int((~finite).sum())
+        raise NonFiniteParameterError(
             f"{where}: expected finite values, received {value[bad]} at index "
-            f"{list(bad)} ({int((~finite).sum())} non-finite of {value.size})"
+            f"{list(bad)} ({count} non-finite of {value.size})",
+            quantity=quantity,
+            tensor=name,
+            detail=f"{count} of {value.size} entries, first {list(bad)}: {value[bad]}",
+            size=value.size,
         )

@@ -45,7 +45,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradwatch.errors import ReportError
-from gradwatch.result import CheckResult, Component, Mode, Status
+from gradwatch.result import CheckResult, Component, Mode, Rule, Status
 
 if sys.platform != "win32":
     import fcntl
@@ -166,6 +166,14 @@ class Alert(BaseModel):
     component: str | None
     """The worst component's name, e.g. ``W2[0, 3]``."""
     message: str
+    rule: Rule | None = None
+    """Which rule fired: ``"global"`` (``ratio`` >= ``threshold``), ``"per-tensor"``
+    (``tensor_ratio`` >= ``threshold`` while ``ratio`` is below it) or ``"non-finite"``
+    (NaN/inf in theta, the gradient or J; ``non_finite`` says which). None in reports
+    written before it existed."""
+    rule_ratio: float | None = None
+    """The number of the rule that fired (``ratio`` or ``tensor_ratio``; None when non-finite)."""
+    non_finite: str | None = None
 
 
 class SkippedCheck(BaseModel):
@@ -318,33 +326,46 @@ def alert_for(result: CheckResult) -> Alert | None:
 
     The alert names the failing tensor with the largest per-tensor ratio (among tensors
     tied within ``TIE``, the one holding the worst component; with no failing tensor,
-    the worst component's tensor) and the worst component.
+    the worst component's tensor) and the worst component, and says which rule fired
+    with that rule's own number: the global ratio, the tensor's ratio (the per-tensor
+    rule, when the global ratio is below the threshold), or a non-finite value.
     """
     if not result.failed:
         return None
-    tensor: str | None = None
-    tensor_ratio: float | None = None
-    failing = {name: t.ratio for name, t in result.tensors.items() if t.status == "fail"}
-    if failing:
-        tensor = max(failing, key=lambda name: _sort_key(failing[name]))
-        tied = {name for name, ratio in failing.items() if ratio >= TIE * failing[tensor]}
-        if len(tied) > 1 and result.worst and result.worst[0].tensor in tied:
-            # Several tensors at about the same ratio (1 when the signs of one direction's
-            # derivatives disagree): the worst component, measured entry by entry, decides.
-            tensor = result.worst[0].tensor
-        tensor_ratio = failing[tensor]
-    elif result.worst:
-        tensor = result.worst[0].tensor
-        tensor_ratio = result.tensors[tensor].ratio if tensor in result.tensors else None
-    component = result.worst[0] if result.worst else None
     where = "" if result.step is None else f" at step {result.step}"
-    message = (
-        f"gradient check failed{where}: ratio {result.ratio:.3g} >= threshold {result.threshold:g}"
-    )
-    if tensor is not None:
-        message += f"; wrong tensor: {tensor}"
-        if tensor_ratio is not None:
-            message += f" (ratio {tensor_ratio:.3g})"
+    if result.non_finite is not None:
+        named = next(iter(result.tensors), None)
+        return Alert(
+            step=result.step,
+            ratio=result.ratio,
+            threshold=result.threshold,
+            tensor=named,
+            tensor_ratio=None,
+            component=None,
+            message=f"non-finite {result.non_finite}{where}",
+            rule="non-finite",
+            non_finite=result.non_finite,
+        )
+    tensor, tensor_ratio = _alert_tensor(result)
+    component = result.worst[0] if result.worst else None
+    rule: Rule = "global" if _sort_key(result.ratio) >= result.threshold else "per-tensor"
+    if rule == "global" or tensor is None or tensor_ratio is None:
+        message = (
+            f"gradient check failed{where} by the global rule: ratio {result.ratio:.3g} "
+            f">= threshold {result.threshold:g}"
+        )
+        if tensor is not None:
+            message += f"; wrong tensor: {tensor}"
+            if tensor_ratio is not None:
+                message += f" (its ratio {tensor_ratio:.3g})"
+        rule_ratio = result.ratio
+    else:
+        message = (
+            f"gradient check failed{where} by the per-tensor rule: tensor {tensor} ratio "
+            f"{tensor_ratio:.3g} >= threshold {result.threshold:g} (the global ratio "
+            f"{result.ratio:.3g} is below it)"
+        )
+        rule_ratio = tensor_ratio
     if component is not None:
         message += (
             f"; worst component {component.name}: analytic {component.analytic:.6g}, "
@@ -358,7 +379,26 @@ def alert_for(result: CheckResult) -> Alert | None:
         tensor_ratio=tensor_ratio,
         component=component.name if component else None,
         message=message,
+        rule=rule,
+        rule_ratio=rule_ratio,
     )
+
+
+def _alert_tensor(result: CheckResult) -> tuple[str | None, float | None]:
+    """The tensor an alert names, and its ratio (see `alert_for`)."""
+    failing = {name: t.ratio for name, t in result.tensors.items() if t.status == "fail"}
+    if failing:
+        tensor = max(failing, key=lambda name: _sort_key(failing[name]))
+        tied = {name for name, ratio in failing.items() if ratio >= TIE * failing[tensor]}
+        if len(tied) > 1 and result.worst and result.worst[0].tensor in tied:
+            # Several tensors at about the same ratio (1 when the signs of one direction's
+            # derivatives disagree): the worst component, measured entry by entry, decides.
+            tensor = result.worst[0].tensor
+        return tensor, failing[tensor]
+    if result.worst:
+        tensor = result.worst[0].tensor
+        return tensor, result.tensors[tensor].ratio if tensor in result.tensors else None
+    return None, None
 
 
 def _sort_key(value: float) -> float:

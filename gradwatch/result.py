@@ -12,6 +12,10 @@ Status = Literal["ok", "warn", "fail", "nondeterministic", "error"]
 """``"error"``: the check itself could not run (an exception inside it); see `CheckResult.error`."""
 Diagnosis = Literal["bug", "truncation", "roundoff", "kink", "nondeterministic"]
 Mode = Literal["full", "sampled", "directional"]
+Rule = Literal["global", "per-tensor", "non-finite", "none"]
+"""Which rule set a check's status: the global ratio, a tensor's own ratio, a non-finite
+value in theta, the gradient or J (a failed check without a ratio), or none (ok, an
+error, nondeterministic)."""
 
 # Infinity and NaN are written as JSON constants so they survive a round trip
 # (pydantic's default would write them as null).
@@ -44,6 +48,9 @@ class TensorResult(BaseModel):
     size: int
     max_abs_error: float
     status: Status
+    below_resolution: bool = False
+    """The tensor's gradient is below what J's differences resolve: its ratio is judged
+    against that resolution (``NOISE_UNITS`` roundoff units over ``warn``), not itself."""
 
 
 class CheckResult(BaseModel):
@@ -86,6 +93,22 @@ class CheckResult(BaseModel):
     """Which rule set ``status`` (global ratio or a tensor's own ratio), with its number,
     e.g. ``"fail by the per-tensor rule: act2.beta (ratio 0.0476) >= threshold 0.001; the
     global ratio 0.0004 is below it ..."``. None in reports written before it existed."""
+    rule: Rule | None = None
+    """The rule behind ``verdict``, as data; ``rule_ratio`` is its number (the global
+    ratio, or the largest flagged tensor's ratio). None in reports written before it."""
+    rule_ratio: float | None = None
+    below_resolution: bool = False
+    """The whole gradient is below what J's finite differences resolve (at or near an
+    optimum): the ratio is judged against that resolution, never noise over noise."""
+    resolution: float | None = None
+    """The denominator floor the ratio used: ``NOISE_UNITS`` times the roundoff of the
+    numeric gradient (eps_J |J| / h per component) over ``warn``."""
+    rounding_step: float | None = None
+    """When J's values are whole multiples of a step coarser than its dtype (J computed
+    in float32 or quantized), that step; the resolution follows it."""
+    non_finite: str | None = None
+    """What was not finite at a due step (``"gradient in tensor W1 (2 of 12 entries,
+    first [0, 3]: nan)"``); the check then fails without a ratio (``status="fail"``)."""
     error: str | None = None
     """The exception (``"RuntimeError: mixed dtype (CPU)"``) when ``status="error"``."""
     error_source: str | None = None
