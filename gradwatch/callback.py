@@ -128,6 +128,11 @@ class GradWatch:
             checks so far (their seconds and loss evaluations). The first due check,
             with no estimate yet, runs ``"directional"`` (or the configured sample when it
             is ``"directional"`` already). Each reduced check says so in its ``notes``.
+            A failing check spends more than a correct one (it localizes): later checks
+            get only the evaluations the allowance leaves for that
+            (``localize_evaluations``); the first, with no training time to take a share
+            of yet, stays within ``gradwatch.check.most_evaluations``. Tensors left
+            unlocalized are named in the notes.
         clock: the wall clock the budget reads (seconds); tests inject a fake one.
         write: False makes this instance write no files (ranks other than 0); it still
             checks, logs and alerts.
@@ -389,15 +394,18 @@ class GradWatch:
         >>> GradWatch(every=5, report_dir=None).check_options()["sample"]
         'auto'
         """
-        sample = self.sample if self._pending is None else self._pending.sample
-        return {
+        plan = self._pending
+        options: dict[str, Any] = {
             "eps": self.eps,
-            "sample": sample,
+            "sample": self.sample if plan is None else plan.sample,
             "seed": self.seed,
             "top_k": self.top_k,
             "warn": self.warn,
             "threshold": self.threshold,
         }
+        if plan is not None and plan.localize_evaluations is not None:
+            options["localize_evaluations"] = plan.localize_evaluations
+        return options
 
     # -- the schedule --------------------------------------------------------------------
 
@@ -473,6 +481,9 @@ class GradWatch:
                     estimate=estimate,
                     training_seconds=training,
                     reason=_estimates_text(estimates),
+                    localize_evaluations=int((allowance - estimate) / per_evaluation)
+                    if per_evaluation > 0
+                    else None,
                 )
                 self._plans.append(plan)
                 return plan
@@ -910,6 +921,9 @@ class BudgetPlan:
     estimate: float | None = None
     training_seconds: float | None = None
     reason: str = ""
+    localize_evaluations: int | None = None
+    """Evaluations the allowance leaves for localizing inside failing tensors (a failing
+    check spends more than the estimate, which is of a correct model's check)."""
 
     def note(self, configured: Sample) -> str:
         """The sentence a reduced check carries in its notes."""

@@ -218,6 +218,7 @@ def check(
     warn: float = 1e-5,
     threshold: float = 1e-3,
     diagnose: bool = True,
+    localize_evaluations: int = AUTO_LOCALIZE_EVALUATIONS,
 ) -> CheckResult:
     """Compare ``grads`` with two-sided finite differences of ``loss`` (+ regularization).
 
@@ -251,6 +252,9 @@ def check(
             float32 / float16 parameters they are multiplied by ``TOLERANCE_SCALE``
             (100 / 1000) and the result records the values used.
         diagnose: re-evaluate the worst components with half the step to label them.
+        localize_evaluations: the most loss evaluations ``"auto"`` spends localizing
+            inside failing tensors (the callback's ``budget`` lowers it to what the
+            allowance leaves); tensors it cannot afford are named in a note.
 
     Returns:
         The ``CheckResult``; ``status`` is the worse of the global verdict and the
@@ -271,6 +275,10 @@ def check(
     """
     started = time.perf_counter()
     _validate_options(eps, top_k, warn, threshold)
+    if isinstance(localize_evaluations, bool) or not isinstance(localize_evaluations, int):
+        raise OptionError(
+            f"localize_evaluations: expected an int >= 0, received {localize_evaluations!r}"
+        )
     tensors = named_tensors(params, grads)
     terms = _validate_terms(regularization, tensors)
     objective = _Objective(loss, tensors, terms)
@@ -370,7 +378,9 @@ def check(
         if sample == "auto" and failing:
             # Most suspicious first: the worst per-tensor ratio is localized first.
             failing.sort(key=lambda name: -per_tensor[name].ratio)
-            plan, skipped = _localization_plan(objective, tensors, failing, base_step, seed)
+            plan, skipped = _localization_plan(
+                objective, tensors, failing, base_step, seed, localize_evaluations
+            )
             localized, worst = compare_components(plan)
             checked += localized.checked
             done = [name for name in failing if name not in skipped]
@@ -380,7 +390,7 @@ def check(
             )
             if skipped:
                 notes.append(
-                    f"not localized (the localization budget of {AUTO_LOCALIZE_EVALUATIONS} "
+                    f"not localized (the localization budget of {localize_evaluations} "
                     f"evaluations was spent; their per-tensor verdicts stand): "
                     + ", ".join(skipped)
                 )
@@ -1317,17 +1327,18 @@ def _localization_plan(
     failing: list[str],
     base_step: float,
     seed: int,
+    budget: int = AUTO_LOCALIZE_EVALUATIONS,
 ) -> tuple[dict[str, npt.NDArray[np.intp]], list[str]]:
     """The entries to check component-wise in each failing tensor, and the tensors skipped.
 
-    In the order given (most suspicious first) and while ``AUTO_LOCALIZE_EVALUATIONS``
-    allows: the entry `bisect` blames and the entry of largest |analytic gradient| (where
-    a gradient off by a factor errs most), 2 evaluations each once checked.
+    In the order given (most suspicious first) and while ``budget`` evaluations allow:
+    the entry `bisect` blames and the entry of largest |analytic gradient| (where a
+    gradient off by a factor errs most), 2 evaluations each once checked.
     """
     cost = {name: _localization_cost(tensors.params[name].size) for name in failing}
     chosen: list[str] = []
     for name in failing:
-        if sum(cost[c] for c in chosen) + cost[name] > AUTO_LOCALIZE_EVALUATIONS:
+        if sum(cost[c] for c in chosen) + cost[name] > budget:
             break
         chosen.append(name)
     gradients: dict[str, F64] = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gradwatch
 from gradwatch import CheckResult, GradWatch, load_report
 from gradwatch.callback import Sample
 from gradwatch.check import checked_components, planned_evaluations
@@ -206,3 +207,43 @@ def test_real_checks_with_a_budget_still_catch_a_bug(tmp_path: Path) -> None:
     assert {alert.tensor for alert in report.alerts} == {"b"}
     assert watch.plans[0].sample == "directional"
     assert any(isinstance(plan.sample, int) for plan in watch.plans)
+
+
+def test_budget_leaves_localization_only_what_the_allowance_affords() -> None:
+    """After the first check, the watch passes the evaluations the allowance leaves for
+    localizing a failing check, and that shrinks when the allowance does."""
+    clock = FakeClock()
+    watch = GradWatch(every=100, report_dir=None, budget=0.2, clock=clock)
+    given = []
+    for step in range(400):
+        if watch.due(step):
+            options = watch.check_options()
+            given.append(options.get("localize_evaluations"))
+            result, seconds = fake_result(options["sample"])
+            clock.advance(seconds)
+            watch.record(result, step, seconds=seconds)
+        clock.advance(0.01)
+    assert given[0] is None  # the first check: bounded by most_evaluations, not by time
+    # The allowance (20% of training, unused allowance carried over) minus the 0.06 s
+    # screen, at 0.01 s an evaluation: 8 at step 100, then 14 more per 100 steps.
+    expected = [round((p.allowance - p.estimate) / 0.01) for p in watch.plans[1:]]
+    assert given[1:] == expected and expected[0] == 8 and expected[1] - expected[0] == 14
+
+
+def test_a_failing_check_stays_within_its_localization_evaluations() -> None:
+    """`localize_evaluations` caps what a failing auto check spends localizing, and the
+    tensors it could not afford are named in a note."""
+    rng = np.random.default_rng(0)
+    params = {f"t{i}": rng.standard_normal(300) for i in range(10)}
+    targets = {name: rng.standard_normal(300) for name in params}
+
+    def loss() -> float:
+        return float(sum(0.5 * np.sum((params[n] - targets[n]) ** 2) for n in params))
+
+    grads = {n: 1.1 * (params[n] - targets[n]) for n in params}  # every tensor 10% off
+    full = gradwatch.check(loss, params, grads, sample="auto")
+    capped = gradwatch.check(loss, params, grads, sample="auto", localize_evaluations=40)
+    assert full.status == capped.status == "fail"
+    assert capped.loss_evals < full.loss_evals
+    assert capped.loss_evals <= full.loss_evals - (240 - 40) + 2 * 10 + 40
+    assert any("not localized (the localization budget of 40" in n for n in capped.notes)
