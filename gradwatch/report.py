@@ -328,7 +328,9 @@ def alert_for(result: CheckResult) -> Alert | None:
     tied within ``TIE``, the one holding the worst component; with no failing tensor,
     the worst component's tensor) and the worst component, and says which rule fired
     with that rule's own number: the global ratio, the tensor's ratio (the per-tensor
-    rule, when the global ratio is below the threshold), or a non-finite value.
+    rule, when the global ratio is below the threshold), or a non-finite value. When
+    backprop passed and the training step's link failed, it names that link, the tensor
+    that differs most and what the difference looks like.
     """
     if not result.failed:
         return None
@@ -345,6 +347,29 @@ def alert_for(result: CheckResult) -> Alert | None:
             message=f"non-finite {result.non_finite}{where}",
             rule="non-finite",
             non_finite=result.non_finite,
+        )
+    link = result.step_link
+    backprop_failed = _sort_key(result.ratio) >= result.threshold or any(
+        t.status == "fail" for t in result.tensors.values()
+    )
+    if link is not None and link.status == "fail" and not backprop_failed:
+        worst = link.worst_tensor
+        return Alert(
+            step=result.step,
+            ratio=link.ratio,
+            threshold=link.threshold,
+            tensor=worst,
+            tensor_ratio=link.tensors.get(worst) if worst else None,
+            component=None,
+            message=(
+                f"training step check failed{where}: backprop is right, but the optimizer's "
+                f"gradient differs from the gradient of the step's loss (ratio "
+                f"{link.ratio:.3g}, threshold {link.threshold:g}"
+                + (f"; most in {worst}: {link.tensors[worst]:.3g}" if worst else "")
+                + f"): {link.explanation}"
+            ),
+            rule="step",
+            rule_ratio=max(link.ratio, link.tensors.get(worst, 0.0) if worst else 0.0),
         )
     tensor, tensor_ratio = _alert_tensor(result)
     component = result.worst[0] if result.worst else None

@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CheckResult", "Component", "Diagnosis", "Status", "TensorResult"]
+__all__ = ["CheckResult", "Component", "Diagnosis", "Status", "StepLink", "TensorResult"]
 
 Status = Literal["ok", "warn", "fail", "nondeterministic", "error"]
 """``"error"``: the check itself could not run (an exception inside it); see `CheckResult.error`."""
 Diagnosis = Literal["bug", "truncation", "roundoff", "kink", "nondeterministic"]
 Mode = Literal["full", "sampled", "directional"]
-Rule = Literal["global", "per-tensor", "non-finite", "none"]
+Rule = Literal["global", "per-tensor", "non-finite", "step", "none"]
 """Which rule set a check's status: the global ratio, a tensor's own ratio, a non-finite
 value in theta, the gradient or J (a failed check without a ratio), or none (ok, an
 error, nondeterministic)."""
@@ -51,6 +51,37 @@ class TensorResult(BaseModel):
     below_resolution: bool = False
     """The tensor's gradient is below what J's differences resolve: its ratio is judged
     against that resolution (``NOISE_UNITS`` roundoff units over ``warn``), not itself."""
+
+
+class StepLink(BaseModel):
+    """The training step's link: the gradient the optimizer gets against the gradient of J.
+
+    Backprop (the finite-difference check) can be right while the step is wrong: an
+    accumulation normalization, a missing ``zero_grad``, a hook that changes ``.grad``,
+    a loss divided twice. This compares the trainer's ``.grad`` (before clipping) with
+    the float64 autograd gradient of the step's objective over every micro-batch, the
+    dropout draws replayed as they happened: a gradient-to-gradient comparison, no
+    finite differences. Its tolerances follow the training precision.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    ratio: float
+    """||g_opt - g_J|| / (||g_opt|| + ||g_J||) over every trainable tensor."""
+    status: Status
+    warn: float
+    threshold: float
+    scale: float
+    """The least-squares factor g_opt ~ scale * g_J (1 when the step is right)."""
+    tensors: dict[str, float]
+    """Each tensor's own ratio."""
+    worst_tensor: str | None = None
+    micro_batches: int = 1
+    clip_factor: float = 1.0
+    """The factor the trainer's clipping applied to ``.grad`` (undone before comparing)."""
+    explanation: str = ""
+    """What the disagreement looks like, in words (``"the optimizer's gradient is 2x
+    ...: loss divided twice?"``); empty when the link holds."""
 
 
 class CheckResult(BaseModel):
@@ -113,6 +144,10 @@ class CheckResult(BaseModel):
     """The exception (``"RuntimeError: mixed dtype (CPU)"``) when ``status="error"``."""
     error_source: str | None = None
     """Which part of gradwatch raised it (``"gradwatch.check"``) when ``status="error"``."""
+    step_link: StepLink | None = None
+    """The training step's link (the optimizer's gradient against the gradient of J),
+    when a framework callback or ``after_backward(step_check=True)`` compared it; its
+    failure fails the check."""
 
     @property
     def failed(self) -> bool:

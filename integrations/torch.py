@@ -66,6 +66,8 @@ from gradwatch.errors import GradwatchError, LossError, OptionError, ParameterEr
 from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
+    from gradwatch.integrations._step import MicroBatch
+
     from gradwatch.callback import GradWatch, OnAlert, OnError, Sample
 
 __all__ = [
@@ -1213,9 +1215,18 @@ class BatchCapture:
         self.kwargs: dict[str, Any] | None = None
         self.loss_inputs: Any = None
         """What the trainer's loss function received, when a framework captures it too."""
-        self._handle: RemovableHandle | None = model.register_forward_pre_hook(
-            self._make_hook(), with_kwargs=True
-        )
+        self.forwards: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
+        """Every training forward of the armed step: its inputs and the RNG state it began
+        from (so the step check can replay each micro-batch's dropout draws)."""
+        self.squared_norms: dict[str, float] = {}
+        """Each parameter's ||.grad||^2 after its last accumulation: before any clipping."""
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._make_hook(), with_kwargs=True)
+        ]
+        for name, parameter in trainable_parameters(model).items():
+            self._handles.append(
+                parameter.register_post_accumulate_grad_hook(self._make_norm_hook(name))  # type: ignore[no-untyped-call]
+            )
 
     def _make_hook(
         self,
@@ -1225,6 +1236,14 @@ class BatchCapture:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self.armed and module.training and module is self.model:
                 self.args, self.kwargs = args, dict(kwargs)
+                self.forwards.append((args, dict(kwargs), RngState.capture()))
+
+        return hook
+
+    def _make_norm_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(parameter: torch.Tensor) -> None:
+            if self.armed and parameter.grad is not None:
+                self.squared_norms[name] = float(parameter.grad.detach().double().square().sum())
 
         return hook
 
@@ -1232,14 +1251,34 @@ class BatchCapture:
     def captured(self) -> bool:
         return self.kwargs is not None
 
+    def clip_factor(self, max_norm: float) -> float:
+        """The factor a norm clip to ``max_norm`` applied to ``.grad`` since backward.
+
+        1 when the gradient's norm is below ``max_norm`` (no clip), else the ratio of
+        the norm now to the norm the hooks saw right after backward.
+        """
+        now = math.sqrt(
+            sum(
+                float(p.grad.detach().double().square().sum())
+                for p in trainable_parameters(self.model).values()
+                if p.grad is not None
+            )
+        )
+        before = math.sqrt(sum(self.squared_norms.values()))
+        if max_norm <= 0 or before <= 0 or now < max_norm * (1 - 1e-4):
+            return 1.0
+        return now / before
+
     def clear(self) -> None:
         self.args = self.kwargs = self.loss_inputs = None
+        self.forwards = []
+        self.squared_norms = {}
 
     def remove(self) -> None:
-        """Remove the hook (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self.clear()
 
 
@@ -1255,8 +1294,16 @@ def check_due(
     precision: Precision = "float64",
     analytic: Analytic = "recompute",
     notes: Sequence[str] = (),
+    step_batches: Sequence[MicroBatch] | None = None,
+    step_loss_fn: LossFn | None = None,
+    clip_factor: float = 1.0,
 ) -> CheckResult:
     """Run `check_module` with the watch's options and record it (report, logs, alert).
+
+    With ``step_batches`` the check also compares the model's ``.grad`` (divided by
+    ``clip_factor``) with the float64 gradient of J = sum_i w_i step_loss_fn(model, b_i)
+    over those micro-batches (`gradwatch.integrations._step.compare_step`): the result's
+    ``step_link``, whose failure fails the check.
 
     An exception inside the check is recorded as a check with status ``error`` and
     training goes on (``GradWatch(on_error="raise")`` raises it after recording).
@@ -1264,9 +1311,9 @@ def check_due(
     Raises:
         GradientCheckError: the check failed and the watch has ``on_alert="raise"``.
     """
-    return watch.run_check(
-        step,
-        lambda: check_module(
+
+    def compute() -> CheckResult:
+        result = check_module(
             model,
             loss_fn,
             batch,
@@ -1276,7 +1323,19 @@ def check_due(
             analytic=analytic,
             notes=notes,
             **watch.check_options(),
-        ),
+        )
+        if step_batches:
+            from gradwatch.integrations._step import compare_step, with_step_link
+
+            link = compare_step(
+                model, step_loss_fn or loss_fn, step_batches, clip_factor=clip_factor
+            )
+            result = with_step_link(result, link)
+        return result
+
+    return watch.run_check(
+        step,
+        compute,
         source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
     )
 
@@ -1292,6 +1351,9 @@ def after_backward(
     regularization: Penalties = (),
     precision: Precision = "float64",
     analytic: Analytic = "recompute",
+    step_check: bool = False,
+    rng: RngState | None = None,
+    clip_factor: float = 1.0,
 ) -> CheckResult | None:
     """The plain-loop hook for torch: call after ``loss.backward()``, before ``optimizer.step()``.
 
@@ -1299,9 +1361,21 @@ def after_backward(
     (``step`` = updates completed before this one), checks ``model`` on ``batch``
     with `check_module` and records the result; otherwise returns None at once.
     Training is not changed either way.
+
+    ``step_check=True`` also compares the model's ``.grad`` (what the optimizer will
+    use; divided by ``clip_factor`` if you clipped) with the float64 gradient of
+    ``loss_fn(model, batch)``: a missing ``zero_grad``, a gradient hook, a loss scaled
+    twice fail that link (``result.step_link``). When the forward draws random numbers
+    (dropout), pass ``rng=RngState.capture()`` taken just before the training forward,
+    so the same masks are replayed.
     """
     if not watch.due(step):
         return None
+    step_batches = None
+    if step_check:
+        from gradwatch.integrations._step import MicroBatch
+
+        step_batches = [MicroBatch(batch, 1.0, rng)]
     return check_due(
         watch,
         step,
@@ -1312,6 +1386,8 @@ def after_backward(
         regularization=regularization,
         precision=precision,
         analytic=analytic,
+        step_batches=step_batches,
+        clip_factor=clip_factor,
     )
 
 
@@ -1445,8 +1521,14 @@ class TrainingWatch:
         batch: Any,
         *,
         optimizer: Any = None,
+        step_batches: Sequence[MicroBatch] | None = None,
+        clip_factor: float = 1.0,
     ) -> CheckResult:
-        """Check and record (raises `GradientCheckError` with ``on_alert="raise"``)."""
+        """Check and record (raises `GradientCheckError` with ``on_alert="raise"``).
+
+        ``step_batches``: the step's micro-batches for the step link, J on them being
+        ``default_loss_fn`` (see `check_due`).
+        """
         return check_due(
             self.watch,
             step,
@@ -1457,6 +1539,9 @@ class TrainingWatch:
             regularization=self.regularization,
             precision=self.precision,
             notes=self.notes,
+            step_batches=step_batches,
+            step_loss_fn=default_loss_fn,
+            clip_factor=clip_factor,
         )
 
     def finish(self) -> None:

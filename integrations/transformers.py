@@ -29,12 +29,14 @@ the check covers the step's last micro-batch, and the report says so.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations.torch import (
     BatchCapture,
     TrainingWatch,
@@ -43,6 +45,7 @@ from gradwatch.integrations.torch import (
 )
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer_callback import ExportableState
 
 from gradwatch.callback import WatchState
@@ -256,9 +259,44 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         batch: Any = (args_, kwargs_) if args_ else kwargs_
         if capture.loss_inputs is not None:
             batch = capture.loss_inputs
+        step_batches = self._step_batches(model, capture)
+        clip_factor = capture.clip_factor(args.max_grad_norm or 0.0)
         capture.clear()
-        result = self.check(step, model, self._model_loss, batch, optimizer=optimizer)
+        result = self.check(
+            step,
+            model,
+            self._model_loss,
+            batch,
+            optimizer=optimizer,
+            step_batches=step_batches,
+            clip_factor=clip_factor,
+        )
         self._log_metrics(result, state)
+
+    def _step_batches(self, model: nn.Module, capture: BatchCapture) -> list[MicroBatch] | None:
+        """The step's micro-batches for the step link, J as the Trainer defines it since
+        the accumulation fix: the model's loss of each with the step's token count
+        (``num_items_in_batch``), so J is the step's token mean; a model that takes no loss
+        keyword arguments: the mean of the micro-batches' losses.
+
+        None (no step link) where J is not the model's own loss (label smoothing,
+        ``compute_loss_func``), or the inputs were positional.
+        """
+        forwards = capture.forwards
+        if not forwards or any(args for args, _, _ in forwards):
+            return None
+        if any(d.startswith(("label smoothing", "compute_loss_func")) for d in self._differences):
+            return None
+        inputs = [kwargs for _, kwargs, _ in forwards]
+        if "num_items_in_batch" not in inputs[0] and _takes_loss_kwargs(model):
+            count = _label_count(model, inputs)
+            if count is not None:
+                inputs = [{**kwargs, "num_items_in_batch": count} for kwargs in inputs]
+        weight = 1.0 if "num_items_in_batch" in inputs[0] else 1.0 / len(inputs)
+        return [
+            MicroBatch(kwargs, weight, rng)
+            for kwargs, (_, _, rng) in zip(inputs, forwards, strict=True)
+        ]
 
     def _model_loss(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         """`model_loss`, whose error says how the Trainer computes its loss otherwise."""
@@ -330,6 +368,29 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 )
             )
         return notes
+
+
+def _takes_loss_kwargs(model: nn.Module) -> bool:
+    """True when ``model.forward`` passes extra keyword arguments on to its loss."""
+    if getattr(model, "accepts_loss_kwargs", None) is False:
+        return False
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _label_count(model: nn.Module, inputs: list[dict[str, Any]]) -> torch.Tensor | None:
+    """The step's predicted tokens, counted as the Trainer counts ``num_items_in_batch``."""
+    labels = [kwargs.get("labels") for kwargs in inputs]
+    tensors = [label for label in labels if isinstance(label, torch.Tensor)]
+    if len(tensors) != len(labels):
+        return None
+    loss_type = str(getattr(model, "loss_type", None))
+    config = getattr(model, "config", None)
+    shifts = LOSS_MAPPING.get(loss_type) is ForCausalLMLoss and not getattr(
+        config, "is_encoder_decoder", False
+    )
+    counts = [(label[..., 1:] if shifts else label).ne(-100).sum() for label in tensors]
+    return torch.stack(counts).sum()
 
 
 def _find_trainer() -> Trainer | None:
