@@ -157,7 +157,7 @@ def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -
     }
     worst = max(tensors, key=tensors.__getitem__) if tensors else None
     status = _status(max(ratio, tensors[worst] if worst else 0.0), warn, threshold)
-    explanation = "" if status == "ok" else _explain(sums, tensors, ratio, scale, threshold)
+    explanation = "" if status == "ok" else _explain(sums, tensors, scale, threshold)
     return StepLink(
         ratio=ratio,
         status=status,
@@ -178,9 +178,7 @@ def _status(ratio: float, warn: float, threshold: float) -> Any:
     return "warn" if ratio >= warn else "ok"
 
 
-def _explain(
-    sums: _Sums, tensors: dict[str, float], ratio: float, scale: float, threshold: float
-) -> str:
+def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: float) -> str:
     """What the disagreement looks like: a factor on everything, a few tensors, or a mix."""
     total_opt = sum(sums.optimizer.values())
     residual = total_opt - 2 * scale * sum(sums.dot.values())
@@ -203,10 +201,9 @@ def _explain(
             "(a gradient hook, or code that changes .grad after backward?)"
         )
     return (
-        f"the optimizer's gradient differs from the gradient of the step's loss "
-        f"(ratio {ratio:.3g}) across tensors: the micro-batches weighted otherwise than J "
-        "(accumulation normalized per micro-batch, not per token?), or gradients kept "
-        "from an earlier step (a missing zero_grad?)"
+        "it differs across tensors, not by one factor: the micro-batches weighted otherwise "
+        "than in the step's loss (accumulation normalized per micro-batch, not per token?), "
+        "or gradients kept from an earlier step (a missing zero_grad?)"
     )
 
 

@@ -71,7 +71,7 @@ def test_accumulation_normalized_per_micro_batch_is_caught_as_a_step_bug() -> No
     assert link.status == "fail", link
     assert result.status == "fail"
     assert result.ratio < 1e-5  # backprop itself is right
-    assert "across tensors" in link.explanation
+    assert "accumulation normalized per micro-batch" in link.explanation
 
 
 def test_the_current_trainer_with_accumulation_passes_the_step_link() -> None:
@@ -129,3 +129,11 @@ def test_a_plain_loop_without_zero_grad_fails_the_step_link_from_the_second_chec
     assert [link.status for link in links if link] == ["ok", "fail", "fail"]
     assert [r.status for r in watch.results] == ["ok", "fail", "fail"]
     assert "zero_grad" in links[1].explanation  # type: ignore[union-attr]
+
+
+def test_accumulation_example_alerts_only_with_the_bug(tmp_path: Any) -> None:
+    """examples/accumulation_bug.py exits 1 with --bug (a step-link alert), 0 without."""
+    from examples.accumulation_bug import main
+
+    assert main(["--bug", "--report-dir", str(tmp_path / "bug")]) == 1
+    assert main(["--report-dir", str(tmp_path / "ok")]) == 0
