@@ -31,8 +31,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations.torch import (
     LossFn,
+    RngState,
     TrainingWatch,
     check_step_notes,
     result_metrics,
@@ -77,6 +79,16 @@ def training_step_loss(batch_idx: int, trainer: pl.Trainer | None = None) -> Los
     return loss
 
 
+def _window_loss(trainer: pl.Trainer) -> LossFn:
+    """J of one micro-batch of the step link: ``(batch, batch_idx)`` -> its training_step loss."""
+
+    def loss(module: nn.Module, item: tuple[Any, int]) -> torch.Tensor:
+        batch, batch_idx = item
+        return training_step_loss(batch_idx, trainer)(module, batch)
+
+    return loss
+
+
 class GradWatch(TrainingWatch, Callback):
     """A Lightning `Callback` that checks the backprop gradient every `every` optimizer updates.
 
@@ -106,6 +118,8 @@ class GradWatch(TrainingWatch, Callback):
 
     _batch: Any = None
     _batch_idx: int | None = None
+    _window: list[tuple[Any, int, RngState]]
+    """The due step's micro-batches, their indices and the RNG state each began from."""
     _armed = False
     _checking = False
     _saved: WatchState | None = None
@@ -133,6 +147,13 @@ class GradWatch(TrainingWatch, Callback):
             "(its self.log calls dropped)",
             *check_step_notes(trainer.accumulate_grad_batches),
         ]
+        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
+            notes.append(
+                f"Lightning optimizes the sum over {trainer.accumulate_grad_batches} micro-"
+                "batches of training_step's loss / accumulate_grad_batches: with a per-micro-"
+                "batch mean loss and micro-batches of different token counts that is not the "
+                "step's token mean; the step link checks .grad against what Lightning optimizes"
+            )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             notes.append("manual optimization: training_step steps the optimizer; pass loss_fn")
         saved = self._saved.report_dir if self._saved is not None else None
@@ -157,8 +178,10 @@ class GradWatch(TrainingWatch, Callback):
     ) -> None:
         if not self._armed:
             self._armed = self._checking and self.due(trainer.global_step)
+            self._window = []
         if self._armed:
             self._batch, self._batch_idx = batch, batch_idx
+            self._window.append((batch, batch_idx, RngState.capture()))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -174,8 +197,21 @@ class GradWatch(TrainingWatch, Callback):
                 f"step {step}: expected the batch of this step from on_train_batch_start, "
                 "received none"
             )
+        window, self._window = self._window, []
+        step_batches = None
+        if self.loss_fn is None and pl_module.automatic_optimization:
+            # What Lightning optimizes: each training_step loss divided by
+            # accumulate_grad_batches, summed over the window (.grad is not clipped yet).
+            weight = 1.0 / trainer.accumulate_grad_batches
+            step_batches = [MicroBatch((b, i), weight, rng) for b, i, rng in window]
         result = self.check(
-            step, pl_module, training_step_loss(batch_idx, trainer), batch, optimizer=optimizer
+            step,
+            pl_module,
+            training_step_loss(batch_idx, trainer),
+            batch,
+            optimizer=optimizer,
+            step_batches=step_batches,
+            step_loss_fn=_window_loss(trainer),
         )
         for name, value in result_metrics(result).items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)

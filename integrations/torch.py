@@ -1416,8 +1416,8 @@ def check_step_notes(accumulation_steps: int) -> list[str]:
     """Notes every framework check carries about which batch J is on."""
     if accumulation_steps > 1:
         return [
-            f"gradient accumulation over {accumulation_steps} micro-batches: the check "
-            "covers the step's last micro-batch"
+            f"gradient accumulation over {accumulation_steps} micro-batches: the finite-"
+            "difference check covers the step's last micro-batch, the step link all of them"
         ]
     return []
 
@@ -1522,12 +1522,13 @@ class TrainingWatch:
         *,
         optimizer: Any = None,
         step_batches: Sequence[MicroBatch] | None = None,
+        step_loss_fn: LossFn | None = None,
         clip_factor: float = 1.0,
     ) -> CheckResult:
         """Check and record (raises `GradientCheckError` with ``on_alert="raise"``).
 
-        ``step_batches``: the step's micro-batches for the step link, J on them being
-        ``default_loss_fn`` (see `check_due`).
+        ``step_batches``: the step's micro-batches for the step link, J on each being
+        ``step_loss_fn`` (default: ``default_loss_fn``; see `check_due`).
         """
         return check_due(
             self.watch,
@@ -1540,7 +1541,7 @@ class TrainingWatch:
             precision=self.precision,
             notes=self.notes,
             step_batches=step_batches,
-            step_loss_fn=default_loss_fn,
+            step_loss_fn=step_loss_fn or default_loss_fn,
             clip_factor=clip_factor,
         )
 

@@ -24,7 +24,10 @@ What J is: the model's own ``loss`` output on the captured inputs. Where the
 Trainer computes its training loss otherwise (label smoothing,
 ``compute_loss_func``, an overridden ``compute_loss``) the report says so; pass
 ``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
-the check covers the step's last micro-batch, and the report says so.
+the finite-difference check covers the step's last micro-batch (the report says so);
+the step link (``result.step_link``) compares the optimizer's ``.grad`` with the
+float64 gradient of J over every micro-batch of the step, J being the model's loss
+with the step's ``num_items_in_batch`` (see `gradwatch.integrations._step`).
 """
 
 from __future__ import annotations
@@ -279,12 +282,15 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         (``num_items_in_batch``), so J is the step's token mean; a model that takes no loss
         keyword arguments: the mean of the micro-batches' losses.
 
-        None (no step link) where J is not the model's own loss (label smoothing,
-        ``compute_loss_func``), or the inputs were positional.
+        None (no step link) where J is not the model's own loss (a user ``loss_fn``, label
+        smoothing, ``compute_loss_func``, labels kept from the forward), or the inputs
+        were positional.
         """
         forwards = capture.forwards
-        if not forwards or any(args for args, _, _ in forwards):
-            return None
+        if self.loss_fn is not None or not forwards or any(args for args, _, _ in forwards):
+            return None  # J is the user's loss on compute_loss inputs, or inputs positional
+        if not all("labels" in kwargs for _, kwargs, _ in forwards):
+            return None  # the model computes no loss of its own (labels popped before forward)
         if any(d.startswith(("label smoothing", "compute_loss_func")) for d in self._differences):
             return None
         inputs = [kwargs for _, kwargs, _ in forwards]

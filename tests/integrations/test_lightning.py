@@ -93,3 +93,29 @@ def test_example_with_planted_bug_alerts_on_the_adapter(tmp_path: Path, capsys: 
     assert report.checks[0].tensors["body.3.weight"].status == "ok"
     assert example.main([*args, str(tmp_path / "ok")]) == 0
     assert "ALERT" not in capsys.readouterr().out
+
+
+def test_step_link_over_an_accumulation_window(tmp_path: Path) -> None:
+    """accumulate_grad_batches=4: the step link covers the 4 micro-batches and passes, the
+    report says what Lightning optimizes; a hook scaling one gradient fails it, named."""
+    watch = GradWatch(every=1)
+    fit(tmp_path / "ok", [watch], max_steps=2, accumulate_grad_batches=4)
+    links = [r.step_link for r in watch.results]
+    assert all(link is not None and link.micro_batches == 4 for link in links)
+    assert [r.status for r in watch.results] == ["ok", "ok"], [link.ratio for link in links if link]
+    assert any("Lightning optimizes the sum over 4" in n for n in watch.results[0].notes)
+
+    class Hooked(RecordingClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            first = next(self.parameters())
+            first.register_hook(lambda g: g * 1.1)
+
+    pl.seed_everything(0, verbose=False)
+    hooked = GradWatch(every=1)
+    trainer = example.make_trainer(1, [hooked], str(tmp_path / "hooked"), accumulate_grad_batches=2)
+    module = Hooked()
+    trainer.fit(module, example.synthetic_data())
+    (result,) = hooked.results
+    assert result.step_link is not None and result.step_link.status == "fail"
+    assert result.step_link.worst_tensor == next(n for n, _ in module.named_parameters())
