@@ -9,9 +9,12 @@ steps are integers.
 
 from __future__ import annotations
 
-import statistics
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
 
 from gradwatch._reading import completed, nan_last, step_of, threshold
 from gradwatch.errors import GradwatchError
@@ -30,9 +33,30 @@ FLOOR = 1e-16
 _NAME_WIDTH = 48
 
 
-def write_plot(report: Report, output: Path) -> None:
-    """Render `report` to the PNG `output` (needs matplotlib)."""
-    plot_figure(report).savefig(output, dpi=120)
+def write_plot(report: Report, output: Path) -> Path:
+    """Render `report` to the image `output` (needs matplotlib); returns the file written.
+
+    A name without a suffix gets ``.png`` (the name returned says so).
+
+    Raises:
+        GradwatchError: `output` is a directory, or its suffix is not an image format
+            matplotlib writes.
+    """
+    if output.is_dir() or str(output).endswith(("/", os.sep)):
+        raise GradwatchError(
+            f"-o: expected an image file such as plot.png, received the directory {str(output)!r}"
+        )
+    figure = plot_figure(report)
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")
+    formats = figure.canvas.get_supported_filetypes()
+    if output.suffix[1:].lower() not in formats:
+        raise GradwatchError(
+            f"-o: expected an image file ending in .png (or {', '.join(f'.{f}' for f in formats)}"
+            f"), received {str(output)!r}"
+        )
+    figure.savefig(output, dpi=120)
+    return output
 
 
 def plot_figure(report: Report) -> Figure:
@@ -49,8 +73,8 @@ def plot_figure(report: Report) -> Figure:
         raise GradwatchError(
             f"{report.directory} has no check that ran to completion; nothing to plot"
         )
-    series = report.tensor_series()
-    ranked = sorted(series, key=lambda name: -max(nan_last(r) for _, r in series[name]))
+    series = report.tensor_ratios()
+    ranked = sorted(series, key=lambda name: -_highest(series[name][1]))
     highlighted, rest = ranked[:HIGHLIGHTED], ranked[HIGHLIGHTED:]
 
     figure = Figure(figsize=(9, 5.5), layout="constrained")
@@ -58,10 +82,10 @@ def plot_figure(report: Report) -> Figure:
     if rest:
         _band(axes, {name: series[name] for name in rest})
     for name in highlighted:
-        points = series[name]
+        steps, ratios = series[name]
         axes.plot(
-            [step for step, _ in points],
-            [max(ratio, FLOOR) for _, ratio in points],
+            steps,
+            np.maximum(ratios, FLOOR),  # NaN stays NaN (a gap)
             marker=".",
             lw=1.2,
             label=_shorten(name),
@@ -98,9 +122,9 @@ def plot_figure(report: Report) -> Figure:
         )
     axes.set_yscale("log")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    steps = [step_of(check) for check in report.checks]
-    if min(steps) == max(steps):
-        axes.set_xlim(min(steps) - 1, max(steps) + 1)
+    checked = [step_of(check) for check in report.checks]
+    if min(checked) == max(checked):
+        axes.set_xlim(min(checked) - 1, max(checked) + 1)
     axes.set_xlabel("step (optimizer updates)")
     axes.set_ylabel("ratio ‖numeric − analytic‖ / (‖numeric‖ + ‖analytic‖)")
     axes.set_title(
@@ -112,17 +136,24 @@ def plot_figure(report: Report) -> Figure:
     return figure
 
 
-def _band(axes: Axes, series: dict[str, list[tuple[int, float]]]) -> None:
+def _highest(ratios: npt.NDArray[np.float64]) -> float:
+    """The largest ratio, NaN ranked highest (see `nan_last`)."""
+    return nan_last(float(np.max(ratios))) if ratios.size else -np.inf
+
+
+def _band(
+    axes: Axes, series: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]
+) -> None:
     """Lowest to highest ratio of `series` at each step, and the median line."""
-    by_step: dict[int, list[float]] = {}
-    for points in series.values():
-        for step, ratio in points:
-            if ratio == ratio:  # NaN: no place in a band
-                by_step.setdefault(step, []).append(max(ratio, FLOOR))
-    steps = sorted(by_step)
-    low = [min(by_step[step]) for step in steps]
-    high = [max(by_step[step]) for step in steps]
-    middle = [statistics.median(by_step[step]) for step in steps]
+    all_steps = np.concatenate([steps for steps, _ in series.values()])
+    all_ratios = np.concatenate([ratios for _, ratios in series.values()])
+    finite = ~np.isnan(all_ratios)  # NaN: no place in a band
+    all_steps, all_ratios = all_steps[finite], np.maximum(all_ratios[finite], FLOOR)
+    order = np.lexsort((all_ratios, all_steps))  # by step, then by ratio
+    all_steps, all_ratios = all_steps[order], all_ratios[order]
+    steps, start, count = np.unique(all_steps, return_index=True, return_counts=True)
+    low, high = all_ratios[start], all_ratios[start + count - 1]
+    middle = (all_ratios[start + (count - 1) // 2] + all_ratios[start + count // 2]) / 2
     label = f"other {len(series)} tensors: lowest to highest"
     axes.fill_between(steps, low, high, color="0.6", alpha=0.35, lw=0, label=label)
     axes.plot(steps, middle, color="0.45", lw=1, ls="-.", label="their median")

@@ -25,7 +25,15 @@ from gradwatch._reading import (
 from gradwatch.report import Report, RunRecord
 from gradwatch.result import CheckResult, Component
 
-__all__ = ["HEIGHT", "WIDTH", "error_text", "show_lines", "steps_text", "tensor_lines"]
+__all__ = [
+    "HEIGHT",
+    "WIDTH",
+    "error_text",
+    "printable",
+    "show_lines",
+    "steps_text",
+    "tensor_lines",
+]
 
 WIDTH = 80
 HEIGHT = 40
@@ -46,7 +54,7 @@ _SHORT_STATUS = {"nondeterministic": "nondet"}
 
 
 def show_lines(report: Report) -> list[str]:
-    """The human summary of `report`, every line at most `WIDTH` columns."""
+    """The human summary of `report`, every line at most `WIDTH` columns and `printable`."""
     directory = str(report.directory)
     state = "closed" if report.closed else "not closed: still running, or killed"
     lines = [f"gradwatch report {directory} ({state})"]
@@ -71,6 +79,16 @@ def show_lines(report: Report) -> list[str]:
     if advice is not None:
         lines.append(advice)
     return _fit(lines)
+
+
+def printable(line: str) -> str:
+    """`line` with every character that is not printable shown as ``?``.
+
+    Tensor names, notes, errors and configuration come from a report file, which may have
+    come from anyone: an escape sequence there must not clear the screen or retitle the
+    terminal, and a newline must not forge a line such as ``alerts: none``.
+    """
+    return "".join(c if c.isprintable() else "?" for c in line)
 
 
 def _runs(report: Report) -> list[str]:
@@ -253,9 +271,9 @@ def _notes(report: Report) -> list[str]:
 
 
 def _fit(lines: list[str]) -> list[str]:
-    """Every line wrapped at `WIDTH` with its own indentation plus four."""
+    """Every line made `printable`, wrapped at `WIDTH` with its own indentation plus four."""
     fitted = []
-    for line in lines:
+    for line in map(printable, lines):
         if len(line) <= WIDTH:
             fitted.append(line)
             continue
@@ -300,7 +318,7 @@ def steps_text(steps: list[int]) -> str:
 
 def _printable(text: str) -> str:
     """`text` on one line with control characters (terminal escapes) shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in _one_line(text))
+    return printable(_one_line(text))
 
 
 def _one_line(text: str) -> str:

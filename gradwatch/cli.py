@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from gradwatch._html import report_html
 from gradwatch._plot import write_plot
 from gradwatch._reading import completed as _completed
@@ -28,7 +31,7 @@ from gradwatch._reading import next_step, notable_notes
 from gradwatch._reading import step_of as _step
 from gradwatch._reading import threshold as _threshold
 from gradwatch._reading import worst_check as _worst_check
-from gradwatch._show import error_text, show_lines, steps_text
+from gradwatch._show import error_text, printable, show_lines, steps_text
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult
@@ -49,18 +52,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _parser()
     arguments = parser.parse_args(argv)
+    report: Report | None = None
+    step = vars(arguments).get("step")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncatedReportWarning)
-            report = load_report(arguments.report_dir)
+            # Only the page keeps every check whole; the other views read a long run of a
+            # large model in a few percent of that memory (see load_report's `compact`).
+            report = load_report(
+                arguments.report_dir,
+                compact=arguments.command != "html",
+                keep_steps=() if step is None else (step,),
+            )
         for message in report.warnings:
-            print(f"gradwatch: warning: {message}", file=sys.stderr)
+            print(f"gradwatch: warning: {printable(_one_line_text(message))}", file=sys.stderr)
         code: int = arguments.handler(report, arguments)
-    except BrokenPipeError:  # output piped into `head`: not an error of the report
+    except BrokenPipeError:  # output piped into `head`: the verdict still sets the exit code
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-        return EXIT_CLEAN
+        return _show_code(report) if report is not None and arguments.handler is _show else 0
     except (GradwatchError, OSError) as error:
-        print(f"gradwatch: error: {_one_line(error)}", file=sys.stderr)
+        print(f"gradwatch: error: {printable(_one_line(error))}", file=sys.stderr)
         return EXIT_ERROR
     return code
 
@@ -101,8 +112,12 @@ def _parser() -> argparse.ArgumentParser:
 # -- show ---------------------------------------------------------------------------------
 
 
+def _show_code(report: Report) -> int:
+    return EXIT_ALERT if report.alerts or report.errors else EXIT_CLEAN
+
+
 def _show(report: Report, arguments: argparse.Namespace) -> int:
-    code = EXIT_ALERT if report.alerts or report.errors else EXIT_CLEAN
+    code = _show_code(report)
     worst_check = _worst_check(report)
     if arguments.json:
         payload: dict[str, Any] = {
@@ -126,7 +141,7 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
         return code
 
     for line in show_lines(report):
-        print(line)
+        _say(line)
     return code
 
 
@@ -136,51 +151,60 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
 def _trend(report: Report, arguments: argparse.Namespace) -> int:
     threshold = _threshold(report)
     completed = _completed(report)
-    rows: list[tuple[str, list[tuple[int, float]]]] = [
-        ("global", [(_step(check), check.ratio) for check in completed])
+    rows: list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.float64]]] = [
+        (
+            "global",
+            np.array([_step(check) for check in completed], dtype=np.int64),
+            np.array([check.ratio for check in completed], dtype=np.float64),
+        )
     ]
-    rows.extend(report.tensor_series().items())
+    rows += [(name, steps, ratios) for name, (steps, ratios) in report.tensor_ratios().items()]
     error_steps = [_step(check) for check in report.errors]
     if arguments.json:
-        _print_json(
-            {
-                "steps": report.steps,
-                "threshold": threshold,
-                "series": {
-                    name: [{"step": step, "ratio": ratio} for step, ratio in points]
-                    for name, points in rows
-                },
-                "error_steps": error_steps,
-            }
-        )
+        head = {"steps": report.steps, "threshold": threshold, "error_steps": error_steps}
+        _print_trend_json(head, rows)
         return EXIT_CLEAN
     if not report.checks:
-        print("no checks recorded")
+        _say("no checks recorded")
         return EXIT_CLEAN
     if error_steps:
-        print(f"checks that could not run (error), not drawn: steps {steps_text(error_steps)}")
+        _say(f"checks that could not run (error), not drawn: steps {steps_text(error_steps)}")
     if not completed:
-        print("no check ran to completion")
+        _say("no check ran to completion")
         return EXIT_CLEAN
     blocks = _spark_characters()
     low, high = _LOG_RANGE
-    print(
+    _say(
         f"ratio per check, steps {_step(completed[0])} .. {_step(completed[-1])} "
         f"({len(completed)} checks); log scale 1e{low:.0f} {blocks[0]} .. {blocks[-1]} "
         f"1e{high:.0f}; threshold {_g(threshold)}"
     )
-    width = max(len(name) for name, _ in rows)
-    for name, points in rows:
-        ratios = [ratio for _, ratio in points]
-        line = _sparkline(ratios, blocks)
-        over = [step for step, ratio in points if _at_or_above(ratio, threshold)]
-        since = f"  >= threshold from step {over[0]}" if over else ""
-        maximum = max(ratios, key=_nan_last)
-        print(
+    width = max(len(name) for name, _, _ in rows)
+    for name, steps, ratios in rows:
+        line = _sparkline(ratios.tolist(), blocks)
+        over = np.flatnonzero(np.isnan(ratios) | (ratios >= threshold))
+        since = f"  >= threshold from step {steps[over[0]]}" if over.size else ""
+        maximum = math.nan if np.isnan(ratios).any() else float(ratios.max())
+        _say(
             f"{name:<{width}}  {line:<{min(_TREND_WIDTH, len(completed))}}  "
-            f"last {_g(ratios[-1])}  max {_g(maximum)}{since}"
+            f"last {_g(float(ratios[-1]))}  max {_g(maximum)}{since}"
         )
     return EXIT_CLEAN
+
+
+def _print_trend_json(
+    head: dict[str, Any], rows: list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.float64]]]
+) -> None:
+    """`head` plus ``"series"``, one series at a time (a long run never sits whole in text)."""
+    text = json.dumps(head, indent=2)
+    print(text[: text.rindex("}")].rstrip() + ',\n  "series": {', end="")
+    for position, (name, steps, ratios) in enumerate(rows):
+        points = [
+            {"step": step, "ratio": ratio}
+            for step, ratio in zip(steps.tolist(), ratios.tolist(), strict=True)
+        ]
+        print(f"{',' if position else ''}\n    {json.dumps(name)}: {json.dumps(points)}", end="")
+    print("\n  }\n}")
 
 
 def _sparkline(ratios: list[float], blocks: str) -> str:
@@ -227,17 +251,17 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
         _print_json(_worst_payload(check, arguments.top))
         return EXIT_CLEAN
     if check.status == "error":
-        print(error_text(check))
+        _say(error_text(check))
         return EXIT_CLEAN
-    print(
+    _say(
         f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
         f"{check.checked} of {check.size} components checked ({check.mode})"
     )
-    print("tensors: " + _tensors_text(check))
+    _say("tensors: " + _tensors_text(check))
     if not check.worst:
-        print("no components recorded")
+        _say("no components recorded")
     for component in check.worst[: arguments.top]:
-        print("  " + _component_text(component.model_dump()))
+        _say("  " + _component_text(component.model_dump()))
     return EXIT_CLEAN
 
 
@@ -258,12 +282,11 @@ def _error_payload(check: CheckResult) -> dict[str, Any]:
 
 
 def _plot(report: Report, arguments: argparse.Namespace) -> int:
-    output = Path(arguments.output)
-    write_plot(report, output)
+    output = write_plot(report, Path(arguments.output))
     if arguments.json:
         _print_json({"output": str(output.absolute()), "checks": len(report.checks)})
     else:
-        print(f"wrote {output}")
+        _say(f"wrote {output}")
     return EXIT_CLEAN
 
 
@@ -276,7 +299,7 @@ def _html(report: Report, arguments: argparse.Namespace) -> int:
     if arguments.json:
         _print_json({"output": str(output.absolute()), "checks": len(report.checks)})
     else:
-        print(f"wrote {output}")
+        _say(f"wrote {output}")
     return EXIT_CLEAN
 
 
@@ -327,6 +350,11 @@ def _component_text(component: dict[str, Any]) -> str:
 
 def _at_or_above(ratio: float, threshold: float) -> bool:
     return math.isnan(ratio) or ratio >= threshold
+
+
+def _say(line: str) -> None:
+    """Print one line of a view; a report's text never drives the terminal (see `printable`)."""
+    print(printable(line))
 
 
 def _print_json(payload: object) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
+import errno
 import importlib.metadata
 import json
 import os
@@ -38,11 +39,14 @@ import stat
 import sys
 import tempfile
 import warnings
+from array import array
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from gradwatch.errors import ReportError
 from gradwatch.result import CheckResult, Component, Mode, Rule, Status
@@ -270,6 +274,14 @@ class Report(BaseModel):
     closed: bool
     """False while the last run is going on, or when it was killed before `GradWatch.close`."""
     warnings: list[str] = Field(default_factory=list)
+    compact: bool = False
+    """Read with ``load_report(..., compact=True)``: only the checks a reader opens (the
+    worst, the first failing one, the error checks and the steps asked for) keep their
+    per-tensor results and components; `tensor_ratios` holds every per-tensor ratio."""
+    _columns: dict[str, tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]] | None = PrivateAttr(
+        default=None
+    )
+    """Compact reports: tensor name -> (positions in `checks`, ratios), in step order."""
 
     @property
     def steps(self) -> list[int]:
@@ -289,18 +301,32 @@ class Report(BaseModel):
     @property
     def tensor_names(self) -> list[str]:
         """Every tensor seen in any check, in first-seen order."""
+        if self._columns is not None:
+            return list(self._columns)
         names: dict[str, None] = {}
         for check in self.checks:
             names.update(dict.fromkeys(check.tensors))
         return list(names)
 
+    def tensor_ratios(self) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+        """Per-tensor ratio series as arrays: tensor name -> (steps, ratios), in step order.
+
+        Eight bytes a ratio, also for a compact report (whose checks do not carry them).
+        """
+        steps = np.asarray(self.steps, dtype=np.int64)
+        if self._columns is not None:
+            return {name: (steps[at], ratios) for name, (at, ratios) in self._columns.items()}
+        columns = _Columns()
+        for position, check in enumerate(self.checks):
+            columns.add(position, check)
+        return {name: (steps[at], ratios) for name, (at, ratios) in columns.arrays().items()}
+
     def tensor_series(self) -> dict[str, list[tuple[int, float]]]:
         """Per-tensor ratio series: tensor name -> [(step, ratio), ...] in step order."""
-        series: dict[str, list[tuple[int, float]]] = {name: [] for name in self.tensor_names}
-        for step, check in zip(self.steps, self.checks, strict=True):
-            for name, tensor in check.tensors.items():
-                series[name].append((step, tensor.ratio))
-        return series
+        return {
+            name: list(zip(steps.tolist(), ratios.tolist(), strict=True))
+            for name, (steps, ratios) in self.tensor_ratios().items()
+        }
 
     def check_at(self, step: int) -> CheckResult:
         """The check recorded at `step`.
@@ -829,26 +855,50 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def load_report(report_dir: str | os.PathLike[str]) -> Report:
+MAX_LINE_BYTES = 64 << 20
+"""The longest ``checks.jsonl`` line read: a check of about 500,000 tensors. Anything
+longer is not a line gradwatch wrote (reading it would only exhaust memory)."""
+MAX_SUMMARY_BYTES = 64 << 20
+"""The largest ``report.json`` read (schema 2 keeps it at a few KB; schema 1, which held
+the whole series, reached about 15 MB at 10,000 checks)."""
+
+
+def load_report(
+    report_dir: str | os.PathLike[str],
+    *,
+    compact: bool = False,
+    keep_steps: Collection[int] = (),
+) -> Report:
     """Read a report directory written by `GradWatch`.
+
+    ``checks.jsonl`` is read one line at a time. The files of the directory must be
+    regular files: a symlink, a FIFO or a device there is refused, never followed, read
+    or waited on (a report someone sent you cannot make gradwatch read another file).
 
     Args:
         report_dir: the report directory (or the path of its ``report.json`` or
             ``checks.jsonl``).
+        compact: keep the per-tensor results and worst components only of the checks a
+            reader opens: the worst one, the first failing one, the error checks and
+            `keep_steps`; every other check keeps its verdict, ratio and notes, and
+            ``Report.tensor_ratios`` every per-tensor ratio (8 bytes each). What
+            ``gradwatch show`` uses: a long run of a large model reads in a few percent
+            of the memory the whole checks take.
+        keep_steps: with `compact`, steps whose checks are kept whole too.
 
     Returns:
         The run, with ``.checks`` in step order and ``.alerts`` for every failing check.
 
     Raises:
-        ReportError: the directory is missing, holds no report, or a file is corrupt
-            (the message names the file and line).
+        ReportError: the directory is missing, holds no report, a file is not a regular
+            file, or a file is corrupt (the message names the file and line).
 
     Warns:
         TruncatedReportWarning: the last line of ``checks.jsonl`` is incomplete (the run
             was killed while writing it); every earlier check is loaded.
     """
     directory = Path(report_dir)
-    if directory.name in (CHECKS_FILE, SUMMARY_FILE) and directory.is_file():
+    if directory.name in (CHECKS_FILE, SUMMARY_FILE) and not directory.is_dir():
         directory = directory.parent
     if not directory.exists():
         raise ReportError(
@@ -859,30 +909,32 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
         raise ReportError(f"expected a report directory, received the file {str(directory)!r}")
     checks_path = directory / CHECKS_FILE
     summary_path = directory / SUMMARY_FILE
-    if not checks_path.exists():
-        found = "only report.json" if summary_path.exists() else "neither"
+    if not os.path.lexists(checks_path):
+        found = "only report.json" if os.path.lexists(summary_path) else "neither"
         raise ReportError(
             f"{str(directory)!r} is not a gradwatch report: expected {CHECKS_FILE} and "
             f"{SUMMARY_FILE}, found {found}"
         )
     notes: list[str] = []
-    numbered = _read_checks(checks_path, notes)
+    reading = _Reading(compact=compact, keep_steps=keep_steps)
+    for line, check in _scan_checks(checks_path, notes):
+        reading.add(line, check)
     summary: ReportSummary | None = None
-    if summary_path.exists():
+    if os.path.lexists(summary_path):
         summary = _read_summary(summary_path)
     else:
         notes.append(f"{summary_path} is missing: configuration and environment are unknown")
     for note in notes:
         warnings.warn(note, TruncatedReportWarning, stacklevel=2)
-    runs = _runs_of(summary, len(numbered))
+    runs = _runs_of(summary, len(reading.entries))
     starts = [run.first_line for run in runs]
-    placed = [(check, bisect.bisect_right(starts, line) - 1) for line, check in numbered]
-    placed.sort(key=lambda item: -1 if item[0].step is None else item[0].step)  # stable
-    checks = [check for check, _ in placed]
-    check_runs = [max(run, 0) for _, run in placed]
+    order = sorted(range(len(reading.entries)), key=reading.step_key)  # stable: file order
+    checks = [reading.check(index) for index in order]
+    check_runs = [
+        max(bisect.bisect_right(starts, reading.entries[index][0]) - 1, 0) for index in order
+    ]
     _count_checks(runs, checks, check_runs)
-    alerts = [alert for alert in map(alert_for, checks) if alert is not None]
-    return Report(
+    report = Report(
         directory=directory.absolute(),
         schema_version=summary.schema_version if summary else SCHEMA_VERSION,
         configuration=summary.configuration if summary else None,
@@ -890,11 +942,102 @@ def load_report(report_dir: str | os.PathLike[str]) -> Report:
         checks=checks,
         check_runs=check_runs,
         runs=runs,
-        alerts=alerts,
+        alerts=[alert for index in order if (alert := reading.entries[index][2]) is not None],
         skipped=summary.skipped if summary else [],
         closed=summary.closed if summary else False,
         warnings=notes,
+        compact=compact,
     )
+    if compact:
+        report._columns = reading.columns.arrays(order)
+    return report
+
+
+class _Columns:
+    """Per-tensor ratios gathered check by check: 8 bytes a ratio, plus 8 for its check."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, array[int]] = {}
+        self._ratios: dict[str, array[float]] = {}
+
+    def add(self, position: int, check: CheckResult) -> None:
+        for name, tensor in check.tensors.items():
+            if name not in self._at:
+                self._at[name], self._ratios[name] = array("q"), array("d")
+            self._at[name].append(position)
+            self._ratios[name].append(tensor.ratio)
+
+    def arrays(
+        self, order: list[int] | None = None
+    ) -> dict[str, tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]]:
+        """name -> (positions, ratios) sorted by position; `order` maps position -> index."""
+        rank: npt.NDArray[np.intp] | None = None
+        if order is not None:
+            rank = np.empty(len(order), dtype=np.intp)
+            rank[np.asarray(order, dtype=np.intp)] = np.arange(len(order))
+        columns = {}
+        for name, at in self._at.items():
+            positions = np.frombuffer(at, dtype=np.int64).astype(np.intp)
+            ratios = np.frombuffer(self._ratios[name], dtype=np.float64)
+            if rank is not None:
+                positions = rank[positions]
+            by_position = np.argsort(positions, kind="stable")
+            columns[name] = (positions[by_position], ratios[by_position].copy())
+        return columns
+
+
+class _Reading:
+    """What `load_report` keeps of each check while it streams ``checks.jsonl``.
+
+    Every check's alert is derived from the whole check as it is read. A compact reading
+    keeps each check without its tensors and components (their ratios go to `columns`),
+    except the checks a reader opens: the worst, the first failing one, the error checks
+    and the steps asked for, picked as ``worst_check`` and ``next_step`` pick them from
+    the checks in step order.
+    """
+
+    def __init__(self, *, compact: bool, keep_steps: Collection[int]) -> None:
+        self.compact = compact
+        self.keep_steps = set(keep_steps)
+        self.entries: list[tuple[int, CheckResult, Alert | None]] = []
+        """(line, check, its alert) in file order; compact: the check without tensors."""
+        self.whole: dict[int, CheckResult] = {}
+        """Compact: entry index -> the whole check, for error checks and `keep_steps`."""
+        self.columns = _Columns()
+        self._worst: tuple[tuple[float, int, int], CheckResult] | None = None
+        """((ratio, -step, -index), check): the highest ratio, the first in step order."""
+        self._first_failing: tuple[tuple[int, int], CheckResult] | None = None
+
+    def step_key(self, index: int) -> int:
+        step = self.entries[index][1].step
+        return -1 if step is None else step
+
+    def check(self, index: int) -> CheckResult:
+        if self._worst is not None and self._worst[0][2] == -index:
+            return self._worst[1]
+        if self._first_failing is not None and self._first_failing[0][1] == index:
+            return self._first_failing[1]
+        return self.whole.get(index, self.entries[index][1])
+
+    def add(self, line: int, check: CheckResult) -> None:
+        index = len(self.entries)
+        alert = alert_for(check)
+        if not self.compact:
+            self.entries.append((line, check, alert))
+            return
+        self.columns.add(index, check)
+        self.entries.append((line, check.model_copy(update={"tensors": {}, "worst": []}), alert))
+        step = self.step_key(index)
+        if check.status == "error" or check.step in self.keep_steps:
+            self.whole[index] = check
+        if check.status != "error":
+            worst = (_sort_key(check.ratio), -step, -index)
+            if self._worst is None or worst > self._worst[0]:
+                self._worst = (worst, check)
+        if check.status == "fail":
+            first = (step, index)
+            if self._first_failing is None or first < self._first_failing[0]:
+                self._first_failing = (first, check)
 
 
 def _runs_of(summary: ReportSummary | None, checks: int) -> list[RunRecord]:
@@ -929,47 +1072,86 @@ def _count_checks(runs: list[RunRecord], checks: list[CheckResult], check_runs: 
             run.last_step = check.step if run.last_step is None else max(run.last_step, check.step)
 
 
-def _read_checks(path: Path, notes: list[str]) -> list[tuple[int, CheckResult]]:
-    """The checks of ``checks.jsonl`` with their line index (0-based)."""
+def _open_report_file(path: Path) -> IO[bytes]:
+    """`path` open for reading: a regular file, never through a symlink, never blocking.
+
+    Raises:
+        ReportError: `path` is a symlink, a FIFO, a device or unreadable; nothing of
+            what it points to is read.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
-    lines = text.split("\n")
-    # A complete file ends with "\n", so the last piece is empty; anything else there is a
-    # line the writer did not finish.
-    unfinished = lines.pop()
-    checks: list[tuple[int, CheckResult]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            checks.append((number - 1, CheckResult.model_validate_json(line)))
-        except ValidationError as error:
+        descriptor = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP or os.path.islink(path):
             raise ReportError(
-                f"{path}, line {number}: expected one CheckResult as JSON, received "
-                f"{_shorten(line)!r} ({_first_error(error)})"
-            ) from error
-    if unfinished.strip():
-        try:
-            checks.append((len(lines), CheckResult.model_validate_json(unfinished)))
-        except ValidationError:
-            notes.append(
-                f"{path}, line {len(lines) + 1} is truncated (the run was probably killed "
-                f"while writing it); loaded the {len(checks)} checks before it"
-            )
-    return checks
+                f"{path}: expected a regular file, received a symlink; gradwatch does not "
+                "follow links in a report directory (copy the file it points to in its place "
+                "to read it)"
+            ) from None
+        raise ReportError(f"cannot read {path}: {error.strerror or error}") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise ReportError(
+            f"{path}: expected a regular file, received {_file_kind(status.st_mode)}; a "
+            "report directory holds the files gradwatch wrote, nothing else"
+        )
+    return os.fdopen(descriptor, "rb")
+
+
+def _scan_checks(path: Path, notes: list[str]) -> Iterator[tuple[int, CheckResult]]:
+    """The checks of ``checks.jsonl`` with their line index (0-based), one line at a time."""
+    with _open_report_file(path) as file:
+        count = 0
+        number = 0
+        while line := file.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise ReportError(
+                    f"{path}, line {number}: expected one CheckResult as JSON, received a "
+                    f"line longer than {MAX_LINE_BYTES >> 20} MiB"
+                )
+            if not line.strip():
+                continue
+            try:
+                check = CheckResult.model_validate_json(line)
+            except ValidationError as error:
+                if not line.endswith(b"\n"):  # a complete file ends with "\n"
+                    notes.append(
+                        f"{path}, line {number} is truncated (the run was probably killed "
+                        f"while writing it); loaded the {count} checks before it"
+                    )
+                    return
+                raise ReportError(
+                    f"{path}, line {number}: expected one CheckResult as JSON, received "
+                    f"{_shorten(line.decode('utf-8', 'replace'))!r} ({_first_error(error)})"
+                ) from error
+            count += 1
+            yield number - 1, check
 
 
 def _read_summary(path: Path) -> ReportSummary:
+    with _open_report_file(path) as file:
+        data = file.read(MAX_SUMMARY_BYTES + 1)
+    if len(data) > MAX_SUMMARY_BYTES:
+        raise ReportError(
+            f"{path}: expected a gradwatch report summary (a few KB), received a file larger "
+            f"than {MAX_SUMMARY_BYTES >> 20} MiB"
+        )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
         raise ReportError(f"cannot read {path}: {error}") from error
     try:
-        version = json.loads(text).get("schema_version")
-    except (ValueError, AttributeError):
-        version = None
+        document = json.loads(text)
+    except RecursionError:
+        raise ReportError(
+            f"{path}: expected a gradwatch report summary, received JSON nested too deeply "
+            "to be one"
+        ) from None
+    except ValueError:
+        document = None
+    version = document.get("schema_version") if isinstance(document, dict) else None
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise ReportError(
             f"{path}: expected schema_version <= {SCHEMA_VERSION}, received {version} "
@@ -977,7 +1159,7 @@ def _read_summary(path: Path) -> ReportSummary:
         )
     try:
         if version == 1:  # the whole series was kept in report.json; checks.jsonl has it
-            return _upgrade_version_1(json.loads(text))
+            return _upgrade_version_1(document)
         return ReportSummary.model_validate_json(text)
     except ValidationError as error:
         line = _error_line(text, error)
