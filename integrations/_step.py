@@ -41,11 +41,11 @@ STEP_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-2, 1e-1),
     torch.bfloat16: (1e-2, 1e-1),
 }
-"""(warn, threshold) of the step link by training dtype. A float32 backward differs from
-the float64 one by roundoff accumulated over the layers (measured about 1e-7..1e-6 on
-the architecture sweep's models); the real bugs it is for differ by whole percents (a
-hook x1.1 on one tensor: 5e-2; accumulation over micro-batches of unequal length: 1e-2
-and more)."""
+"""(warn, threshold) of the step link by training dtype (the parameters', or autocast's).
+A float32 backward differs from the float64 one by roundoff accumulated over the layers
+(measured about 1e-7..1e-6 on the architecture sweep's models); the real bugs it is for
+differ by whole percents (a hook x1.1 on one tensor: 5e-2; accumulation over
+micro-batches of unequal length: 1e-2 and more)."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,15 @@ class MicroBatch:
         rng: the random generators' state when its training forward began (replayed so
             dropout draws the same masks); None: the current state (fine without
             randomness in the forward).
+        autocast: the autocast dtype of its training forward, or None.
     """
 
     batch: Any
     weight: float = 1.0
     rng: RngState | None = None
+    autocast: torch.dtype | None = None
+    """The autocast dtype its training forward ran under (bf16/fp16), if any: the
+    tolerances then follow it."""
 
 
 def compare_step(
@@ -79,8 +83,9 @@ def compare_step(
     if not micro_batches:
         raise ValueError("micro_batches: expected at least one, received none")
     sources = trainable_parameters(model)
-    native = next(iter(sources.values())).dtype
-    warn, threshold = STEP_TOLERANCES.get(native, STEP_TOLERANCES[torch.float32])
+    dtypes = [next(iter(sources.values())).dtype]
+    dtypes += [micro.autocast for micro in micro_batches if micro.autocast is not None]
+    warn, threshold = max(STEP_TOLERANCES.get(d, STEP_TOLERANCES[torch.float32]) for d in dtypes)
     with _untouched_globals(model):
         shadow = _Shadow(model, "float64")
         with ShadowMode(torch.float64), torch.enable_grad():

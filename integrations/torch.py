@@ -1218,6 +1218,8 @@ class BatchCapture:
         self.forwards: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
         """Every training forward of the armed step: its inputs and the RNG state it began
         from (so the step check can replay each micro-batch's dropout draws)."""
+        self.autocast: torch.dtype | None = None
+        """The autocast dtype a training forward of the armed step ran under, if any."""
         self.squared_norms: dict[str, float] = {}
         """Each parameter's ||.grad||^2 after its last accumulation: before any clipping."""
         self._handles: list[RemovableHandle] = [
@@ -1237,6 +1239,7 @@ class BatchCapture:
             if self.armed and module.training and module is self.model:
                 self.args, self.kwargs = args, dict(kwargs)
                 self.forwards.append((args, dict(kwargs), RngState.capture()))
+                self.autocast = self.autocast or _autocast_dtype(module)
 
         return hook
 
@@ -1271,6 +1274,7 @@ class BatchCapture:
 
     def clear(self) -> None:
         self.args = self.kwargs = self.loss_inputs = None
+        self.autocast = None
         self.forwards = []
         self.squared_norms = {}
 
@@ -1280,6 +1284,15 @@ class BatchCapture:
             handle.remove()
         self._handles = []
         self.clear()
+
+
+def _autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype autocast runs ``module``'s device in right now, or None when it is off."""
+    parameter = next(module.parameters(), None)
+    device = "cpu" if parameter is None else parameter.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def check_due(

@@ -300,7 +300,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 inputs = [{**kwargs, "num_items_in_batch": count} for kwargs in inputs]
         weight = 1.0 if "num_items_in_batch" in inputs[0] else 1.0 / len(inputs)
         return [
-            MicroBatch(kwargs, weight, rng)
+            MicroBatch(kwargs, weight, rng, capture.autocast)
             for kwargs, (_, _, rng) in zip(inputs, forwards, strict=True)
         ]
 

@@ -137,3 +137,28 @@ def test_accumulation_example_alerts_only_with_the_bug(tmp_path: Any) -> None:
 
     assert main(["--bug", "--report-dir", str(tmp_path / "bug")]) == 1
     assert main(["--report-dir", str(tmp_path / "ok")]) == 0
+
+
+def test_bf16_autocast_training_is_judged_at_bf16_tolerances() -> None:
+    """A training forward under bf16 autocast is seen by the batch capture, and the step link
+    then follows bf16's tolerances: no alert on bf16 roundoff that float32's would flag."""
+    from gradwatch.integrations._step import MicroBatch, compare_step
+    from gradwatch.integrations.torch import BatchCapture
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+
+    def loss_fn(m: Any, batch: Any) -> Any:
+        return torch.nn.functional.cross_entropy(m(batch[0]).float(), batch[1])
+
+    capture = BatchCapture(model)
+    capture.armed = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(model, (x, y)).backward()
+    assert capture.autocast == torch.bfloat16
+    as_bf16 = compare_step(model, loss_fn, [MicroBatch((x, y), autocast=capture.autocast)])
+    as_float32 = compare_step(model, loss_fn, [MicroBatch((x, y))])
+    capture.remove()
+    assert as_bf16.status == "ok" and as_bf16.threshold == 1e-1, as_bf16.ratio
+    assert as_float32.ratio > as_float32.warn  # bf16 roundoff is visible at float32 tolerances
