@@ -190,7 +190,10 @@ def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: fl
     residual += scale * scale * sum(sums.objective.values())
     off_direction = math.sqrt(max(residual, 0.0)) / max(math.sqrt(total_opt), 1e-300)
     if off_direction < threshold and math.isfinite(scale):
-        if scale < 1:
+        power = math.log2(abs(scale)) if scale != 0 else 0.0
+        if scale >= 16 and abs(power - round(power)) < 1e-3:
+            hint = "an AMP loss scale left in .grad (GradScaler.unscale_ missing before this?)"
+        elif scale < 1:
             hint = "the loss divided once too often (by the accumulation steps twice?)"
         else:
             hint = "a loss summed instead of averaged, or gradients kept from an earlier step "

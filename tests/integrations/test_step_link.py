@@ -162,3 +162,35 @@ def test_bf16_autocast_training_is_judged_at_bf16_tolerances() -> None:
     capture.remove()
     assert as_bf16.status == "ok" and as_bf16.threshold == 1e-1, as_bf16.ratio
     assert as_float32.ratio > as_float32.warn  # bf16 roundoff is visible at float32 tolerances
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_a_grad_scaler_loop_passes_only_when_it_unscales(unscale: bool) -> None:
+    """A GradScaler loop that unscales before the check passes; one that does not fails the
+    step link with the loss scale named."""
+    from gradwatch.integrations.torch import after_backward
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def loss_fn(m: Any, batch: Any) -> Any:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    watch = gradwatch.GradWatch(every=1, report_dir=None)
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    optimizer.zero_grad()
+    scaler.scale(loss_fn(model, batch)).backward()
+    if unscale:
+        scaler.unscale_(optimizer)
+    result = after_backward(watch, 0, model, loss_fn, batch, step_check=True)
+    assert result is not None and result.step_link is not None
+    if unscale:
+        assert result.status == "ok"
+    else:
+        assert result.status == "fail" and "AMP loss scale" in result.step_link.explanation
+        assert result.step_link.scale == pytest.approx(2.0**10)
