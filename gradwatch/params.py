@@ -50,17 +50,13 @@ class _HeldGradients:
 
 @dataclass(frozen=True)
 class NamedTensors:
-    """Validated parameters and their gradient, with offsets into theta."""
+    """Validated parameters and their gradient, in theta order."""
 
     names: tuple[str, ...]
     params: dict[str, FloatArray]
     gradient: GradientSource
-    offsets: tuple[int, ...]
-    """offsets[t] is where tensor t starts in theta; offsets[-1] is the size of theta."""
-
-    @property
-    def size(self) -> int:
-        return self.offsets[-1]
+    size: int
+    """Components of theta (of every tensor together)."""
 
     def flat_param(self, name: str) -> FloatArray:
         """A writable 1-D view of a tensor (a copy would break in-place perturbation)."""
@@ -101,15 +97,6 @@ class NamedTensors:
                 f"grads: expected a gradient for each of {list(names)}, received none for {missing}"
             )
 
-    def locate(self, flat_index: int) -> tuple[str, tuple[int, ...]]:
-        """The tensor and multi-index of a component of theta."""
-        tensor = int(np.searchsorted(self.offsets, flat_index, side="right")) - 1
-        name = self.names[tensor]
-        local = flat_index - self.offsets[tensor]
-        shape = self.params[name].shape
-        index = tuple(int(i) for i in np.unravel_index(local, shape)) if shape else ()
-        return name, index
-
 
 def component_name(tensor: str, index: tuple[int, ...]) -> str:
     """Readable name of one component.
@@ -143,12 +130,9 @@ def named_tensors(params: object, grads: object) -> NamedTensors:
                 f"received {list(grad_map)} (missing {missing}, unexpected {extra})"
             )
 
-    checked_params: dict[str, FloatArray] = {}
-    offsets = [0]
-    for name, param in param_map.items():
-        checked_params[name] = _check_param(name, param)
-        offsets.append(offsets[-1] + checked_params[name].size)
-    if offsets[-1] == 0:
+    checked_params = {name: _check_param(name, param) for name, param in param_map.items()}
+    size = sum(param.size for param in checked_params.values())
+    if size == 0:
         raise ParameterError("params: expected at least one component to check, received none")
     gradient = (
         grads
@@ -162,7 +146,7 @@ def named_tensors(params: object, grads: object) -> NamedTensors:
         names=tuple(checked_params),
         params=checked_params,
         gradient=gradient,
-        offsets=tuple(offsets),
+        size=size,
     )
 
 

@@ -1,0 +1,154 @@
+"""Every option of `gradwatch.check` and `gradwatch.GradWatch`, validated in one place.
+
+Each mistake has one message (argument, expected, received), whoever is called with it:
+`GradWatch` validates at construction what `check` validates again per call (only the
+check knows theta's size, so only it can say that ``sample=k`` exceeds it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import numpy as np
+
+from gradwatch.errors import OptionError
+from gradwatch.params import NamedTensors
+from gradwatch.regularization import RegularizationTerm
+from gradwatch.result import CheckResult
+
+__all__ = [
+    "OnAlert",
+    "OnError",
+    "Sample",
+    "checked_step",
+    "validate_check_options",
+    "validate_sample",
+    "validate_terms",
+    "validate_watch_options",
+]
+
+Sample = int | float | Literal["auto", "directional"] | None
+"""None (every component), an int k, a fraction in (0, 1], "auto" or "directional"."""
+OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
+OnError = Literal["record", "raise"]
+
+_SAMPLE_EXPECTED = (
+    'sample: expected None, "auto", "directional", an int >= 1 or a fraction in (0, 1]'
+)
+
+
+def validate_check_options(
+    *,
+    eps: object,
+    top_k: object,
+    warn: object,
+    threshold: object,
+    localize_evaluations: object = 0,
+) -> None:
+    """The options a check takes, ``sample`` aside (`validate_sample`: it needs theta's size).
+
+    Raises:
+        OptionError: naming the first option out of range.
+    """
+    if eps is not None and not _positive_number(eps):
+        raise OptionError(f"eps: expected None or a finite float > 0, received {eps!r}")
+    if not _whole_number(top_k):
+        raise OptionError(f"top_k: expected an int >= 0, received {top_k!r}")
+    for name, value in (("warn", warn), ("threshold", threshold)):
+        if isinstance(value, float) and value == math.inf:
+            raise OptionError(f"{name}: expected a finite float, received {value!r}")
+        if not _positive_number(value):
+            raise OptionError(f"{name}: expected a float > 0, received {value!r}")
+    if warn > threshold:  # type: ignore[operator]
+        raise OptionError(
+            f"warn: expected warn <= threshold ({threshold!r}), received warn={warn!r}"
+        )
+    if not _whole_number(localize_evaluations):
+        raise OptionError(
+            f"localize_evaluations: expected an int >= 0, received {localize_evaluations!r}"
+        )
+
+
+def validate_sample(sample: object, size: int | None = None) -> None:
+    """``sample`` is a `Sample`; with theta's ``size`` known, an int k is at most that."""
+    if sample is None or sample in ("auto", "directional"):
+        return
+    if isinstance(sample, float):
+        if not 0 < sample <= 1:
+            raise OptionError(f"sample: expected a fraction in (0, 1], received {sample!r}")
+        return
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        raise OptionError(f"{_SAMPLE_EXPECTED}, received {sample!r}")
+    if size is not None and not 1 <= sample <= size:
+        raise OptionError(
+            f"sample: expected an int between 1 and the {size} components of theta, "
+            f"received {sample!r}"
+        )
+    if sample < 1:
+        raise OptionError(f"sample: expected an int >= 1, received {sample!r}")
+
+
+def validate_watch_options(
+    *, every: object, seed: object, on_alert: object, on_error: object, budget: object
+) -> None:
+    """The options only `GradWatch` takes (the check's are `validate_check_options`).
+
+    Raises:
+        OptionError: naming the first option out of range.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise OptionError(f"every: expected an int >= 1 (optimizer updates), received {every!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(f"seed: expected an int, received {seed!r}")
+    if not (on_alert in ("log", "raise") or callable(on_alert)):
+        raise OptionError(
+            f'on_alert: expected "log", "raise" or a callable taking the CheckResult, '
+            f"received {on_alert!r}"
+        )
+    if on_error not in ("record", "raise"):
+        raise OptionError(f'on_error: expected "record" or "raise", received {on_error!r}')
+    if budget is not None and not (_positive_number(budget) and budget <= 1):  # type: ignore[operator]
+        raise OptionError(
+            f"budget: expected None or a share of training time in (0, 1], received {budget!r}"
+        )
+
+
+def validate_terms(
+    regularization: Iterable[RegularizationTerm] | RegularizationTerm, tensors: NamedTensors
+) -> list[RegularizationTerm]:
+    """The regularization terms as a list, each validated against the named tensors."""
+    if isinstance(regularization, RegularizationTerm):
+        regularization = [regularization]
+    terms = list(regularization)
+    for term in terms:
+        if not isinstance(term, RegularizationTerm):
+            raise OptionError(
+                "regularization: expected terms such as gradwatch.L2(...) or "
+                f"gradwatch.Penalty(fn), received {type(term).__name__}"
+            )
+        validate = getattr(term, "validate", None)
+        if validate is not None:
+            validate(tensors.params)
+    return terms
+
+
+def checked_step(step: object) -> int:
+    """A step count (optimizer updates completed before this one) as an int."""
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise OptionError(f"step: expected an int >= 0, received {step!r}")
+    return int(step)
+
+
+def _whole_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )

@@ -1,0 +1,114 @@
+"""The verdict of a check: which status, which rule set it, and the notes that explain it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, status_for
+from gradwatch.result import Rule, Status, TensorResult
+
+__all__ = ["STATUS_ORDER", "explain_verdict", "resolution_notes", "worst_status"]
+
+STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
+
+
+def explain_verdict(
+    status: Status,
+    ratio: float,
+    per_tensor: Mapping[str, TensorResult],
+    warn: float,
+    threshold: float,
+    below: tuple[float, float] | None = None,
+) -> tuple[str, Rule, float | None]:
+    """Which rule set ``status``, with that rule's own number: (sentence, rule, number).
+
+    The global rule judges ``ratio`` over every checked component; the per-tensor rule
+    judges each tensor's own ratio, its denominator floored at ``NEAR_ZERO_FLOOR`` of
+    the whole gradient's scale (DESIGN.md section 8). The status is the worse of the two.
+    Both denominators are floored at J's resolution (``NOISE_UNITS``).
+    """
+    resolved = (
+        ""
+        if below is None
+        else f" (gradient {below[0]:.3g} below resolution {below[1]:.3g}, judged against it)"
+    )
+    if status == "nondeterministic":
+        return (
+            "nondeterministic: J(theta) evaluated twice differs; no verdict, no alert",
+            "none",
+            None,
+        )
+    limit = {"fail": ("threshold", threshold), "warn": ("warn", warn)}
+    if status not in limit:
+        return (
+            f"ok: global ratio {ratio:.3g}{resolved} and every tensor's ratio below warn {warn:g}",
+            "none",
+            None,
+        )
+    name, value = limit[status]
+    if status_for(ratio, warn, threshold) == status:
+        return (
+            f"{status} by the global rule: ratio {ratio:.3g} >= {name} {value:g}{resolved}",
+            "global",
+            ratio,
+        )
+    flagged = sorted(
+        ((t, r.ratio) for t, r in per_tensor.items() if r.status == status), key=lambda x: -x[1]
+    )
+    listed = ", ".join(f"{t} (ratio {r:.3g})" for t, r in flagged[:3])
+    more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
+    sentence = (
+        f"{status} by the per-tensor rule: {listed}{more} >= {name} {value:g}; the global "
+        f"ratio {ratio:.3g} is below it (a tensor is judged on its own, its denominator "
+        f"floored at {NEAR_ZERO_FLOOR:g} of the whole gradient's scale)"
+    )
+    return sentence, "per-tensor", flagged[0][1]
+
+
+def worst_status(
+    ratio: float,
+    per_tensor: Mapping[str, TensorResult],
+    warn: float,
+    threshold: float,
+    nondeterministic: bool,
+) -> Status:
+    """The worse of the global verdict and the per-tensor ones; a nondeterministic J wins."""
+    if nondeterministic:
+        return "nondeterministic"
+    status = status_for(ratio, warn, threshold)
+    for tensor_verdict in per_tensor.values():
+        if STATUS_ORDER[tensor_verdict.status] > STATUS_ORDER[status]:
+            status = tensor_verdict.status
+    return status
+
+
+def resolution_notes(
+    rounding_step: float | None,
+    below: tuple[float, float] | None,
+    per_tensor: Mapping[str, TensorResult],
+    warn: float,
+    dtype: object,
+) -> list[str]:
+    """What limits the resolution of this check's numbers: a coarse J, a gradient near 0."""
+    notes = []
+    if rounding_step is not None:
+        notes.append(
+            f"J's values are whole multiples of a rounding step {rounding_step:.3g} (J is "
+            f"computed coarser than {dtype}: float32, bfloat16 or quantized): a numeric "
+            f"derivative resolves no less than {rounding_step:.3g} / h, and the ratios "
+            "are judged against that resolution, not called a bug"
+        )
+    if below is not None:
+        notes.append(
+            f"below resolution: the gradient's size {below[0]:.3g} (||numeric|| + "
+            f"||analytic||) is below {below[1]:.3g}, what J's finite differences resolve "
+            f"at warn {warn:g} ({NOISE_UNITS:g} roundoff units eps_J |J| / h over warn): "
+            "at or near an optimum; the ratio is judged against that resolution"
+        )
+    quiet = [n for n, t in per_tensor.items() if t.below_resolution]
+    if quiet and below is None:
+        listed = ", ".join(quiet[:5]) + (f" and {len(quiet) - 5} more" if len(quiet) > 5 else "")
+        notes.append(
+            f"below resolution (judged against J's roundoff, not their own size): {listed}"
+        )
+    return notes
