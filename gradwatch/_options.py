@@ -15,7 +15,7 @@ import numpy as np
 
 from gradwatch.errors import OptionError
 from gradwatch.params import NamedTensors
-from gradwatch.regularization import RegularizationTerm
+from gradwatch.regularization import RegularizationTerm, ValidatedTerm
 from gradwatch.result import CheckResult
 
 __all__ = [
@@ -128,9 +128,8 @@ def validate_terms(
                 "regularization: expected terms such as gradwatch.L2(...) or "
                 f"gradwatch.Penalty(fn), received {type(term).__name__}"
             )
-        validate = getattr(term, "validate", None)
-        if validate is not None:
-            validate(tensors.params)
+        if isinstance(term, ValidatedTerm):
+            term.validate(tensors.params)
     return terms
 
 

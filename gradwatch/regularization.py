@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from gradwatch.errors import OptionError
 
-__all__ = ["L2", "Penalty", "RegularizationTerm"]
+__all__ = ["L2", "Penalty", "RegularizationTerm", "ValidatedTerm"]
 
 Params = Mapping[str, npt.NDArray[np.floating]]
 
@@ -35,6 +35,15 @@ class RegularizationTerm(Protocol):
         None when the term is not a sum over components; the check then
         re-evaluates ``value`` on the perturbed parameters.
         """
+        ...
+
+
+@runtime_checkable
+class ValidatedTerm(RegularizationTerm, Protocol):
+    """A term that can say up front whether it fits the parameters (unknown names...)."""
+
+    def validate(self, params: Params) -> None:
+        """Raise `gradwatch.OptionError` when the term does not fit ``params``."""
         ...
 
 
