@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gradwatch.integrations._shadow_mode import ShadowMode
-from gradwatch.integrations.torch import (
-    LossFn,
+from gradwatch.integrations._objective import LossFn, _scalar
+from gradwatch.integrations._shadow import (
     RngState,
     _map_tensors,
-    _scalar,
     _Shadow,
     _untouched_globals,
     trainable_parameters,
 )
+from gradwatch.integrations._shadow_mode import ShadowMode
 from torch import nn
 
 from gradwatch.result import CheckResult, StepLink

@@ -31,14 +31,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from gradwatch.integrations._objective import LossFn
+from gradwatch.integrations._shadow import RngState
 from gradwatch.integrations._step import MicroBatch
-from gradwatch.integrations.torch import (
-    LossFn,
-    RngState,
-    TrainingWatch,
-    check_step_notes,
-    result_metrics,
-)
+from gradwatch.integrations._training import TrainingWatch, check_step_notes, result_metrics
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -56,14 +52,15 @@ def training_step_loss(batch_idx: int, trainer: pl.Trainer | None = None) -> Los
     """J as Lightning takes it: the loss ``training_step(batch, batch_idx)`` returns.
 
     The module passed in is the check's copy (a deep copy drops the trainer): it is
-    attached to ``trainer`` for reading (``self.trainer.global_step`` works) and its
-    ``log``/``log_dict`` are no-ops, so nothing it logs reaches the trainer.
+    attached to ``trainer`` through the public ``LightningModule.trainer`` setter, for
+    reading (``self.trainer.global_step`` works), and its ``log``/``log_dict`` are
+    no-ops, so nothing it logs reaches the trainer.
     """
 
     def loss(module: nn.Module, batch: Any) -> torch.Tensor:
         for submodule in module.modules():
             if isinstance(submodule, pl.LightningModule):
-                submodule._trainer = trainer
+                submodule.trainer = trainer
                 object.__setattr__(submodule, "log", _ignore_log)
                 object.__setattr__(submodule, "log_dict", _ignore_log)
         output = module.training_step(batch, batch_idx)  # type: ignore[operator]

@@ -20,6 +20,13 @@ and ``gradwatch/ratio``, ``gradwatch/status``, ... reach the Trainer's logs (and
 TensorBoard, W&B, ...). The hook is removed at train end. Training is not changed:
 a run with the callback ends with bit-identical weights and losses.
 
+Callbacks receive no reference to the Trainer, and gradwatch does not go looking for
+one: pass it, ``GradWatch(every=500, trainer=trainer)``, for what only the Trainer
+object gives (metrics through ``trainer.log``, an overridden ``compute_loss`` or a
+``compute_loss_func`` named in the report, a user ``loss_fn`` on the inputs
+``compute_loss`` received). Without it the metrics are appended to
+``state.log_history`` (the report holds them either way).
+
 What J is: the model's own ``loss`` output on the captured inputs. Where the
 Trainer computes its training loss otherwise (label smoothing,
 ``compute_loss_func``, an overridden ``compute_loss``) the report says so; pass
@@ -33,14 +40,13 @@ with the step's ``num_items_in_batch`` (see `gradwatch.integrations._step`).
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from gradwatch.integrations._step import MicroBatch
-from gradwatch.integrations.torch import (
+from gradwatch.integrations._training import (
     BatchCapture,
     TrainingWatch,
     check_step_notes,
@@ -91,9 +97,18 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     Args:
         every: check when ``state.global_step % every == 0`` (0-based, so the first
             update is checked).
+        trainer: the `Trainer` this callback is added to (Trainer callbacks are never
+            given it): ``trainer.add_callback(GradWatch(every=500, trainer=trainer))``.
+            With it the metrics go through ``trainer.log`` (TensorBoard, W&B, ...), the
+            report names a ``compute_loss_func`` or an overridden ``compute_loss``, and a
+            user ``loss_fn`` gets the inputs ``trainer.compute_loss`` received (gradwatch
+            wraps that method on this instance for the run; removed at train end).
+            None: metrics appended to ``state.log_history``, label smoothing detected
+            from ``args`` only.
         loss_fn: ``loss_fn(model, inputs) -> scalar tensor``, J on the captured inputs:
-            the dict ``Trainer.compute_loss`` received (labels included), or when the
-            Trainer could not be found, the keyword arguments of ``model.forward``.
+            with ``trainer``, the dict ``Trainer.compute_loss`` received (labels
+            included); without, the keyword arguments of ``model.forward`` (the Trainer
+            pops ``labels`` before the forward when it computes the loss itself).
             None: the model's own ``loss`` output (`model_loss`).
         regularization: penalties ``(model) -> scalar tensor`` that are part of J on
             both sides (see `gradwatch.integrations.torch.check_module`).
@@ -115,10 +130,21 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
 
     _capture: BatchCapture | None = None
     _trainer: Trainer | None = None
+    _loss_inputs: dict[str, Any] | None = None
+    """What ``trainer.compute_loss`` received on the due step (labels included)."""
     _checking = False
     _differences: Sequence[str] = ()
     _saved_state: dict[str, Any] | None = None
     _unsaved_options: Sequence[str] = ()
+
+    def __init__(self, every: int = 500, *, trainer: Trainer | None = None, **options: Any):
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise OptionError(
+                f"trainer: expected None or the transformers.Trainer this callback is added "
+                f"to, received {type(trainer).__name__}"
+            )
+        super().__init__(every, **options)
+        self._trainer = trainer
 
     # -- checkpoints: a resumed train() continues the same report -----------------------
 
@@ -184,7 +210,6 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 "saved as JSON); expected restore_callback_states_from_checkpoint=False (GradWatch "
                 "reads its report state from the checkpoint either way)"
             )
-        self._trainer = _find_trainer()
         self._checking = bool(state.is_world_process_zero)
         resumed = self._resumed_state(state)
         notes = [
@@ -211,12 +236,12 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         if self._capture is not None:
             self._capture.remove()
         self._capture = BatchCapture(model)
-        self._wrap_compute_loss()
+        self._observe_compute_loss()
 
-    def _wrap_compute_loss(self) -> None:
-        """Also keep what ``compute_loss`` receives: it still holds the labels, which the
-        Trainer pops before the forward when it computes the loss itself (a user
-        ``loss_fn`` gets these inputs)."""
+    def _observe_compute_loss(self) -> None:
+        """With the ``trainer`` the user passed and a user ``loss_fn``, also keep what
+        ``trainer.compute_loss`` receives on a due step: it still holds the labels, which
+        the Trainer pops before the forward when it computes the loss itself."""
         trainer, capture = self._trainer, self._capture
         if trainer is None or capture is None or self.loss_fn is None:
             return
@@ -224,7 +249,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
 
         def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if capture.armed:
-                capture.loss_inputs = dict(inputs)
+                self._loss_inputs = dict(inputs)
             return original(model, inputs, *args, **kwargs)
 
         compute_loss.__gradwatch_wrapped__ = original  # type: ignore[attr-defined]
@@ -236,6 +261,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         if self._capture is None:
             return
         self._capture.clear()
+        self._loss_inputs = None
         self._capture.armed = self._checking and self.due(state.global_step)
 
     def on_pre_optimizer_step(
@@ -260,8 +286,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             )
         args_, kwargs_ = capture.args or (), capture.kwargs or {}
         batch: Any = (args_, kwargs_) if args_ else kwargs_
-        if capture.loss_inputs is not None:
-            batch = capture.loss_inputs
+        if self._loss_inputs is not None:
+            batch, self._loss_inputs = self._loss_inputs, None
         step_batches = self._step_batches(model, capture)
         clip_factor = capture.clip_factor(args.max_grad_norm or 0.0)
         capture.clear()
@@ -326,7 +352,6 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             vars(self._trainer).get("compute_loss"), "__gradwatch_wrapped__"
         ):
             del self._trainer.compute_loss
-        self._trainer = None
         self.finish()
 
     # -- helpers ----------------------------------------------------------------------
@@ -347,17 +372,15 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         ]
         trainer = self._trainer
         differences: list[str] = []
+        if args.label_smoothing_factor > 0:  # the Trainer's label_smoother
+            differences.append(f"label smoothing {args.label_smoothing_factor:g}")
         if trainer is None:
             notes.append(
-                "the Trainer was not found from the callback; compute_loss overrides and "
-                "compute_loss_func could not be inspected"
+                "the Trainer was not passed (GradWatch(trainer=trainer)): an overridden "
+                "compute_loss or a compute_loss_func could not be inspected"
             )
-            if args.label_smoothing_factor > 0:
-                differences.append(f"label smoothing {args.label_smoothing_factor:g}")
         else:
-            if getattr(trainer, "label_smoother", None) is not None:
-                differences.append(f"label smoothing {args.label_smoothing_factor:g}")
-            if getattr(trainer, "compute_loss_func", None) is not None:
+            if trainer.compute_loss_func is not None:
                 differences.append("compute_loss_func")
             if type(trainer).compute_loss is not Trainer.compute_loss:
                 differences.append(f"{type(trainer).__name__}.compute_loss overridden")
@@ -397,14 +420,3 @@ def _label_count(model: nn.Module, inputs: list[dict[str, Any]]) -> torch.Tensor
     )
     counts = [(label[..., 1:] if shifts else label).ne(-100).sum() for label in tensors]
     return torch.stack(counts).sum()
-
-
-def _find_trainer() -> Trainer | None:
-    """The Trainer running this callback event (callbacks get no reference to it)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    return None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import gradwatch.integrations.torch as torch_integration  # noqa: E402
+import gradwatch.integrations._batched as batched_evaluation  # noqa: E402
 from gradwatch.integrations.torch import check_module  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_batched_check_of_a_correct_model_is_ok_and_sampled_checks_agree() -> No
 def test_chunk_boundaries_do_not_change_the_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 7 perturbations give the numbers of one big chunk (no index shifted)."""
     whole = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL)
-    monkeypatch.setattr(torch_integration, "MAX_CHUNK", 7)
+    monkeypatch.setattr(batched_evaluation, "MAX_CHUNK", 7)
     chunked = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL)
     assert any("up to 7 perturbations" in note for note in chunked.notes)
     assert_same_numbers(chunked, whole)

@@ -29,6 +29,8 @@ def run(
         args=hf_trainer.training_arguments(str(tmp_path), **options),
         train_dataset=hf_trainer.SyntheticTokens(),
     )
+    if callable(callback) and not isinstance(callback, GradWatch):
+        callback = callback(trainer)  # a factory: GradWatch(trainer=trainer, ...)
     if callback is not None:
         trainer.add_callback(callback)
     trainer.train()
@@ -97,7 +99,8 @@ def smoothed_loss(model: Any, inputs: dict[str, Any]) -> Any:
 
 
 def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path) -> None:
-    """Label smoothing / an overridden compute_loss are noted; a user loss_fn is J; without
+    """Label smoothing / an overridden compute_loss (of a Trainer passed in) are noted; a user
+    loss_fn is J; without
     one, a model that returns no loss gives an error check saying why (training goes on), and
     on_error="raise" raises it."""
     _, watch = run(tmp_path / "smooth", GradWatch(every=1), max_steps=1, label_smoothing_factor=0.1)
@@ -113,7 +116,7 @@ def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path)
         )
     _, watch = run(
         tmp_path / "smooth-fn",
-        GradWatch(every=1, loss_fn=smoothed_loss),
+        lambda trainer: GradWatch(every=1, loss_fn=smoothed_loss, trainer=trainer),
         max_steps=1,
         label_smoothing_factor=0.1,
     )
@@ -124,7 +127,7 @@ def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path)
 
     _, watch = run(
         tmp_path / "override",
-        GradWatch(every=1, loss_fn=smoothed_loss),
+        lambda trainer: GradWatch(every=1, loss_fn=smoothed_loss, trainer=trainer),
         trainer_class=SmoothedLossTrainer,
         max_steps=1,
     )

@@ -1,0 +1,259 @@
+"""J on the shadow: the objective the core evaluates, with RNG replay, and its gradient.
+
+`_Objective` is J(shadow) = ``loss_fn(shadow, batch)`` + penalties, every evaluation
+(and the analytic pass) starting from the same forked state of the generators J
+draws from, so dropout draws the same mask every time. `_ShadowGradients` is the
+autograd gradient of that J, streamed to the check one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from gradwatch.integrations._shadow import (
+    Generator,
+    RngState,
+    _map_tensors,
+    _Shadow,
+    _to_numpy,
+)
+from torch import nn
+
+from gradwatch.errors import LossError, OptionError
+
+__all__ = ["LossFn", "Penalties", "Penalty"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss_fn(model, batch) -> scalar tensor``: the data part of J."""
+Penalty = Callable[[nn.Module], torch.Tensor]
+"""``penalty(model) -> scalar tensor``: a regularization term of J, on both sides."""
+Penalties = Sequence[Penalty] | Mapping[str, Penalty]
+
+
+def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
+    if isinstance(regularization, Mapping):
+        items = list(regularization.items())
+    else:
+        items = []
+        for i, penalty in enumerate(regularization):
+            name = str(getattr(penalty, "__name__", ""))
+            items.append((name if name and name != "<lambda>" else f"penalty[{i}]", penalty))
+    for name, penalty in items:
+        if not callable(penalty):
+            raise OptionError(
+                f"regularization[{name!r}]: expected a callable (model) -> scalar tensor, "
+                f"received {type(penalty).__name__}"
+            )
+    return items
+
+
+def _scalar(value: Any, where: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise LossError(f"{where}: expected a scalar torch.Tensor, received {type(value).__name__}")
+    if value.numel() != 1:
+        raise LossError(
+            f"{where}: expected a scalar tensor, received one of shape {tuple(value.shape)}"
+        )
+    return value if value.dim() == 0 else value.reshape(())
+
+
+def _is_immutable(value: Any) -> bool:
+    """A tensor, a scalar, or tuples of them: nothing a loss_fn could pop from or append to."""
+    if isinstance(value, tuple):
+        return all(_is_immutable(item) for item in value)
+    return isinstance(value, torch.Tensor | int | float | str | bytes | bool | None)
+
+
+class _Objective:
+    """J(shadow) = loss_fn(shadow, batch) + penalties, with the forked RNG state replayed.
+
+    The first evaluation starts from the forked state of every generator and
+    records which ones it drew from (``replay``); every later evaluation restores
+    just those, so a model without randomness pays nothing for the replay. A
+    generator drawn only by some later evaluation is caught by `stray_draws`.
+    """
+
+    def __init__(
+        self,
+        shadow: _Shadow,
+        loss_fn: LossFn,
+        batch: Any,
+        penalties: list[tuple[str, Penalty]],
+        rng: RngState,
+    ) -> None:
+        self.shadow = shadow
+        self.loss_fn = loss_fn
+        dtype = shadow.dtype
+        self._batch = _map_tensors(
+            batch,
+            lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t,
+        )
+        self._batch_is_immutable = _is_immutable(self._batch)
+        self._plain = self._batch_is_immutable and not penalties and not shadow.needs_sync
+        self.penalties = penalties
+        self.rng = rng
+        self.replay: frozenset[Generator] | None = None
+        """The generators J draws from; None until the first evaluation."""
+
+    def terms(self, model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The data loss and each penalty, from the same RNG state every time."""
+        first = self.replay is None
+        if first:
+            self.rng.restore()
+        elif self.replay:
+            self.rng.restore(self.replay)
+        model = self.shadow.module if model is None else model
+        batch = self._batch
+        if not self._batch_is_immutable:  # loss_fn may pop from its dict: a fresh one each time
+            batch = _map_tensors(batch, lambda t: t)
+        loss = _scalar(self.loss_fn(model, batch), "loss_fn(model, batch)")
+        penalties = {
+            name: _scalar(penalty(model), f"regularization[{name!r}](model)")
+            for name, penalty in self.penalties
+        }
+        if first:
+            self.replay = self.rng.drawn()
+        return loss, penalties
+
+    def total(self, model: nn.Module | None = None) -> torch.Tensor:
+        """J as a 0-d tensor: the data loss plus every penalty."""
+        loss, penalties = self.terms(model)
+        return loss + sum(penalties.values()) if penalties else loss
+
+    def stray_draws(self) -> frozenset[Generator]:
+        """Generators that some evaluation drew from although the first one did not."""
+        return self.rng.drawn() - (self.replay or frozenset())
+
+    def penalty_values(self) -> dict[str, float]:
+        """Each penalty at the current parameters."""
+        self.shadow.sync()
+        with torch.no_grad():
+            return {
+                name: float(_scalar(penalty(self.shadow.module), f"regularization[{name!r}]"))
+                for name, penalty in self.penalties
+            }
+
+    def __call__(self) -> float:
+        """J at the current values of the numpy arrays (the core's loss closure)."""
+        if self.replay == frozenset() and self._plain and not torch.is_grad_enabled():
+            # The hot path of a full check on a CPU model without randomness or penalties:
+            # nothing to replay, sync or add, as cheap as calling loss_fn in a loop.
+            value = self.loss_fn(self.shadow.module, self._batch)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                return float(value)
+        self.shadow.sync()
+        if self.replay is None:
+            # The first forward of the shadow runs outside inference mode: a tensor the
+            # model builds and keeps on it (a rotary table, a mask) must stay usable by
+            # the autograd passes that follow.
+            with torch.inference_mode(False), torch.no_grad():
+                return float(self.total())
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return float(self.total())
+        return float(self.total())  # check_module runs the check under inference_mode
+
+    def restore_tensor(self, name: str) -> None:
+        """The core's exact restore of a moved tensor (see `_Shadow.restore_tensor`)."""
+        self.shadow.restore_tensor(name)
+
+
+class _ShadowGradients:
+    """The autograd gradient of J on the shadow, as a `gradwatch.params.GradientSource`.
+
+    Each visit runs one backward pass from the same RNG state as every evaluation; a
+    hook hands each parameter's gradient to the check the moment autograd has
+    accumulated it, then drops it. So the whole float64 gradient is never held: the
+    check keeps norms, projections and the components it compares. The first visit's
+    findings (missing gradients, J not depending on the parameters) become notes.
+
+    Where a gradient arrives in parts (a parameter used in two reentrant checkpoint
+    segments is accumulated once per segment) the hook hands over only the first part
+    and records the tensor in `arrived_in_parts`; ``check_module`` then checks again
+    with ``hold=True``: every gradient is kept until the backward pass ends, as one
+    float64 copy.
+    """
+
+    def __init__(
+        self, objective: _Objective, hold: bool = False, largest: dict[str, int] | None = None
+    ) -> None:
+        self.objective = objective
+        self.hold = hold
+        self.notes: list[str] = []
+        self.largest: dict[str, int] = {} if largest is None else largest
+        """Flat index of each visited tensor's largest gradient entry (the batched probe)."""
+        self.visits = 0
+        self.arrived_in_parts: str | None = None
+        """The first tensor whose gradient arrived in parts (streamed visits only)."""
+
+    def visit(
+        self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
+    ) -> None:
+        shadow = self.objective.shadow
+        wanted = set(names)
+        delivered: set[str] = set()
+        dtype = shadow.arrays_dtype()
+
+        def hand_over(name: str, gradient: torch.Tensor) -> None:
+            array = _to_numpy(gradient).astype(dtype, copy=False)
+            self.largest[name] = _largest_entry(array)
+            delivered.add(name)
+            consume(name, array)
+
+        def make_hook(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(parameter: torch.Tensor) -> None:
+                if name in delivered:  # a later part: the check already took the first
+                    self.arrived_in_parts = self.arrived_in_parts or name
+                elif parameter.grad is not None and name in wanted:
+                    hand_over(name, parameter.grad)
+                parameter.grad = None  # freed now, not after the whole backward
+
+            return hook
+
+        handles = []
+        if not self.hold:
+            handles = [
+                p.register_post_accumulate_grad_hook(make_hook(name))  # type: ignore[no-untyped-call]
+                for name, p in shadow.params.items()
+            ]
+        try:
+            shadow.sync()
+            with torch.inference_mode(False), torch.enable_grad():
+                total = self.objective.total()
+                if total.requires_grad:
+                    total.backward()  # type: ignore[no-untyped-call]
+            if self.hold:
+                for name in names:
+                    gradient = shadow.params[name].grad
+                    if gradient is not None:
+                        hand_over(name, gradient)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p in shadow.params.values():
+                p.grad = None
+        missing = [name for name in names if name not in delivered]
+        for name in missing:
+            hand_over(name, torch.zeros(shadow.params[name].shape, dtype=shadow.dtype))
+        if self.visits == 0:
+            if not total.requires_grad:
+                self.notes.append("J does not depend on any trainable parameter through autograd")
+            elif missing:
+                self.notes.append(
+                    "no gradient (.grad is None after backward), compared as zeros: "
+                    + ", ".join(missing)
+                )
+        self.visits += 1
+
+
+def _largest_entry(gradient: npt.NDArray[np.floating]) -> int:
+    """Flat index of the entry largest in magnitude (no temporary |gradient|)."""
+    if gradient.size == 0:
+        return 0
+    high, low = int(gradient.argmax()), int(gradient.argmin())
+    flat = gradient.reshape(-1)
+    return high if abs(flat[high]) >= abs(flat[low]) else low

@@ -1,0 +1,343 @@
+"""What every trainer callback shares: batch capture, the due check, metrics, notes."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from gradwatch.integrations._check import Analytic, check_module
+from gradwatch.integrations._objective import LossFn, Penalties, _penalty_items
+from gradwatch.integrations._shadow import Precision, RngState, trainable_parameters
+from gradwatch.integrations._step import MicroBatch, compare_step, with_step_link
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.errors import OptionError
+from gradwatch.result import CheckResult
+
+if TYPE_CHECKING:
+    from gradwatch.callback import GradWatch, OnAlert, OnError, Sample
+
+__all__ = [
+    "STATUS_CODES",
+    "BatchCapture",
+    "TrainingWatch",
+    "check_due",
+    "check_step_notes",
+    "result_metrics",
+]
+
+
+class BatchCapture:
+    """Holds the last inputs of ``model.forward``, seen by a forward pre-hook.
+
+    Trainer callbacks never receive the batch; this hook does (``with_kwargs=True``,
+    so ``model(**inputs)`` is captured too). It keeps references only, and only
+    while ``armed`` (the framework arms it for due steps), and ignores eval-mode
+    forwards and the check's own shadow.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.armed = False
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] | None = None
+        self.forwards: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
+        """Every training forward of the armed step: its inputs and the RNG state it began
+        from (so the step check can replay each micro-batch's dropout draws)."""
+        self.autocast: torch.dtype | None = None
+        """The autocast dtype a training forward of the armed step ran under, if any."""
+        self.squared_norms: dict[str, float] = {}
+        """Each parameter's ||.grad||^2 after its last accumulation: before any clipping."""
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._make_hook(), with_kwargs=True)
+        ]
+        for name, parameter in trainable_parameters(model).items():
+            self._handles.append(
+                parameter.register_post_accumulate_grad_hook(self._make_norm_hook(name))  # type: ignore[no-untyped-call]
+            )
+
+    def _make_hook(
+        self,
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        # A closure, not a bound method: copy.deepcopy of the model (the shadow)
+        # copies the hook table, and must not copy this object along with it.
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.armed and module.training and module is self.model:
+                self.args, self.kwargs = args, dict(kwargs)
+                self.forwards.append((args, dict(kwargs), RngState.capture()))
+                self.autocast = self.autocast or _autocast_dtype(module)
+
+        return hook
+
+    def _make_norm_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(parameter: torch.Tensor) -> None:
+            if self.armed and parameter.grad is not None:
+                self.squared_norms[name] = float(parameter.grad.detach().double().square().sum())
+
+        return hook
+
+    @property
+    def captured(self) -> bool:
+        return self.kwargs is not None
+
+    def clip_factor(self, max_norm: float) -> float:
+        """The factor a norm clip to ``max_norm`` applied to ``.grad`` since backward.
+
+        1 when the gradient's norm is below ``max_norm`` (no clip), else the ratio of
+        the norm now to the norm the hooks saw right after backward.
+        """
+        now = math.sqrt(
+            sum(
+                float(p.grad.detach().double().square().sum())
+                for p in trainable_parameters(self.model).values()
+                if p.grad is not None
+            )
+        )
+        before = math.sqrt(sum(self.squared_norms.values()))
+        if max_norm <= 0 or before <= 0 or now < max_norm * (1 - 1e-4):
+            return 1.0
+        return now / before
+
+    def clear(self) -> None:
+        self.args = self.kwargs = None
+        self.autocast = None
+        self.forwards = []
+        self.squared_norms = {}
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+
+def _autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype autocast runs ``module``'s device in right now, or None when it is off."""
+    parameter = next(module.parameters(), None)
+    device = "cpu" if parameter is None else parameter.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def check_due(
+    watch: GradWatch,
+    step: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    optimizer: Any = None,
+    regularization: Penalties = (),
+    precision: Precision = "float64",
+    analytic: Analytic = "recompute",
+    notes: Sequence[str] = (),
+    step_batches: Sequence[MicroBatch] | None = None,
+    step_loss_fn: LossFn | None = None,
+    clip_factor: float = 1.0,
+) -> CheckResult:
+    """Run `check_module` with the watch's options and record it (report, logs, alert).
+
+    With ``step_batches`` the check also compares the model's ``.grad`` (divided by
+    ``clip_factor``) with the float64 gradient of J = sum_i w_i step_loss_fn(model, b_i)
+    over those micro-batches (`gradwatch.integrations._step.compare_step`): the result's
+    ``step_link``, whose failure fails the check.
+
+    An exception inside the check is recorded as a check with status ``error`` and
+    training goes on (``GradWatch(on_error="raise")`` raises it after recording).
+
+    Raises:
+        GradientCheckError: the check failed and the watch has ``on_alert="raise"``.
+    """
+
+    def compute() -> CheckResult:
+        result = check_module(
+            model,
+            loss_fn,
+            batch,
+            regularization=regularization,
+            optimizer=optimizer,
+            precision=precision,
+            analytic=analytic,
+            notes=notes,
+            **watch.check_options(),
+        )
+        if step_batches:
+            link = compare_step(
+                model, step_loss_fn or loss_fn, step_batches, clip_factor=clip_factor
+            )
+            result = with_step_link(result, link)
+        return result
+
+    return watch.run_check(
+        step,
+        compute,
+        source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
+    )
+
+
+STATUS_CODES: dict[str, int] = {
+    "ok": 0,
+    "warn": 1,
+    "fail": 2,
+    "nondeterministic": 3,
+    "error": 4,
+}
+"""``gradwatch/status`` as a number, for metric loggers that only take scalars."""
+
+
+def result_metrics(result: CheckResult) -> dict[str, float]:
+    """The scalars a trainer logs after a check (TensorBoard, W&B, CSV...)."""
+    return {
+        "gradwatch/ratio": float(result.ratio),
+        "gradwatch/status": float(STATUS_CODES[result.status]),
+        "gradwatch/alert": float(result.failed),
+        "gradwatch/checked": float(result.checked),
+        "gradwatch/seconds": float(result.seconds),
+    }
+
+
+def check_step_notes(accumulation_steps: int) -> list[str]:
+    """Notes every framework check carries about which batch J is on."""
+    if accumulation_steps > 1:
+        return [
+            f"gradient accumulation over {accumulation_steps} micro-batches: the finite-"
+            "difference check covers the step's last micro-batch, the step link all of them"
+        ]
+    return []
+
+
+class TrainingWatch:
+    """The base of the framework callbacks (Trainer and Lightning): their options and torch side.
+
+    Holds the core `GradWatch` (``watch``: schedule, report, alerts) and what J is
+    (``loss_fn``, ``regularization``, ``precision``); a framework callback subclasses
+    it and only says when (`start`, `due`, `check`, `finish`) and on which batch.
+    """
+
+    def __init__(
+        self,
+        every: int = 500,
+        *,
+        loss_fn: LossFn | None = None,
+        regularization: Penalties = (),
+        precision: Precision = "float64",
+        report_dir: str | os.PathLike[str] | None = None,
+        sample: Sample = "auto",
+        eps: float | None = None,
+        threshold: float = 1e-3,
+        warn: float = 1e-5,
+        top_k: int = 10,
+        seed: int = 0,
+        on_alert: OnAlert = "log",
+        on_error: OnError = "record",
+        budget: float | None = None,
+    ) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise OptionError(
+                f"loss_fn: expected None or a callable (model, batch) -> scalar tensor, "
+                f"received {type(loss_fn).__name__}"
+            )
+        if precision not in ("float64", "native"):
+            raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
+        _penalty_items(regularization)
+        self.loss_fn = loss_fn
+        self.regularization = regularization
+        self.precision: Precision = precision
+        self.report_dir = None if report_dir is None else Path(report_dir)
+        self._options: dict[str, Any] = {
+            "every": every,
+            "sample": sample,
+            "eps": eps,
+            "threshold": threshold,
+            "warn": warn,
+            "top_k": top_k,
+            "seed": seed,
+            "on_alert": on_alert,
+            "on_error": on_error,
+            "budget": budget,
+        }
+        self.watch = self._new_watch()  # validates the options now, not at train begin
+        self.notes: list[str] = []
+        self._finished = False
+
+    @property
+    def results(self) -> list[CheckResult]:
+        """The checks recorded in the current (or last) run."""
+        return self.watch.results
+
+    def __repr__(self) -> str:
+        framework = type(self).__module__.rsplit(".", 1)[-1]
+        return f"{framework}.{self.watch!r}"
+
+    def _new_watch(self) -> GradWatch:
+        from gradwatch.callback import GradWatch
+
+        options = dict(self._options)
+        return GradWatch(options.pop("every"), report_dir=None, **options)
+
+    def start(
+        self,
+        default_dir: str | os.PathLike[str],
+        *,
+        writer: bool,
+        context: Mapping[str, Any],
+        notes: Sequence[str],
+    ) -> None:
+        """Open the report (``report_dir`` or ``default_dir``); a second fit starts a new watch."""
+        if self._finished:
+            self.watch = self._new_watch()
+            self._finished = False
+        directory = self.report_dir if self.report_dir is not None else Path(default_dir)
+        self.watch.open(directory, write=writer)
+        self.watch.set_context(precision=self.precision, **context)
+        self.notes = list(notes)
+        for note in self.notes:
+            self.watch.note(note)
+
+    def due(self, step: int) -> bool:
+        return self.watch.due(step)
+
+    def check(
+        self,
+        step: int,
+        model: nn.Module,
+        default_loss_fn: LossFn,
+        batch: Any,
+        *,
+        optimizer: Any = None,
+        step_batches: Sequence[MicroBatch] | None = None,
+        step_loss_fn: LossFn | None = None,
+        clip_factor: float = 1.0,
+    ) -> CheckResult:
+        """Check and record (raises `GradientCheckError` with ``on_alert="raise"``).
+
+        ``step_batches``: the step's micro-batches for the step link, J on each being
+        ``step_loss_fn`` (default: ``default_loss_fn``; see `check_due`).
+        """
+        return check_due(
+            self.watch,
+            step,
+            model,
+            self.loss_fn if self.loss_fn is not None else default_loss_fn,
+            batch,
+            optimizer=optimizer,
+            regularization=self.regularization,
+            precision=self.precision,
+            notes=self.notes,
+            step_batches=step_batches,
+            step_loss_fn=step_loss_fn or default_loss_fn,
+            clip_factor=clip_factor,
+        )
+
+    def finish(self) -> None:
+        """Close the report."""
+        if not self._finished:
+            self.watch.close()
+            self._finished = True
