@@ -28,6 +28,7 @@ from gradwatch.integrations._shadow import (
     _floating_dtype,
     _Shadow,
     _untouched_globals,
+    check_precision,
     module_gradients,
     trainable_parameters,
 )
@@ -133,25 +134,7 @@ def check_module(
         >>> result.status, result.size
         ('ok', 8)
     """
-    if not isinstance(model, nn.Module):
-        raise OptionError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
-    if not callable(loss_fn):
-        raise OptionError(
-            f"loss_fn: expected a callable (model, batch) -> scalar tensor, "
-            f"received {type(loss_fn).__name__}"
-        )
-    if precision not in ("float64", "native"):
-        raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
-    if analytic not in ("recompute", "live"):
-        raise OptionError(f"analytic: expected 'recompute' or 'live', received {analytic!r}")
-    if not isinstance(batched, bool):
-        raise OptionError(f"batched: expected True or False, received {batched!r}")
-    penalties = _penalty_items(regularization)
-    if not trainable_parameters(model):
-        raise ParameterError(
-            f"model: expected at least one parameter with requires_grad=True, "
-            f"received {type(model).__name__} with none"
-        )
+    penalties = _validated_penalties(model, loss_fn, precision, analytic, batched, regularization)
     with _untouched_globals(model) as rng:
         run = _ShadowCheck(
             model, loss_fn, batch, penalties, rng, analytic, batched, dict(check_options)
@@ -170,6 +153,36 @@ def check_module(
             "notes": [*result.notes, *notes, *run.notes],
         }
     )
+
+
+def _validated_penalties(
+    model: object,
+    loss_fn: object,
+    precision: object,
+    analytic: object,
+    batched: object,
+    regularization: Penalties,
+) -> list[tuple[str, Penalty]]:
+    """The penalties by name, once every argument of `check_module` is what it expects."""
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
+    if not callable(loss_fn):
+        raise OptionError(
+            f"loss_fn: expected a callable (model, batch) -> scalar tensor, "
+            f"received {type(loss_fn).__name__}"
+        )
+    check_precision(precision)
+    if analytic not in ("recompute", "live"):
+        raise OptionError(f"analytic: expected 'recompute' or 'live', received {analytic!r}")
+    if not isinstance(batched, bool):
+        raise OptionError(f"batched: expected True or False, received {batched!r}")
+    penalties = _penalty_items(regularization)
+    if not trainable_parameters(model):
+        raise ParameterError(
+            f"model: expected at least one parameter with requires_grad=True, "
+            f"received {type(model).__name__} with none"
+        )
+    return penalties
 
 
 class _ShadowCheck:

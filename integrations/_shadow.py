@@ -31,6 +31,7 @@ __all__ = [
     "Generator",
     "Precision",
     "RngState",
+    "check_precision",
     "is_shadow",
     "module_gradients",
     "trainable_parameters",
@@ -45,6 +46,13 @@ NATIVE_DTYPES = (torch.float64, torch.float32, torch.float16)
 scales ``warn`` and ``threshold`` for float32 / float16 (``gradwatch.check.TOLERANCE_SCALE``)."""
 
 # --------------------------------------------------------------------------- parameters
+
+
+def check_precision(precision: object) -> Precision:
+    """``precision`` as given, once it is one of the two a check runs in."""
+    if precision == "float64" or precision == "native":
+        return precision
+    raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -6,12 +6,17 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from gradwatch.integrations._check import Analytic, check_module
+from gradwatch.integrations._check import check_module
 from gradwatch.integrations._objective import LossFn, Penalties, _penalty_items
-from gradwatch.integrations._shadow import Precision, RngState, trainable_parameters
+from gradwatch.integrations._shadow import (
+    Precision,
+    RngState,
+    check_precision,
+    trainable_parameters,
+)
 from gradwatch.integrations._step import MicroBatch, compare_step, with_step_link
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -133,16 +138,15 @@ def check_due(
     loss_fn: LossFn,
     batch: Any,
     *,
-    optimizer: Any = None,
-    regularization: Penalties = (),
-    precision: Precision = "float64",
-    analytic: Analytic = "recompute",
-    notes: Sequence[str] = (),
     step_batches: Sequence[MicroBatch] | None = None,
     step_loss_fn: LossFn | None = None,
     clip_factor: float = 1.0,
+    **module_options: Any,
 ) -> CheckResult:
     """Run `check_module` with the watch's options and record it (report, logs, alert).
+
+    ``module_options`` are `check_module`'s own (``optimizer``, ``regularization``,
+    ``precision``, ``analytic``, ``notes``); the watch gives the core's options.
 
     With ``step_batches`` the check also compares the model's ``.grad`` (divided by
     ``clip_factor``) with the float64 gradient of J = sum_i w_i step_loss_fn(model, b_i)
@@ -157,17 +161,7 @@ def check_due(
     """
 
     def compute() -> CheckResult:
-        result = check_module(
-            model,
-            loss_fn,
-            batch,
-            regularization=regularization,
-            optimizer=optimizer,
-            precision=precision,
-            analytic=analytic,
-            notes=notes,
-            **watch.check_options(),
-        )
+        result = check_module(model, loss_fn, batch, **module_options, **watch.check_options())
         if step_batches:
             link = compare_step(
                 model, step_loss_fn or loss_fn, step_batches, clip_factor=clip_factor
@@ -219,7 +213,18 @@ class TrainingWatch:
     Holds the core `GradWatch` (``watch``: schedule, report, alerts) and what J is
     (``loss_fn``, ``regularization``, ``precision``); a framework callback subclasses
     it and only says when (`start`, `due`, `check`, `finish`) and on which batch.
+
+    Attributes:
+        watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
+            ``watch.report_dir``).
+
+    Raises:
+        OptionError: an option is out of range (at construction).
+        GradientCheckError: a failed check with ``on_alert="raise"``.
     """
+
+    framework: ClassVar[str]
+    """The framework's name, as in ``gradwatch.integrations.<framework>``."""
 
     def __init__(
         self,
@@ -244,8 +249,7 @@ class TrainingWatch:
                 f"loss_fn: expected None or a callable (model, batch) -> scalar tensor, "
                 f"received {type(loss_fn).__name__}"
             )
-        if precision not in ("float64", "native"):
-            raise OptionError(f"precision: expected 'float64' or 'native', received {precision!r}")
+        check_precision(precision)
         _penalty_items(regularization)
         self.loss_fn = loss_fn
         self.regularization = regularization
@@ -273,8 +277,7 @@ class TrainingWatch:
         return self.watch.results
 
     def __repr__(self) -> str:
-        framework = type(self).__module__.rsplit(".", 1)[-1]
-        return f"{framework}.{self.watch!r}"
+        return f"{self.framework}.{self.watch!r}"
 
     def _new_watch(self) -> GradWatch:
         from gradwatch.callback import GradWatch
@@ -287,19 +290,43 @@ class TrainingWatch:
         default_dir: str | os.PathLike[str],
         *,
         writer: bool,
-        context: Mapping[str, Any],
+        model: nn.Module,
+        own_loss: str,
+        settings: Mapping[str, Any],
         notes: Sequence[str],
+        resumed_at: int = 0,
+        resumed_by: str = "",
     ) -> None:
-        """Open the report (``report_dir`` or ``default_dir``); a second fit starts a new watch."""
+        """Open the report (``report_dir`` or ``default_dir``); a second fit starts a new watch.
+
+        Args:
+            default_dir: the report's directory unless ``report_dir`` was given.
+            writer: False on processes other than the main one (nothing written).
+            model: the trained module, named in the report's context.
+            own_loss: what J is without a user ``loss_fn``, for the context.
+            settings: the framework's settings that matter to a check, for the context.
+            notes: notes every check of the run carries.
+            resumed_at: the step a resumed run restarts from (0: a fresh run).
+            resumed_by: what resumed it (``lightning ckpt_path``, ...).
+        """
         if self._finished:
             self.watch = self._new_watch()
             self._finished = False
         directory = self.report_dir if self.report_dir is not None else Path(default_dir)
         self.watch.open(directory, write=writer)
-        self.watch.set_context(precision=self.precision, **context)
+        self.watch.set_context(
+            precision=self.precision,
+            framework=self.framework,
+            integration=f"gradwatch.integrations.{self.framework}.GradWatch",
+            model=type(model).__name__,
+            loss="user loss_fn" if self.loss_fn else own_loss,
+            **settings,
+        )
         self.notes = list(notes)
         for note in self.notes:
             self.watch.note(note)
+        if resumed_at > 0:
+            self.watch.resume(resumed_at, resumed_by)
 
     def due(self, step: int) -> bool:
         return self.watch.due(step)

@@ -103,16 +103,13 @@ class GradWatch(TrainingWatch, Callback):
         sample, eps, threshold, warn, top_k, seed, on_alert, on_error, budget: as for the core
             `gradwatch.GradWatch`.
 
-    Attributes:
-        watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
-            ``watch.report_dir``).
+    The ``watch`` attribute and the errors of every callback: see `TrainingWatch`; and
 
     Raises:
-        OptionError: an option is out of range (at construction).
         MissingBatchError: a due step whose batch ``on_train_batch_start`` did not see.
-        GradientCheckError: a failed check with ``on_alert="raise"``.
     """
 
+    framework = "lightning"
     _batch: Any = None
     _batch_idx: int | None = None
     _window: list[tuple[Any, int, RngState]]
@@ -157,18 +154,16 @@ class GradWatch(TrainingWatch, Callback):
         self.start(
             Path(saved) if saved else Path(root) / "gradwatch",
             writer=self._checking,
-            context={
-                "framework": "lightning",
-                "integration": "gradwatch.integrations.lightning.GradWatch",
-                "model": type(pl_module).__name__,
-                "loss": "user loss_fn" if self.loss_fn else "training_step loss",
+            model=pl_module,
+            own_loss="training_step loss",
+            settings={
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "gradient_clip_val": trainer.gradient_clip_val,
             },
             notes=notes,
+            resumed_at=trainer.global_step,  # restored from ckpt_path before on_train_start
+            resumed_by="lightning ckpt_path",
         )
-        if trainer.global_step > 0:  # restored from ckpt_path before on_train_start
-            self.watch.resume(trainer.global_step, "lightning ckpt_path")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -118,16 +118,13 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         sample, eps, threshold, warn, top_k, seed, on_alert, on_error, budget: as for the core
             `gradwatch.GradWatch`.
 
-    Attributes:
-        watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
-            ``watch.report_dir``).
+    The ``watch`` attribute and the errors of every callback: see `TrainingWatch`; and
 
     Raises:
-        OptionError: an option is out of range (at construction).
         MissingBatchError: a due step whose training forward the hook did not see.
-        GradientCheckError: a failed check with ``on_alert="raise"``.
     """
 
+    framework = "transformers"
     _capture: BatchCapture | None = None
     _trainer: Trainer | None = None
     _loss_inputs: dict[str, Any] | None = None
@@ -221,18 +218,16 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             if resumed is not None and resumed.report_dir
             else Path(args.output_dir or ".") / "gradwatch",
             writer=self._checking,
-            context={
-                "framework": "transformers",
-                "integration": "gradwatch.integrations.transformers.GradWatch",
-                "model": type(model).__name__,
-                "loss": "user loss_fn" if self.loss_fn else "model output `loss`",
+            model=model,
+            own_loss="model output `loss`",
+            settings={
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "max_grad_norm": args.max_grad_norm,
             },
             notes=notes,
+            resumed_at=state.global_step,  # TrainerState was loaded from the checkpoint
+            resumed_by="transformers resume_from_checkpoint",
         )
-        if state.global_step > 0:  # TrainerState was loaded from the checkpoint
-            self.watch.resume(state.global_step, "transformers resume_from_checkpoint")
         if self._capture is not None:
             self._capture.remove()
         self._capture = BatchCapture(model)
