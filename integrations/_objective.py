@@ -20,6 +20,7 @@ from gradwatch.integrations._shadow import (
     _map_tensors,
     _Shadow,
     _to_numpy,
+    missing_gradients_note,
 )
 from torch import nn
 
@@ -243,10 +244,7 @@ class _ShadowGradients:
             if not total.requires_grad:
                 self.notes.append("J does not depend on any trainable parameter through autograd")
             elif missing:
-                self.notes.append(
-                    "no gradient (.grad is None after backward), compared as zeros: "
-                    + ", ".join(missing)
-                )
+                self.notes.append(missing_gradients_note(missing))
         self.visits += 1
 
 

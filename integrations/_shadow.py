@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,15 +65,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def module_gradients(
-    model: nn.Module, dtype: npt.DTypeLike = np.float64, *, copy: bool = True
+    model: nn.Module, dtype: npt.DTypeLike = np.float64
 ) -> tuple[dict[str, npt.NDArray[np.floating]], list[str]]:
     """The ``.grad`` of each trainable parameter as a numpy array, plus notes.
 
     A parameter whose ``.grad`` is None (unused in the forward, or a path cut by
     ``.detach()``) gets zeros and a note naming it, instead of an error: if the
-    true gradient is not zero the check then fails on that tensor. ``copy=False``
-    returns views where the dtype allows (the shadow's own gradients, which nothing
-    else touches: one float64 copy of the parameters less).
+    true gradient is not zero the check then fails on that tensor.
     """
     grads: dict[str, npt.NDArray[np.floating]] = {}
     missing: list[str] = []
@@ -82,13 +80,13 @@ def module_gradients(
             missing.append(name)
             grads[name] = np.zeros(tuple(p.shape), dtype=dtype)
         else:
-            grads[name] = _to_numpy(p.grad).astype(dtype, copy=copy)
-    notes = []
-    if missing:
-        notes.append(
-            "no gradient (.grad is None after backward), compared as zeros: " + ", ".join(missing)
-        )
-    return grads, notes
+            grads[name] = _to_numpy(p.grad).astype(dtype)
+    return grads, [missing_gradients_note(missing)] if missing else []
+
+
+def missing_gradients_note(names: Sequence[str]) -> str:
+    """The note naming parameters that got no gradient (compared as zeros)."""
+    return "no gradient (.grad is None after backward), compared as zeros: " + ", ".join(names)
 
 
 # --------------------------------------------------------------------------- global state
