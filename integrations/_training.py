@@ -48,7 +48,8 @@ class BatchCapture:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.armed = False
+        self._armed = False
+        self._norm_handles: list[RemovableHandle] = []
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] | None = None
         self.forwards: list[tuple[tuple[Any, ...], dict[str, Any], RngState]] = []
@@ -61,10 +62,25 @@ class BatchCapture:
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._make_hook(), with_kwargs=True)
         ]
-        for name, parameter in trainable_parameters(model).items():
-            self._handles.append(
+
+    @property
+    def armed(self) -> bool:
+        """True during a due step: forwards are captured, gradient norms recorded."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        # The gradient-norm hooks live only while armed: other steps pay nothing for them.
+        if value and not self._norm_handles:
+            self._norm_handles = [
                 parameter.register_post_accumulate_grad_hook(self._make_norm_hook(name))  # type: ignore[no-untyped-call]
-            )
+                for name, parameter in trainable_parameters(self.model).items()
+            ]
+        elif not value:
+            for handle in self._norm_handles:
+                handle.remove()
+            self._norm_handles = []
+        self._armed = value
 
     def _make_hook(
         self,
@@ -81,7 +97,7 @@ class BatchCapture:
 
     def _make_norm_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(parameter: torch.Tensor) -> None:
-            if self.armed and parameter.grad is not None:
+            if parameter.grad is not None:
                 self.squared_norms[name] = float(parameter.grad.detach().double().square().sum())
 
         return hook
@@ -116,6 +132,7 @@ class BatchCapture:
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
+        self.armed = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
