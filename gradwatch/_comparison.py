@@ -165,8 +165,8 @@ def norm_ratio(numeric: F64, analytic: F64, floor: float = 0.0) -> float:
 
 
 def status_for(ratio: float, warn: float, threshold: float) -> Status:
-    """The status of one ratio against the two tiers."""
-    if ratio >= threshold:
+    """The status of one ratio against the two tiers; a NaN ratio fails (it is never "ok")."""
+    if not ratio < threshold:
         return "fail"
     if ratio >= warn:
         return "warn"

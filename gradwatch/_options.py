@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -151,3 +151,14 @@ def _positive_number(value: object) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+T = TypeVar("T")
+
+
+def plain_int(value: T) -> T | int:
+    """``value`` as a Python int when it is a numpy integer (``np.int64(500)`` from a config
+    or an array), else unchanged: options accept numpy integers as the ints they are."""
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        return int(value)
+    return value

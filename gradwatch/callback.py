@@ -40,6 +40,7 @@ from gradwatch._options import (
     OnError,
     Sample,
     checked_step,
+    plain_int,
     validate_check_options,
     validate_sample,
     validate_watch_options,
@@ -143,6 +144,8 @@ class GradWatch(ReportedWatch):
         write: bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        every, seed, top_k = plain_int(every), plain_int(seed), plain_int(top_k)
+        sample = plain_int(sample)
         validate_sample(sample)
         validate_check_options(eps=eps, top_k=top_k, warn=warn, threshold=threshold)
         validate_watch_options(

@@ -34,7 +34,13 @@ from gradwatch._diagnosis import label_worst
 from gradwatch._differences import ROUNDING_STEP_ULPS, componentwise
 from gradwatch._directions import BLOCK_CACHE_ENTRIES, per_tensor_directions, screen
 from gradwatch._objective import THETA, Evaluator, coarsest_dtype
-from gradwatch._options import Sample, validate_check_options, validate_sample, validate_terms
+from gradwatch._options import (
+    Sample,
+    plain_int,
+    validate_check_options,
+    validate_sample,
+    validate_terms,
+)
 from gradwatch._sampling import (
     AUTO_FULL_MAX_SIZE,
     AUTO_LOCALIZE_EVALUATIONS,
@@ -156,6 +162,7 @@ def check(
         ('ok', 2)
     """
     started = time.perf_counter()
+    sample, seed, top_k = plain_int(sample), plain_int(seed), plain_int(top_k)
     validate_check_options(
         eps=eps,
         top_k=top_k,

@@ -131,6 +131,7 @@ def named_tensors(params: object, grads: object) -> NamedTensors:
             )
 
     checked_params = {name: _check_param(name, param) for name, param in param_map.items()}
+    _refuse_one_array_under_two_names(checked_params)
     size = sum(param.size for param in checked_params.values())
     if size == 0:
         raise ParameterError("params: expected at least one component to check, received none")
@@ -148,6 +149,22 @@ def named_tensors(params: object, grads: object) -> NamedTensors:
         gradient=gradient,
         size=size,
     )
+
+
+def _refuse_one_array_under_two_names(params: Mapping[str, npt.NDArray[np.floating]]) -> None:
+    """Perturbing a component of one name would move the other too: J's difference would
+    count it twice and a correct gradient would fail. Tied weights are given once."""
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, array in params.items():
+        if array.size == 0:
+            continue
+        key = (array.__array_interface__["data"][0], array.shape, array.strides)
+        if key in seen:
+            raise ParameterError(
+                f"params[{name!r}]: expected an array of its own, received the same array as "
+                f"params[{seen[key]!r}] (give a tied tensor once, under one name)"
+            )
+        seen[key] = name
 
 
 def _as_mapping(value: object, argument: str) -> dict[str, object]:
