@@ -10,8 +10,8 @@ gradwatch's step link compares the optimizer's gradient with the gradient of the
 loss and raises an alert that says so. Without ``--bug`` (the current Trainer) there is no
 alert.
 
-    python examples/accumulation_bug.py --bug --report-dir /tmp/gw-accumulation
-    gradwatch show /tmp/gw-accumulation
+    python examples/accumulation_bug.py --bug
+    gradwatch show runs/accumulation_bug/gradwatch
 
 Exit status: 0 without alert, 1 when a check alerted (like ``gradwatch show``).
 """
@@ -68,7 +68,11 @@ class PerMicroBatchMeanTrainer(Trainer):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bug", action="store_true", help="plant the accumulation bug")
-    parser.add_argument("--report-dir", default=None, help="where the report goes")
+    parser.add_argument(
+        "--report-dir",
+        default="runs/accumulation_bug/gradwatch",
+        help="where the report goes (kept after the run; a rerun continues it)",
+    )
     parser.add_argument("--steps", type=int, default=4)
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -123,7 +123,11 @@ def training_arguments(output_dir: str, max_steps: int = 4, **overrides: Any) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bug", action="store_true", help="plant a wrong backward in the head")
-    parser.add_argument("--report-dir", default=None, help="default: <output_dir>/gradwatch")
+    parser.add_argument(
+        "--report-dir",
+        default="runs/hf_trainer/gradwatch",
+        help="where the report goes (kept after the run; a rerun continues it)",
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--every", type=int, default=2)
     options = parser.parse_args(argv)

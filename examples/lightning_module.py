@@ -117,7 +117,11 @@ def make_trainer(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bug", action="store_true", help="plant a wrong backward in the adapter")
-    parser.add_argument("--report-dir", default=None, help="default: <root>/gradwatch")
+    parser.add_argument(
+        "--report-dir",
+        default="runs/lightning_module/gradwatch",
+        help="where the report goes (kept after the run; a rerun continues it)",
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--every", type=int, default=2)
     options = parser.parse_args(argv)
