@@ -91,7 +91,6 @@ def test_params_of_the_wrong_type() -> None:
         ({"eps": -1e-7}, "eps: expected None or a finite float > 0, received -1e-07"),
         ({"eps": float("nan")}, "eps: expected None or a finite float > 0, received nan"),
         ({"sample": 0}, "sample: expected an int between 1 and the 6 components"),
-        ({"sample": 7}, "received 7"),
         ({"sample": 1.5}, "sample: expected a fraction in (0, 1], received 1.5"),
         ({"sample": 0.0}, "received 0.0"),
         ({"sample": True}, "received True"),

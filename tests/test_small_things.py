@@ -47,16 +47,15 @@ def test_a_nan_ratio_is_never_ok() -> None:
     assert status_for(1e-9, 1e-5, 1e-3) == "ok"
 
 
-def test_a_sample_larger_than_theta_never_stops_training() -> None:
-    """GradWatch(sample=10**9) on a 6-component model: each due check is recorded as an error
-    that says what was expected, and training goes on."""
+def test_a_sample_larger_than_theta_checks_everything_with_a_note() -> None:
+    """GradWatch(sample=10**9) on a 6-component model checks all 6 and says so, instead of
+    failing at every due step of training (issue 13); check(sample=7) likewise."""
     w = np.linspace(-1.0, 1.0, 6)
     watch = gradwatch.GradWatch(every=1, sample=10**9, report_dir=None)
-    results = [
-        watch.after_backward(
-            step, loss=lambda: float(np.sum(w**2)), params={"w": w}, grads={"w": 2 * w}
-        )
-        for step in range(2)
-    ]
-    assert [r.status for r in results if r] == ["error", "error"]
-    assert "expected an int between 1 and the 6 components" in (results[0].error or "")  # type: ignore[union-attr]
+    result = watch.after_backward(
+        0, loss=lambda: float(np.sum(w**2)), params={"w": w}, grads={"w": 2 * w}
+    )
+    assert result is not None and result.status == "ok" and result.checked == 6
+    assert any("sample=1000000000 is more than the 6 components" in n for n in result.notes)
+    direct = gradwatch.check(lambda: float(np.sum(w**2)), {"w": w}, {"w": 2 * w}, sample=7)
+    assert direct.checked == 6 and direct.mode == "full"
