@@ -174,6 +174,15 @@ def next_step(report: Report, directory: str) -> str | None:
     failed = [check for check in completed(report) if check.status == "fail"]
     if failed:
         first = failed[0]
+        link = first.step_link
+        backprop_failed = first.ratio >= first.threshold or any(
+            t.status == "fail" for t in first.tensors.values()
+        )
+        if link is not None and link.status == "fail" and not backprop_failed:
+            return (
+                f"next: backprop is right, the training step is not: {link.explanation} "
+                f"(step {step_of(first)}; the result's step_link has each tensor's ratio)"
+            )
         found = suspect(first)
         look = f"gradwatch worst {directory} --step {step_of(first)}"
         if found is None:

@@ -196,7 +196,17 @@ def _alerts(report: Report) -> list[str]:
 
 def _worst_check(check: CheckResult) -> list[str]:
     lines = [f"worst check: step {check.step}, ratio {format_ratio(check.ratio)} ({check.status})"]
-    if check.verdict:
+    link = check.step_link
+    if link is not None and link.status == "fail":
+        # Backprop may be right while the training step is not: say which link broke.
+        lines += _cut_rows(
+            f"  rule: fail by the step link (the optimizer's gradient against the gradient "
+            f"of the step's loss): ratio {format_ratio(link.ratio)} >= threshold "
+            f"{link.threshold:g}; backprop: {check.verdict or 'not judged'}",
+            NOTE_ROWS,
+            indent="    ",
+        )
+    elif check.verdict:
         lines += _cut_rows(f"  rule: {check.verdict}", NOTE_ROWS, indent="    ")
     lines += tensor_lines(check)
     lines += _component_lines(check.worst[:LISTED_COMPONENTS])

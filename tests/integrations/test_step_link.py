@@ -131,12 +131,19 @@ def test_a_plain_loop_without_zero_grad_fails_the_step_link_from_the_second_chec
     assert "zero_grad" in links[1].explanation  # type: ignore[union-attr]
 
 
-def test_accumulation_example_alerts_only_with_the_bug(tmp_path: Any) -> None:
-    """examples/accumulation_bug.py exits 1 with --bug (a step-link alert), 0 without."""
+def test_accumulation_example_alerts_only_with_the_bug(tmp_path: Any, capsys: Any) -> None:
+    """examples/accumulation_bug.py exits 1 with --bug (a step-link alert), 0 without; on the
+    bug's report `gradwatch show` says the step link broke while backprop is right."""
     from examples.accumulation_bug import main
+    from gradwatch.cli import main as cli
 
     assert main(["--bug", "--report-dir", str(tmp_path / "bug")]) == 1
     assert main(["--report-dir", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    assert cli(["show", str(tmp_path / "bug")]) == 1
+    shown = capsys.readouterr().out
+    assert "rule: fail by the step link" in shown
+    assert "next: backprop is right, the training step is not" in shown
 
 
 def test_bf16_autocast_training_is_judged_at_bf16_tolerances() -> None:
