@@ -204,14 +204,30 @@ STATUS_CODES: dict[str, int] = {
 
 
 def result_metrics(result: CheckResult) -> dict[str, float]:
-    """The scalars a trainer logs after a check (TensorBoard, W&B, CSV...)."""
-    return {
+    """The scalars a trainer logs after a check (TensorBoard, W&B, CSV...).
+
+    Besides the global ratio: each failing tensor's own ratio
+    (``gradwatch/tensor/<name>``), and the step link's ratio and failing tensors
+    (``gradwatch/step_ratio``, ``gradwatch/step_tensor/<name>``), so a dashboard shows
+    where, not only that.
+    """
+    metrics = {
         "gradwatch/ratio": float(result.ratio),
         "gradwatch/status": float(STATUS_CODES[result.status]),
         "gradwatch/alert": float(result.failed),
         "gradwatch/checked": float(result.checked),
         "gradwatch/seconds": float(result.seconds),
     }
+    for name, tensor in result.tensors.items():
+        if tensor.status == "fail":
+            metrics[f"gradwatch/tensor/{name}"] = float(tensor.ratio)
+    link = result.step_link
+    if link is not None:
+        metrics["gradwatch/step_ratio"] = float(link.ratio)
+        for name, ratio in link.tensors.items():
+            if not ratio < link.threshold:
+                metrics[f"gradwatch/step_tensor/{name}"] = float(ratio)
+    return metrics
 
 
 def check_step_notes(accumulation_steps: int) -> list[str]:

@@ -186,3 +186,18 @@ def test_native_float32_directions_judge_errors_against_roundoff(sample: str) ->
     )
     assert buggy.status == "fail"
     assert "classifier.bias" in {n for n, t in buggy.tensors.items() if t.status == "fail"}
+
+
+def test_failing_tensors_reach_the_trainer_logs(tmp_path: Path) -> None:
+    """With the planted head bug, the failing tensor's own ratio is logged next to the global
+    one (gradwatch/tensor/<name>), so a dashboard shows where."""
+    trainer = Trainer(
+        model=hf_trainer.build_model(bug=True),
+        args=hf_trainer.training_arguments(str(tmp_path), max_steps=1),
+        train_dataset=hf_trainer.SyntheticTokens(),
+    )
+    trainer.add_callback(GradWatch(every=1, trainer=trainer))
+    trainer.train()
+    (logged,) = [e for e in trainer.state.log_history if "gradwatch/ratio" in e]
+    assert logged["gradwatch/tensor/classifier.bias"] > 1e-3
+    assert "gradwatch/step_ratio" in logged
