@@ -1,0 +1,404 @@
+"""Reading a report directory back: `load_report`, one ``checks.jsonl`` line at a time.
+
+The files of a report directory may come from someone else: each is opened as a regular
+file only (never through a symlink, never a FIFO or a device), lines and ``report.json``
+are read up to a size limit, and every corruption is a `ReportError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import json
+import os
+import stat
+import warnings
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from gradwatch._report_alerts import alert_for, ratio_sort_key
+from gradwatch._report_models import (
+    CHECKS_FILE,
+    SCHEMA_VERSION,
+    SUMMARY_FILE,
+    Alert,
+    Report,
+    ReportSummary,
+    RunRecord,
+    TensorColumns,
+)
+from gradwatch.errors import ReportError
+from gradwatch.result import CheckResult
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_SUMMARY_BYTES",
+    "NOFOLLOW",
+    "TruncatedReportWarning",
+    "file_kind",
+    "load_report",
+    "read_summary",
+    "shorten",
+]
+
+
+class TruncatedReportWarning(UserWarning):
+    """The last line of ``checks.jsonl`` was cut short (the run was killed mid-write)."""
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""Never follow a planted symlink: gradwatch reads and writes its own files only."""
+
+MAX_LINE_BYTES = 64 << 20
+"""The longest ``checks.jsonl`` line read: a check of about 500,000 tensors. Anything
+longer is not a line gradwatch wrote (reading it would only exhaust memory)."""
+MAX_SUMMARY_BYTES = 64 << 20
+"""The largest ``report.json`` read (schema 2 keeps it at a few KB; schema 1, which held
+the whole series, reached about 15 MB at 10,000 checks)."""
+
+
+def load_report(
+    report_dir: str | os.PathLike[str],
+    *,
+    compact: bool = False,
+    keep_steps: Collection[int] = (),
+) -> Report:
+    """Read a report directory written by `GradWatch`.
+
+    ``checks.jsonl`` is read one line at a time. The files of the directory must be
+    regular files: a symlink, a FIFO or a device there is refused, never followed, read
+    or waited on (a report someone sent you cannot make gradwatch read another file).
+
+    Args:
+        report_dir: the report directory (or the path of its ``report.json`` or
+            ``checks.jsonl``).
+        compact: keep the per-tensor results and worst components only of the checks a
+            reader opens: the worst one, the first failing one, the error checks and
+            `keep_steps`; every other check keeps its verdict, ratio and notes, and
+            ``Report.tensor_ratios`` every per-tensor ratio (8 bytes each). What
+            ``gradwatch show`` uses: a long run of a large model reads in a few percent
+            of the memory the whole checks take.
+        keep_steps: with `compact`, steps whose checks are kept whole too.
+
+    Returns:
+        The run, with ``.checks`` in step order and ``.alerts`` for every failing check.
+
+    Raises:
+        ReportError: the directory is missing, holds no report, a file is not a regular
+            file, or a file is corrupt (the message names the file and line).
+
+    Warns:
+        TruncatedReportWarning: the last line of ``checks.jsonl`` is incomplete (the run
+            was killed while writing it); every earlier check is loaded.
+    """
+    directory = _report_directory(report_dir)
+    notes: list[str] = []
+    reading = _Reading(compact=compact, keep_steps=keep_steps)
+    for line, check in _scan_checks(directory / CHECKS_FILE, notes):
+        reading.add(line, check)
+    summary = _summary_if_present(directory / SUMMARY_FILE, notes)
+    for note in notes:
+        warnings.warn(note, TruncatedReportWarning, stacklevel=2)
+    return _report_from(directory, summary, reading, notes)
+
+
+def _report_directory(report_dir: str | os.PathLike[str]) -> Path:
+    """The report directory `report_dir` names, checked to hold ``checks.jsonl``.
+
+    Raises:
+        ReportError: the directory is missing, is a file, or holds no ``checks.jsonl``.
+    """
+    directory = Path(report_dir)
+    if directory.name in (CHECKS_FILE, SUMMARY_FILE) and not directory.is_dir():
+        directory = directory.parent
+    if not directory.exists():
+        raise ReportError(
+            f"report directory {str(directory)!r} does not exist; expected a directory "
+            f"written by gradwatch.GradWatch (with {CHECKS_FILE} and {SUMMARY_FILE})"
+        )
+    if not directory.is_dir():
+        raise ReportError(f"expected a report directory, received the file {str(directory)!r}")
+    if not os.path.lexists(directory / CHECKS_FILE):
+        found = "only report.json" if os.path.lexists(directory / SUMMARY_FILE) else "neither"
+        raise ReportError(
+            f"{str(directory)!r} is not a gradwatch report: expected {CHECKS_FILE} and "
+            f"{SUMMARY_FILE}, found {found}"
+        )
+    return directory
+
+
+def _summary_if_present(path: Path, notes: list[str]) -> ReportSummary | None:
+    """``report.json`` read, or None with a note when it is missing."""
+    if os.path.lexists(path):
+        return read_summary(path)
+    notes.append(f"{path} is missing: configuration and environment are unknown")
+    return None
+
+
+def _report_from(
+    directory: Path, summary: ReportSummary | None, reading: _Reading, notes: list[str]
+) -> Report:
+    """The `Report` of the checks read (in step order, each with its run) and the summary."""
+    runs = _runs_of(summary, len(reading.entries))
+    starts = [run.first_line for run in runs]
+    order = sorted(range(len(reading.entries)), key=reading.step_key)  # stable: file order
+    checks = [reading.check(index) for index in order]
+    check_runs = [
+        max(bisect.bisect_right(starts, reading.entries[index][0]) - 1, 0) for index in order
+    ]
+    _count_checks(runs, checks, check_runs)
+    report = Report(
+        directory=directory.absolute(),
+        schema_version=summary.schema_version if summary else SCHEMA_VERSION,
+        configuration=summary.configuration if summary else None,
+        environment=summary.environment if summary else None,
+        checks=checks,
+        check_runs=check_runs,
+        runs=runs,
+        alerts=[alert for index in order if (alert := reading.entries[index][2]) is not None],
+        skipped=summary.skipped if summary else [],
+        closed=summary.closed if summary else False,
+        warnings=notes,
+        compact=reading.compact,
+    )
+    if reading.compact:
+        report._columns = reading.columns.arrays(order)
+    return report
+
+
+class _Reading:
+    """What `load_report` keeps of each check while it streams ``checks.jsonl``.
+
+    Every check's alert is derived from the whole check as it is read. A compact reading
+    keeps each check without its tensors and components (their ratios go to `columns`),
+    except the checks a reader opens: the worst, the first failing one, the error checks
+    and the steps asked for, picked as ``worst_check`` and ``next_step`` pick them from
+    the checks in step order.
+    """
+
+    def __init__(self, *, compact: bool, keep_steps: Collection[int]) -> None:
+        self.compact = compact
+        self.keep_steps = set(keep_steps)
+        self.entries: list[tuple[int, CheckResult, Alert | None]] = []
+        """(line, check, its alert) in file order; compact: the check without tensors."""
+        self.whole: dict[int, CheckResult] = {}
+        """Compact: entry index -> the whole check, for error checks and `keep_steps`."""
+        self.columns = TensorColumns()
+        self._worst: tuple[tuple[float, int, int], CheckResult] | None = None
+        """((ratio, -step, -index), check): the highest ratio, the first in step order."""
+        self._first_failing: tuple[tuple[int, int], CheckResult] | None = None
+
+    def step_key(self, index: int) -> int:
+        step = self.entries[index][1].step
+        return -1 if step is None else step
+
+    def check(self, index: int) -> CheckResult:
+        if self._worst is not None and self._worst[0][2] == -index:
+            return self._worst[1]
+        if self._first_failing is not None and self._first_failing[0][1] == index:
+            return self._first_failing[1]
+        return self.whole.get(index, self.entries[index][1])
+
+    def add(self, line: int, check: CheckResult) -> None:
+        index = len(self.entries)
+        alert = alert_for(check)
+        if not self.compact:
+            self.entries.append((line, check, alert))
+            return
+        self.columns.add(index, check)
+        self.entries.append((line, check.model_copy(update={"tensors": {}, "worst": []}), alert))
+        step = self.step_key(index)
+        if check.status == "error" or check.step in self.keep_steps:
+            self.whole[index] = check
+        if check.status != "error":
+            worst = (ratio_sort_key(check.ratio), -step, -index)
+            if self._worst is None or worst > self._worst[0]:
+                self._worst = (worst, check)
+        if check.status == "fail":
+            first = (step, index)
+            if self._first_failing is None or first < self._first_failing[0]:
+                self._first_failing = (first, check)
+
+
+def _runs_of(summary: ReportSummary | None, checks: int) -> list[RunRecord]:
+    """The runs that wrote the report (one unknown run when ``report.json`` does not say)."""
+    if summary is not None and summary.runs:
+        return [run.model_copy() for run in summary.runs]
+    closed = summary.closed if summary is not None else False
+    environment = summary.environment if summary is not None else None
+    return [
+        RunRecord(
+            run=0,
+            pid=environment.pid if environment else None,
+            started=environment.started if environment else None,
+            first_line=0,
+            checks=checks,
+            closed=closed,
+        )
+    ]
+
+
+def _count_checks(runs: list[RunRecord], checks: list[CheckResult], check_runs: list[int]) -> None:
+    """Set each run's checks and first/last step from the checks read (report.json may lag)."""
+    for run in runs:
+        run.checks, run.first_step, run.last_step = 0, None, None
+    for check, index in zip(checks, check_runs, strict=True):
+        run = runs[index]
+        run.checks += 1
+        if check.step is not None:
+            run.first_step = (
+                check.step if run.first_step is None else min(run.first_step, check.step)
+            )
+            run.last_step = check.step if run.last_step is None else max(run.last_step, check.step)
+
+
+def _open_report_file(path: Path) -> IO[bytes]:
+    """`path` open for reading: a regular file, never through a symlink, never blocking.
+
+    Raises:
+        ReportError: `path` is a symlink, a FIFO, a device or unreadable; nothing of
+            what it points to is read.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP or os.path.islink(path):
+            raise ReportError(
+                f"{path}: expected a regular file, received a symlink; gradwatch does not "
+                "follow links in a report directory (copy the file it points to in its place "
+                "to read it)"
+            ) from None
+        raise ReportError(f"cannot read {path}: {error.strerror or error}") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise ReportError(
+            f"{path}: expected a regular file, received {file_kind(status.st_mode)}; a "
+            "report directory holds the files gradwatch wrote, nothing else"
+        )
+    return os.fdopen(descriptor, "rb")
+
+
+def _scan_checks(path: Path, notes: list[str]) -> Iterator[tuple[int, CheckResult]]:
+    """The checks of ``checks.jsonl`` with their line index (0-based), one line at a time."""
+    with _open_report_file(path) as file:
+        count = 0
+        number = 0
+        while line := file.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise ReportError(
+                    f"{path}, line {number}: expected one CheckResult as JSON, received a "
+                    f"line longer than {MAX_LINE_BYTES >> 20} MiB"
+                )
+            if not line.strip():
+                continue
+            try:
+                check = CheckResult.model_validate_json(line)
+            except ValidationError as error:
+                if not line.endswith(b"\n"):  # a complete file ends with "\n"
+                    notes.append(
+                        f"{path}, line {number} is truncated (the run was probably killed "
+                        f"while writing it); loaded the {count} checks before it"
+                    )
+                    return
+                raise ReportError(
+                    f"{path}, line {number}: expected one CheckResult as JSON, received "
+                    f"{shorten(line.decode('utf-8', 'replace'))!r} ({_first_error(error)})"
+                ) from error
+            count += 1
+            yield number - 1, check
+
+
+def read_summary(path: Path) -> ReportSummary:
+    with _open_report_file(path) as file:
+        data = file.read(MAX_SUMMARY_BYTES + 1)
+    if len(data) > MAX_SUMMARY_BYTES:
+        raise ReportError(
+            f"{path}: expected a gradwatch report summary (a few KB), received a file larger "
+            f"than {MAX_SUMMARY_BYTES >> 20} MiB"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise ReportError(
+            f"{path}: expected a gradwatch report summary, received JSON nested too deeply "
+            "to be one"
+        ) from None
+    except ValueError:
+        document = None
+    version = document.get("schema_version") if isinstance(document, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ReportError(
+            f"{path}: expected schema_version <= {SCHEMA_VERSION}, received {version} "
+            "(written by a newer gradwatch; upgrade gradwatch to read it)"
+        )
+    try:
+        if version == 1:  # the whole series was kept in report.json; checks.jsonl has it
+            return _upgrade_version_1(document)
+        return ReportSummary.model_validate_json(text)
+    except ValidationError as error:
+        line = _error_line(text, error)
+        where = f", line {line}" if line else ""
+        raise ReportError(
+            f"{path}{where}: expected a gradwatch report summary, received invalid content "
+            f"({_first_error(error)})"
+        ) from error
+
+
+def _upgrade_version_1(data: Any) -> ReportSummary:
+    """A schema 1 ``report.json`` as a `ReportSummary`: ``series`` dropped, counts added."""
+    if isinstance(data, dict):
+        series = data.pop("series", None)
+        data.setdefault("alert_count", len(data.get("alerts") or []))
+        data.setdefault("skipped_count", len(data.get("skipped") or []))
+        if isinstance(series, list) and series:
+            data.setdefault("last", series[-1])
+    return ReportSummary.model_validate(data)
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    return f"{location}: {first['msg']}" if location else str(first["msg"])
+
+
+def _error_line(text: str, error: ValidationError) -> int | None:
+    """The line of a JSON syntax error, when pydantic reports one (``line N column M``)."""
+    message = str(error.errors()[0].get("msg", ""))
+    marker = " at line "
+    if marker in message:
+        tail = message.split(marker, 1)[1].split()[0]
+        if tail.isdigit():
+            return int(tail)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as decode_error:
+        return decode_error.lineno
+    return None
+
+
+def shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, for a message: ``"a FIFO"``, ...."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
