@@ -126,10 +126,9 @@ def check(
             and divides by the step actually realized in the dtype; a float is used as
             given, dividing by 2 * eps (``eps=1e-7`` reproduces the lecture).
         sample: None checks every component; an int k checks k components (more than
-            theta has: all of them, noted); a float in (0, 1] that fraction (drawn with
-            ``seed``, at least one per tensor).
-            ``"directional"``: one random unit direction per tensor (2 evaluations
-            each). ``"auto"``: full up to ``AUTO_FULL_MAX_SIZE`` components; above, a
+            theta has: all, noted); a float in (0, 1] that fraction (drawn with ``seed``,
+            at least one per tensor). ``"directional"``: one random unit direction per
+            tensor (2 evaluations each). ``"auto"``: full up to ``AUTO_FULL_MAX_SIZE`` components; above, a
             screen along `screen_directions` joint directions, then, when it reaches
             ``warn``, each tensor's direction and bisection inside failing tensors
             within ``localize_evaluations`` (`most_evaluations` bounds the cost).
@@ -172,21 +171,26 @@ def check(
         localize_evaluations=localize_evaluations,
     )
     tensors = named_tensors(params, grads)
-    capped = None
-    if isinstance(sample, int) and not isinstance(sample, bool) and sample > tensors.size:
-        # More components than theta has (GradWatch(sample=10**9) on a small model): all of
-        # them, said in a note, rather than an error at every due step of a training run.
-        capped, sample = sample, None
+    sample, capped = _within_theta(sample, tensors.size)
     validate_sample(sample, tensors.size)
     objective = Evaluator(loss, tensors, validate_terms(regularization, tensors))
     run = _Check.start(objective, tensors, eps, warn, threshold, seed, top_k, diagnose)
-    if capped is not None:
-        run.notes.append(
-            f"sample={capped} is more than the {tensors.size} components of theta: every "
-            "component checked"
-        )
+    run.notes.extend(capped)
     measured = _compare(run, sample, localize_evaluations)
     return _result(run, measured, time.perf_counter() - started)
+
+
+def _within_theta(sample: Sample, size: int) -> tuple[Sample, list[str]]:
+    """An int ``sample`` larger than theta becomes every component, with a note.
+
+    ``GradWatch(sample=10**9)`` on a small model should check it all, not raise at every
+    due step of a training run.
+    """
+    if isinstance(sample, int) and not isinstance(sample, bool) and sample > size:
+        return None, [
+            f"sample={sample} is more than the {size} components of theta: every component checked"
+        ]
+    return sample, []
 
 
 @dataclass
