@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from gradwatch.integrations.torch import check_module
@@ -40,12 +40,12 @@ class LoudGelu(torch.autograd.Function):
         with torch.enable_grad():
             y = x.detach().requires_grad_(True)
             (slope,) = torch.autograd.grad(nn.functional.gelu(y, approximate="tanh").sum(), y)
-        return 1.1 * grad_output * slope
+        return 1.1 * grad_output * slope  # type: ignore[no-any-return]
 
 
 class LoudGeluModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LoudGelu.apply(x)  # type: ignore[no-any-return]
+        return LoudGelu.apply(x)  # type: ignore[no-untyped-call,no-any-return]
 
 
 class OffByOneEntry(torch.autograd.Function):
@@ -76,7 +76,7 @@ class PlantedConv1D(nn.Module):
         self.bias = inner.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return OffByOneEntry.apply(x, self.weight, self.bias)  # type: ignore[no-any-return]
+        return OffByOneEntry.apply(x, self.weight, self.bias)  # type: ignore[no-untyped-call,no-any-return]
 
 
 def build(bug: str | None, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -87,9 +87,9 @@ def build(bug: str | None, seed: int = 0) -> tuple[nn.Module, Any]:
     config.attn_pdrop = config.embd_pdrop = config.resid_pdrop = 0.0
     model = GPT2LMHeadModel(config)
     if bug == "gelu":
-        model.transformer.h[0].mlp.act = LoudGeluModule()
+        cast(Any, model.transformer.h[0].mlp).act = LoudGeluModule()
     elif bug == "entry":
-        mlp = model.transformer.h[1].mlp
+        mlp: Any = model.transformer.h[1].mlp
         mlp.c_proj = PlantedConv1D(mlp.c_proj)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(seed))
     return model, ids

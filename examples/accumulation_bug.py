@@ -57,7 +57,7 @@ class Rows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 class PerMicroBatchMeanTrainer(Trainer):
     """The pre-fix accumulation: mean over each micro-batch, divided by the micro-batches."""
 
-    def compute_loss(
+    def compute_loss(  # type: ignore[override]
         self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         outputs = model(**inputs)  # num_items_in_batch ignored: a per-micro-batch mean

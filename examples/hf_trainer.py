@@ -61,13 +61,13 @@ class CustomHead(nn.Module):
         self.buggy = buggy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LinearFunction.apply(x, self.weight, self.bias, self.buggy)  # type: ignore[no-any-return]
+        return LinearFunction.apply(x, self.weight, self.bias, self.buggy)  # type: ignore[no-untyped-call,no-any-return]
 
 
 def build_model(bug: bool = False, seed: int = 0) -> BertForSequenceClassification:
     """A 2-layer BERT classifier (~20k parameters) with the custom head."""
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         num_hidden_layers=2,
@@ -78,7 +78,7 @@ def build_model(bug: bool = False, seed: int = 0) -> BertForSequenceClassificati
         num_labels=3,
     )
     model = BertForSequenceClassification(config)
-    model.classifier = CustomHead(config.hidden_size, config.num_labels, buggy=bug)
+    model.classifier = CustomHead(config.hidden_size, config.num_labels, buggy=bug)  # type: ignore[assignment,arg-type]
     return model
 
 

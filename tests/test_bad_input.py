@@ -9,6 +9,7 @@ import pytest
 
 import gradwatch
 from gradwatch import LossError, OptionError, ParameterError
+from gradwatch.check import Sample
 
 
 def quadratic() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Callable[[], float]]:
@@ -214,7 +215,7 @@ def test_params_restored_in_directional_mode_when_loss_raises() -> None:
 
 
 @pytest.mark.parametrize("sample", ["directional", "auto"])
-def test_directional_restore_is_bit_exact_for_float32_valued_float64(sample: str) -> None:
+def test_directional_restore_is_bit_exact_for_float32_valued_float64(sample: Sample) -> None:
     """Values a float32 holds (saved narrow) and values it doesn't come back bit for bit."""
     rng = np.random.default_rng(0)
     params = {

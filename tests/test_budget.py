@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def run(
     clock: FakeClock,
     steps: int,
     step_seconds: float,
-    **model: int,
+    **model: Any,
 ) -> list[tuple[int, Sample]]:
     """Train `steps` steps of `step_seconds`; due checks take their fake cost on the clock."""
     ran = []
@@ -226,7 +227,9 @@ def test_budget_leaves_localization_only_what_the_allowance_affords() -> None:
     assert given[0] is None  # the first check: bounded by most_evaluations, not by time
     # The allowance (20% of training, unused allowance carried over) minus the 0.06 s
     # screen, at 0.01 s an evaluation: 8 at step 100, then 14 more per 100 steps.
-    expected = [round((p.allowance - p.estimate) / 0.01) for p in watch.plans[1:]]
+    expected = [
+        round((cast(float, p.allowance) - cast(float, p.estimate)) / 0.01) for p in watch.plans[1:]
+    ]
     assert given[1:] == expected and expected[0] == 8 and expected[1] - expected[0] == 14
 
 

@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pytest
 
 import gradwatch
+from gradwatch.check import Sample
 
 F64 = npt.NDArray[np.float64]
 
@@ -61,7 +62,7 @@ class SeparableLeastSquares:
 @pytest.mark.parametrize("offset", [0.0, 1e-9, 1e-6])
 @pytest.mark.parametrize("sample", [None, 4, "directional", "auto"])
 def test_least_squares_at_and_near_its_optimum_is_not_a_failure(
-    offset: float, sample: gradwatch.check.Sample
+    offset: float, sample: Sample
 ) -> None:
     """A correct fit at its optimum or 1e-9 / 1e-6 from it: ok in every mode, below resolution."""
     fit = LeastSquares()
@@ -77,7 +78,7 @@ def test_least_squares_at_and_near_its_optimum_is_not_a_failure(
 
 @pytest.mark.parametrize("sample", ["auto", "directional", 0.01])
 def test_a_model_above_the_full_check_size_at_its_optimum_is_ok(
-    sample: gradwatch.check.Sample,
+    sample: Sample,
 ) -> None:
     """2,105 unknowns at their optimum: the screen, directions and samples are all ok."""
     fit = SeparableLeastSquares()

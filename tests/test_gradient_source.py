@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import gradwatch
+from gradwatch.check import Sample
 from gradwatch.params import GradientSource
 
 
@@ -114,7 +115,7 @@ class RestoringLoss:
 
 
 @pytest.mark.parametrize("sample", ["directional", "auto"])
-def test_restore_tensor_puts_moved_tensors_back_exactly(sample: str) -> None:
+def test_restore_tensor_puts_moved_tensors_back_exactly(sample: Sample) -> None:
     """The loss's restore_tensor is used for every moved tensor; the result is unchanged."""
     params, loss = quadratic_model(True)
     grads = {name: true_gradient(params, name, True) for name in params}

@@ -10,9 +10,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from test_report import make_result
+
+if TYPE_CHECKING:  # mypy sees tests/ as the package ``tests``; pytest puts tests/ on sys.path
+    from tests.test_report import make_result
+else:
+    from test_report import make_result
 
 import gradwatch
 from gradwatch import GradWatch, load_report

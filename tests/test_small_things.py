@@ -10,10 +10,16 @@ from gradwatch.errors import ParameterError
 
 
 def test_numpy_integers_are_accepted_as_options() -> None:
-    """every, sample, seed and top_k given as np.int64 (from a config array) work like ints."""
+    """every, sample, seed and top_k given as np.int64 (from a config array) work like ints.
+
+    The options are annotated int, so each np.int64 below is a deliberate arg-type error."""
     w = np.linspace(-1.0, 1.0, 6)
     watch = gradwatch.GradWatch(
-        every=np.int64(2), sample=np.int64(3), seed=np.int64(1), top_k=np.int64(2), report_dir=None
+        every=np.int64(2),  # type: ignore[arg-type]
+        sample=np.int64(3),  # type: ignore[arg-type]
+        seed=np.int64(1),  # type: ignore[arg-type]
+        top_k=np.int64(2),  # type: ignore[arg-type]
+        report_dir=None,
     )
     results = [
         watch.after_backward(
@@ -24,7 +30,11 @@ def test_numpy_integers_are_accepted_as_options() -> None:
     assert [r is not None for r in results] == [True, False, True]
     assert results[0] is not None and results[0].checked == 3 and len(results[0].worst) == 2
     direct = gradwatch.check(
-        lambda: float(np.sum(w**2)), {"w": w}, {"w": 2 * w}, sample=np.int64(4), seed=np.int64(0)
+        lambda: float(np.sum(w**2)),
+        {"w": w},
+        {"w": 2 * w},
+        sample=np.int64(4),  # type: ignore[arg-type]
+        seed=np.int64(0),  # type: ignore[arg-type]
     )
     assert direct.checked == 4 and direct.status == "ok"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +15,7 @@ from gradwatch.report import alert_for
 F64 = npt.NDArray[np.float64]
 
 
-def _quadratic(params: dict[str, F64]) -> tuple[object, dict[str, F64]]:
+def _quadratic(params: dict[str, F64]) -> tuple[Callable[[], float], dict[str, F64]]:
     def loss() -> float:
         return float(np.sum(params["W"] ** 2) + np.sum(params["b"] ** 2))
 

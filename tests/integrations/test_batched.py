@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-import gradwatch.integrations._batched as batched_evaluation  # noqa: E402
-from gradwatch.integrations.torch import check_module  # noqa: E402
-from torch import nn  # noqa: E402
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+import gradwatch.integrations._batched as batched_evaluation
+from gradwatch.integrations.torch import check_module
+from torch import nn
 
-import gradwatch  # noqa: E402
+import gradwatch
 
 pytestmark = pytest.mark.torch
 
@@ -218,13 +221,19 @@ def test_batched_check_leaves_model_and_every_rng_untouched() -> None:
     """Parameters, .grad, modes and the python/numpy/torch RNGs are as before the check."""
     model = SquareNet()
     cross_entropy(model, make_batch()).backward()
-    before = copy.deepcopy(model.state_dict()), [p.grad.clone() for p in model.parameters()]
+    before = (
+        copy.deepcopy(model.state_dict()),
+        [cast(torch.Tensor, p.grad).clone() for p in model.parameters()],
+    )
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     check_module(model, cross_entropy, make_batch())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[0][name])
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before[1], strict=True))
+    assert all(
+        torch.equal(cast(torch.Tensor, p.grad), g)
+        for p, g in zip(model.parameters(), before[1], strict=True)
+    )
     assert random.getstate() == states[0]
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), states[1], strict=True))
     assert torch.equal(torch.get_rng_state(), states[2])

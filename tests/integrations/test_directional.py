@@ -25,7 +25,7 @@ def test_model_has_over_a_hundred_tensors_and_near_zero_biases() -> None:
     """The fixture is what the test claims: 122 tensors, biases before BatchNorm ~ 0."""
     model = build_model()
     assert len(list(model.parameters())) == TENSORS
-    mse(model, make_batch()).backward()  # type: ignore[no-untyped-call]
+    mse(model, make_batch()).backward()
     grads = dict(model.named_parameters())
     overall = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()  # type: ignore[union-attr]
     for name in near_zero_tensors():
@@ -73,7 +73,7 @@ def test_watch_with_budget_reduced_checks_still_find_the_tensor() -> None:
     watch = GradWatch(every=5, sample=None, report_dir=None, budget=0.05)
     for step in range(10):
         optimizer.zero_grad()
-        mse(model, batch).backward()  # type: ignore[no-untyped-call]
+        mse(model, batch).backward()
         after_backward(watch, step, model, mse, batch)
         optimizer.step()
     assert watch.results, "the first check always runs"

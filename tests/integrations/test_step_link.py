@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -28,7 +28,7 @@ class PerMicroBatchMeanTrainer(Trainer):
     """The pre-October-2024 accumulation bug: each micro-batch's token mean divided by the
     accumulation steps, ignoring ``num_items_in_batch`` (the step's token count)."""
 
-    def compute_loss(
+    def compute_loss(  # type: ignore[override]
         self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         outputs = model(**inputs)  # no num_items_in_batch: the model averages per micro-batch
@@ -48,7 +48,7 @@ def train(
     """Train the tiny GPT-2 with `watch` (every step) and return the recorded checks."""
     model, data = ARCHITECTURES["gpt2"].build()
     if hook:  # a gradient hook scaling one tensor's gradient by 1.1
-        model.transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * 1.1)
+        cast(Any, model).transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * 1.1)
     with tempfile.TemporaryDirectory() as output_dir:
         args = training_arguments(output_dir, steps, seed=0)
         args = dataclasses.replace(

@@ -5,21 +5,24 @@ from __future__ import annotations
 import copy
 import json
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-from gradwatch.integrations.torch import (  # noqa: E402
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+from gradwatch.integrations.torch import (
     after_backward,
     check_module,
     trainable_parameters,
     weight_decay_notes,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
-import gradwatch  # noqa: E402
+import gradwatch
 
 pytestmark = pytest.mark.torch
 
@@ -39,6 +42,11 @@ def make_batch(n: int = 16, features: int = 5, classes: int = 3, seed: int = 0) 
 def mlp(activation: nn.Module, *extra: nn.Module, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 12), *extra, activation, nn.Linear(12, 3))
+
+
+def first_weight(m: nn.Module) -> torch.Tensor:
+    """The weight of an ``mlp``'s first layer, a Linear."""
+    return cast(nn.Linear, cast(nn.Sequential, m)[0]).weight
 
 
 def failing_tensors(result: gradwatch.CheckResult) -> set[str]:
@@ -120,7 +128,7 @@ def test_wrong_hand_written_penalty_gradient_fails() -> None:
     model = mlp(nn.Tanh())
 
     def weight_penalty(m: nn.Module) -> torch.Tensor:
-        return WrongPenaltyGrad.apply(m[0].weight, 0.5)  # type: ignore[no-any-return]
+        return WrongPenaltyGrad.apply(first_weight(m), 0.5)
 
     result = check_module(model, cross_entropy, make_batch(), regularization=[weight_penalty])
     assert result.status == "fail"
@@ -128,11 +136,11 @@ def test_wrong_hand_written_penalty_gradient_fails() -> None:
     assert set(result.regularization) == {"weight_penalty"}
 
     def correct_penalty(m: nn.Module) -> torch.Tensor:
-        return 0.25 * m[0].weight.square().sum()
+        return 0.25 * first_weight(m).square().sum()
 
     fixed = check_module(model, cross_entropy, make_batch(), regularization={"l2": correct_penalty})
     assert fixed.status == "ok"
-    expected = 0.25 * float(model[0].weight.detach().double().square().sum())
+    expected = 0.25 * float(first_weight(model).detach().double().square().sum())
     assert fixed.regularization["l2"] == pytest.approx(expected, rel=1e-12)
 
 
@@ -204,7 +212,7 @@ class WithUnused(nn.Module):
         self.unused = nn.Linear(2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
+        return self.net(x)
 
 
 def test_frozen_parameters_are_not_checked_and_unused_ones_are_noted() -> None:
@@ -338,7 +346,7 @@ def test_sparse_embedding_gradients_are_compared_like_dense_ones(analytic: str) 
     def loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x).square().mean()
 
-    loss(model, tokens).backward()  # type: ignore[no-untyped-call]
+    loss(model, tokens).backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.is_sparse
     result = check_module(model, loss, tokens, analytic=analytic)  # type: ignore[arg-type]
     assert result.status == "ok"
@@ -361,7 +369,7 @@ class SharedLayerCheckpointed(nn.Module):
             x = torch.utils.checkpoint.checkpoint(
                 lambda t: torch.tanh(self.layer(t)), x, use_reentrant=True
             )
-        return self.head(x)  # type: ignore[no-any-return]
+        return self.head(x)
 
 
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -46,7 +46,9 @@ def test_trajectory_is_bit_identical_and_metrics_reach_the_logs(tmp_path: Path) 
     reference, _ = run(tmp_path / "plain")
     watched, watch = run(tmp_path / "watched", GradWatch(every=2))
     for (name, a), b in zip(
-        reference.model.state_dict().items(), watched.model.state_dict().values(), strict=True
+        cast(Any, reference.model).state_dict().items(),
+        cast(Any, watched.model).state_dict().values(),
+        strict=True,
     ):
         assert torch.equal(a, b), name
     assert losses(reference) == losses(watched) and len(losses(watched)) == 4
@@ -57,7 +59,7 @@ def test_trajectory_is_bit_identical_and_metrics_reach_the_logs(tmp_path: Path) 
     assert logged[0]["gradwatch/status"] == 0.0
     report = gradwatch.load_report(tmp_path / "watched" / "gradwatch")
     assert [c.step for c in report.checks] == [0, 2]
-    assert not watched.model._forward_pre_hooks  # hook removed at train end
+    assert not cast(Any, watched.model)._forward_pre_hooks  # hook removed at train end
 
 
 def test_add_callback_with_the_class(tmp_path: Path) -> None:
@@ -85,7 +87,7 @@ def test_gradient_accumulation_checks_the_last_micro_batch(tmp_path: Path) -> No
 
 
 class SmoothedLossTrainer(Trainer):
-    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:
+    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         labels = inputs.pop("labels")
         logits = model(**inputs).logits
         return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
@@ -138,7 +140,7 @@ def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path)
 
 
 class BypassForwardTrainer(Trainer):
-    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:
+    def compute_loss(self, model: Any, inputs: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         labels = inputs.pop("labels")
         pooled = model.bert(**inputs).pooler_output  # model.forward itself never runs
         return torch.nn.functional.cross_entropy(model.classifier(pooled), labels)

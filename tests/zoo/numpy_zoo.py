@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -53,13 +54,14 @@ def mlp(
     """
     rng = np.random.default_rng(seed)
     params = _init(list(sizes), rng, dtype)
-    x = rng.standard_normal((sizes[0], m)).astype(dtype)
-    y = (rng.random((1, m)) > 0.5).astype(dtype)
+    x: Array = rng.standard_normal((sizes[0], m)).astype(dtype)
+    y: Array = (rng.random((1, m)) > 0.5).astype(dtype)
     layers = len(sizes) - 1
     weights = [f"W{layer}" for layer in range(1, layers + 1)]
 
     def forward(p: Params) -> tuple[Array, list[tuple[Array, Array]]]:
-        activation, caches = x, []
+        activation: Array = x
+        caches: list[tuple[Array, Array]] = []
         for layer in range(1, layers + 1):
             z = p[f"W{layer}"] @ activation + p[f"b{layer}"]
             caches.append((activation, z))
@@ -120,7 +122,7 @@ def softmax_mse(bug: bool, *, seed: int = 1) -> NumpyProblem:
     """
     rng = np.random.default_rng(seed)
     features, hidden, classes, m = 6, 12, 5, 16
-    params = {
+    params: Params = {
         "W1": rng.standard_normal((hidden, features)) * 0.5,
         "b1": 0.1 * rng.standard_normal((hidden, 1)),
         "W2": rng.standard_normal((classes, hidden)) * 0.5,
@@ -164,7 +166,7 @@ def logsumexp_cross_entropy(bug: bool, *, seed: int = 2) -> NumpyProblem:
     """
     rng = np.random.default_rng(seed)
     features, hidden, classes, m = 6, 10, 4, 16
-    params = {
+    params: Params = {
         "W1": rng.standard_normal((hidden, features)) * 0.6,
         "b1": 0.1 * rng.standard_normal((hidden, 1)),
         "W2": rng.standard_normal((classes, hidden)) * 0.6,
@@ -213,7 +215,7 @@ def layer_norm_net(bug: bool, *, seed: int = 3) -> NumpyProblem:
     """
     rng = np.random.default_rng(seed)
     features, units, m, tiny = 6, 16, 12, 1e-5
-    params = {
+    params: Params = {
         "W1": rng.standard_normal((units, features)) * 0.5,
         "b1": 0.3 * rng.standard_normal((units, 1)),
         "gamma": 1 + 0.2 * rng.standard_normal((units, 1)),
@@ -267,7 +269,7 @@ def embedding_bag(bug: bool, *, seed: int = 4) -> NumpyProblem:
     """
     rng = np.random.default_rng(seed)
     vocab, dim, m, length = 20, 8, 16, 4
-    params = {
+    params: Params = {
         "E": rng.standard_normal((vocab, dim)) * 0.5,
         "w": rng.standard_normal((dim, 1)) * 0.5,
         "c": np.zeros((1, 1)),
@@ -310,7 +312,7 @@ def tanh_training(bug: bool, *, steps: int = 120, every: int = 20, seed: int = 5
     def run(hook: Hook) -> None:
         rng = np.random.default_rng(seed)
         features, hidden, m = 4, 24, 64
-        params = {
+        params: Params = {
             "W1": 0.02 * rng.standard_normal((hidden, features)),
             "b1": np.zeros((hidden, 1)),
             "W2": 0.02 * rng.standard_normal((1, hidden)),
@@ -350,7 +352,7 @@ def tanh_training(bug: bool, *, steps: int = 120, every: int = 20, seed: int = 5
 
 # --------------------------------------------------------------------------- the entries
 
-LARGE = {"sizes": (64, 128, 128, 1), "m": 32}
+LARGE: dict[str, Any] = {"sizes": (64, 128, 128, 1), "m": 32}
 """About 25k parameters: above the 2000 of a full ``sample="auto"`` check."""
 
 

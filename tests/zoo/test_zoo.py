@@ -28,7 +28,7 @@ def _marks(entry: ZooEntry, *, heavy: bool = True) -> list[pytest.MarkDecorator]
 
 
 def _params(entries: list[ZooEntry], *, heavy: bool = True) -> list[object]:
-    params = []
+    params: list[object] = []
     for e in entries:
         marks = _marks(e, heavy=heavy)
         if e.name in FALSE_ALARMS:
@@ -38,7 +38,7 @@ def _params(entries: list[ZooEntry], *, heavy: bool = True) -> list[object]:
 
 
 def _default_params() -> list[object]:
-    params = []
+    params: list[object] = []
     for e in BUGS:
         marks = _marks(e, heavy=False)
         if e.name in DEFAULT_MISSES:

@@ -8,7 +8,7 @@ the correct twin. Parameter names are ``model.named_parameters()`` names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -234,7 +234,7 @@ def _activation(function: Any, bug: bool) -> Callable[[Tensor], Tensor]:
     """A custom Function as an activation with its ``bug`` flag bound."""
 
     def apply(x: Tensor) -> Tensor:
-        return function.apply(x, bug)  # type: ignore[no-any-return]
+        return function.apply(x, bug)
 
     return apply
 
@@ -397,8 +397,9 @@ def l2_penalty(bug: bool, coefficient: float = 0.7 / 16) -> Callable[[nn.Module]
     """lambd/(2m) * sum ||W||^2 over the weight matrices (lambd = 0.7, m = 16)."""
 
     def penalty(model: nn.Module) -> Tensor:
-        total = torch.zeros((), dtype=model.inp.weight.dtype)
-        for layer in (model.inp, model.mid, model.out):
+        layers = cast(list[nn.Linear], [model.inp, model.mid, model.out])
+        total = torch.zeros((), dtype=layers[0].weight.dtype)
+        for layer in layers:
             total = total + L2PenaltyFunction.apply(layer.weight, coefficient, bug)
         return total
 
