@@ -128,10 +128,10 @@ def check(
         sample: None checks every component; an int k checks k components (more than
             theta has: all, noted); a float in (0, 1] that fraction (drawn with ``seed``,
             at least one per tensor). ``"directional"``: one random unit direction per
-            tensor (2 evaluations each). ``"auto"``: full up to ``AUTO_FULL_MAX_SIZE`` components; above, a
-            screen along `screen_directions` joint directions, then, when it reaches
-            ``warn``, each tensor's direction and bisection inside failing tensors
-            within ``localize_evaluations`` (`most_evaluations` bounds the cost).
+            tensor (2 evaluations each). ``"auto"``: full up to ``AUTO_FULL_MAX_SIZE``
+            components; above, a screen along `screen_directions` joint directions, then,
+            when it reaches ``warn``, each tensor's direction and bisection inside failing
+            tensors within ``localize_evaluations`` (`most_evaluations` bounds the cost).
         seed: seed of the sampling and of the random directions.
         top_k: how many worst components to report.
         regularization: terms added to J on the numeric side, e.g. ``gradwatch.L2``.
