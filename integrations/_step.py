@@ -30,6 +30,7 @@ from gradwatch.integrations._shadow import (
 from gradwatch.integrations._shadow_mode import ShadowMode
 from torch import nn
 
+from gradwatch.errors import OptionError
 from gradwatch.result import CheckResult, StepLink
 
 __all__ = ["STEP_TOLERANCES", "MicroBatch", "compare_step", "with_step_link"]
@@ -80,7 +81,7 @@ def compare_step(
     Nothing of the model is written to; every global RNG is restored.
     """
     if not micro_batches:
-        raise ValueError("micro_batches: expected at least one, received none")
+        raise OptionError("micro_batches: expected at least one, received none")
     sources = trainable_parameters(model)
     dtypes = [next(iter(sources.values())).dtype]
     dtypes += [micro.autocast for micro in micro_batches if micro.autocast is not None]
