@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from html import escape
 
+import numpy as np
+
 from gradwatch._reading import (
     completed,
     format_ratio,
@@ -28,7 +30,7 @@ from gradwatch._reading import (
 from gradwatch.report import Report
 from gradwatch.result import CheckResult
 
-__all__ = ["DETAILED_CHECKS", "HEATMAP_COLUMNS", "report_html"]
+__all__ = ["DETAILED_CHECKS", "HEATMAP_COLUMNS", "detailed_steps", "report_html"]
 
 HIGHLIGHTED = 5
 """Tensors drawn as their own line in the trend: the highest ratios over the run."""
@@ -333,15 +335,14 @@ def _heatmap_section(report: Report) -> str:
         f"<th title='steps {step_of(checks[a])}..{step_of(checks[b - 1])}'></th>" for a, b in bins
     )
     rows = []
+    binned = _binned_ratios(report, checks, bins)
     for name in report.tensor_names:
         cells = []
         worst = -math.inf
-        for a, b in bins:
-            ratios = [c.tensors[name].ratio for c in checks[a:b] if name in c.tensors]
-            if not ratios:
+        for (a, b), value in zip(bins, binned.get(name, [None] * len(bins)), strict=True):
+            if value is None:
                 cells.append("<td class='c' style='background:#fff'></td>")
                 continue
-            value = max(ratios, key=nan_last)
             worst = max(worst, nan_last(value))
             screen = all(screened_only(c) for c in checks[a:b])
             tip = f"{name} steps {step_of(checks[a])}..{step_of(checks[b - 1])}: {value:.2e}"
@@ -373,6 +374,49 @@ def _heatmap_section(report: Report) -> str:
         + "</table>"
     )
     return "\n".join(parts)
+
+
+def _binned_ratios(
+    report: Report, checks: list[CheckResult], bins: list[tuple[int, int]]
+) -> dict[str, list[float | None]]:
+    """Each tensor's largest ratio (NaN counts as largest) in each bin of checks.
+
+    Read from the report's per-tensor arrays, so a compact report of a long run (whose
+    checks do not carry their tensors) draws the same heatmap in a few percent of the memory.
+    """
+    check_steps = np.array([step_of(c) for c in checks], dtype=np.int64)
+    edges = np.array([a for a, _ in bins] + [bins[-1][1]], dtype=np.int64)
+    binned: dict[str, list[float | None]] = {}
+    for name, (steps, ratios) in report.tensor_ratios().items():
+        position = np.searchsorted(check_steps, steps)
+        inside = position < len(check_steps)
+        inside[inside] &= check_steps[position[inside]] == steps[inside]
+        column = np.searchsorted(edges, position[inside], side="right") - 1
+        values = ratios[inside]
+        ordered = np.where(np.isnan(values), np.inf, values)
+        row: list[float | None] = []
+        for index in range(len(bins)):
+            members = column == index
+            if not members.any():
+                row.append(None)
+                continue
+            largest = int(np.argmax(np.where(members, ordered, -np.inf)))
+            row.append(float(values[largest]))
+        binned[name] = row
+    return binned
+
+
+def detailed_steps(report: Report) -> list[int]:
+    """The steps whose checks the page lists in full (failing and worst first, at most
+    ``DETAILED_CHECKS``): the CLI keeps just these whole when it reads a long run."""
+    return [step_of(check) for check in _detailed(report.checks)]
+
+
+def _detailed(checks: list[CheckResult]) -> list[CheckResult]:
+    chosen = sorted(checks, key=lambda c: (c.status == "ok", -nan_last(c.ratio)))
+    chosen = chosen[:DETAILED_CHECKS]
+    chosen.sort(key=step_of)
+    return chosen
 
 
 def _bins(count: int) -> list[tuple[int, int]]:
@@ -407,11 +451,7 @@ def _mix(start: tuple[int, int, int], end: tuple[int, int, int], depth: float) -
 
 def _checks_section(report: Report) -> str:
     checks = report.checks
-    chosen = sorted(
-        checks,
-        key=lambda c: (c.status == "ok", -nan_last(c.ratio)),
-    )[:DETAILED_CHECKS]
-    chosen.sort(key=step_of)
+    chosen = _detailed(checks)
     parts = [f"<h2>Checks ({len(chosen)} of {len(checks)} listed)</h2>"]
     parts += [_check_details(check) for check in chosen]
     return "\n".join(parts)

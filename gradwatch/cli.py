@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._html import report_html
+from gradwatch._html import detailed_steps, report_html
 from gradwatch._plot import write_plot
 from gradwatch._reading import completed as _completed
 from gradwatch._reading import format_ratio as _g
@@ -59,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("ignore", TruncatedReportWarning)
             # Only the page keeps every check whole; the other views read a long run of a
             # large model in a few percent of that memory (see load_report's `compact`).
-            report = load_report(
-                arguments.report_dir,
-                compact=arguments.command != "html",
-                keep_steps=() if step is None else (step,),
-            )
+            keep: tuple[int, ...] = () if step is None else (step,)
+            if arguments.command == "html":
+                # The page lists some checks in full: read compact once to choose them, then
+                # keep just those whole (a long run stays in a few percent of the memory).
+                keep = tuple(detailed_steps(load_report(arguments.report_dir, compact=True)))
+            report = load_report(arguments.report_dir, compact=True, keep_steps=keep)
         for message in report.warnings:
             print(f"gradwatch: warning: {printable(_one_line_text(message))}", file=sys.stderr)
         code: int = arguments.handler(report, arguments)
