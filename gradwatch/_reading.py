@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from gradwatch._report_alerts import only_the_step_failed
 from gradwatch.report import Report
 from gradwatch.result import CheckResult, TensorResult
 
@@ -174,11 +175,8 @@ def next_step(report: Report, directory: str) -> str | None:
     failed = [check for check in completed(report) if check.status == "fail"]
     if failed:
         first = failed[0]
-        link = first.step_link
-        backprop_failed = first.ratio >= first.threshold or any(
-            t.status == "fail" for t in first.tensors.values()
-        )
-        if link is not None and link.status == "fail" and not backprop_failed:
+        link = only_the_step_failed(first)
+        if link is not None:
             return (
                 f"next: backprop is right, the training step is not: {link.explanation} "
                 f"(step {step_of(first)}; the result's step_link has each tensor's ratio)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from gradwatch._report_models import Alert
 from gradwatch.result import CheckResult, Rule, StepLink
 
-__all__ = ["TIE", "alert_for", "ratio_sort_key"]
+__all__ = ["TIE", "alert_for", "only_the_step_failed", "ratio_sort_key"]
 
 TIE = 0.99
 """Failing tensors within this factor of the largest ratio count as tied in an alert."""
@@ -32,13 +32,21 @@ def alert_for(result: CheckResult) -> Alert | None:
     where = "" if result.step is None else f" at step {result.step}"
     if result.non_finite is not None:
         return _non_finite_alert(result, result.non_finite, where)
+    link = only_the_step_failed(result)
+    if link is not None:
+        return _step_link_alert(result, link, where)
+    return _backprop_alert(result, where)
+
+
+def only_the_step_failed(result: CheckResult) -> StepLink | None:
+    """The failing step link of a check whose backprop passed (its own alert), else None."""
     link = result.step_link
+    if link is None or link.status != "fail":
+        return None
     backprop_failed = ratio_sort_key(result.ratio) >= result.threshold or any(
         t.status == "fail" for t in result.tensors.values()
     )
-    if link is not None and link.status == "fail" and not backprop_failed:
-        return _step_link_alert(result, link, where)
-    return _backprop_alert(result, where)
+    return None if backprop_failed else link
 
 
 def _non_finite_alert(result: CheckResult, non_finite: str, where: str) -> Alert:

@@ -30,6 +30,7 @@ from gradwatch.integrations._shadow import (
 from gradwatch.integrations._shadow_mode import ShadowMode
 from torch import nn
 
+from gradwatch._comparison import status_for
 from gradwatch.errors import OptionError
 from gradwatch.result import CheckResult, StepLink
 
@@ -161,7 +162,7 @@ def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -
         for name in sums.difference
     }
     worst = max(tensors, key=tensors.__getitem__) if tensors else None
-    status = _status(max(ratio, tensors[worst] if worst else 0.0), warn, threshold)
+    status = status_for(max(ratio, tensors[worst] if worst else 0.0), warn, threshold)
     explanation = "" if status == "ok" else _explain(sums, tensors, scale, threshold)
     return StepLink(
         ratio=ratio,
@@ -175,12 +176,6 @@ def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -
         clip_factor=clip,
         explanation=explanation,
     )
-
-
-def _status(ratio: float, warn: float, threshold: float) -> Any:
-    if not ratio < threshold:
-        return "fail"
-    return "warn" if ratio >= warn else "ok"
 
 
 def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: float) -> str:
