@@ -10,6 +10,7 @@ from gradwatch.errors import (
     NonFiniteError,
     OptionError,
     ParameterError,
+    ProcessGroupError,
     ReportError,
 )
 from gradwatch.regularization import L2, Penalty, RegularizationTerm
@@ -30,6 +31,7 @@ __all__ = [
     "OptionError",
     "ParameterError",
     "Penalty",
+    "ProcessGroupError",
     "RegularizationTerm",
     "Report",
     "ReportError",

@@ -49,12 +49,16 @@ class Events:
     with the event dict attached to the record as ``record.gradwatch``.
     """
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, rank: int | None = None) -> None:
         self.logger = logger
+        self.rank = rank
+        """The process's rank in a distributed run (every event then says it), else None."""
 
     def event(self, level: int, name: str, **fields: Any) -> None:
         if not self.logger.isEnabledFor(level):
             return
+        if self.rank is not None:
+            fields["rank"] = self.rank
         if structlog.is_configured():
             bound = structlog.wrap_logger(self.logger, wrapper_class=structlog.stdlib.BoundLogger)
         else:

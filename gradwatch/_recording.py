@@ -32,7 +32,7 @@ from gradwatch.errors import OptionError, ReportError
 from gradwatch.report import ReportSummary, ReportWriter
 from gradwatch.result import CheckResult
 
-__all__ = ["ReportDir", "ReportOutput", "ReportedWatch", "WatchState"]
+__all__ = ["ReportDir", "ReportOutput", "ReportedWatch", "WatchState", "launched_rank"]
 
 ReportDir = str | os.PathLike[str] | None
 
@@ -202,7 +202,7 @@ class ReportedWatch:
         self._results: list[CheckResult] = []
         self._resumed: str | None = None
         self._summary = summary
-        self._log = Events(logging.getLogger(LOGGER_NAME))
+        self._log = Events(logging.getLogger(LOGGER_NAME), rank=_launched_rank_if_many())
         self._output = ReportOutput(self._log)
 
     @property
@@ -351,3 +351,20 @@ class ReportedWatch:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``: torchrun, accelerate), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _launched_rank_if_many() -> int | None:
+    """The launched rank when the launcher started more than one process, else None."""
+    try:
+        many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        many = False
+    return launched_rank() if many else None

@@ -45,8 +45,8 @@ from gradwatch._options import (
     validate_sample,
     validate_watch_options,
 )
-from gradwatch._recording import ReportDir, ReportedWatch, WatchState
-from gradwatch.errors import GradientCheckError, NonFiniteError
+from gradwatch._recording import ReportDir, ReportedWatch, WatchState, launched_rank
+from gradwatch.errors import GradientCheckError, NonFiniteError, ProcessGroupError
 from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
@@ -109,8 +109,9 @@ class GradWatch(ReportedWatch):
             of yet, stays within ``gradwatch.check.most_evaluations``. Tensors left
             unlocalized are named in the notes.
         clock: the wall clock the budget reads (seconds); tests inject a fake one.
-        write: False makes this instance write no files (ranks other than 0); it still
-            checks, logs and alerts.
+        write: False makes this instance write no files; it still checks, logs and
+            alerts. None (default): write unless the launcher (``torchrun``, ``accelerate
+            launch``) set ``RANK`` to a rank other than 0, so only rank 0 writes.
 
     Raises:
         OptionError: an option is out of range.
@@ -141,7 +142,7 @@ class GradWatch(ReportedWatch):
         on_alert: OnAlert = "log",
         on_error: OnError = "record",
         budget: float | None = None,
-        write: bool = True,
+        write: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         every, seed, top_k = plain_int(every), plain_int(seed), plain_int(top_k)
@@ -167,6 +168,7 @@ class GradWatch(ReportedWatch):
         self._clock = clock
         self._decision: tuple[int, BudgetPlan | None] | None = None
         self._pending: BudgetPlan | None = None
+        self._agree: Callable[[Any], Any] | None = None
         summary = ReportSummary(
             configuration=RunConfiguration(
                 every=every,
@@ -183,7 +185,7 @@ class GradWatch(ReportedWatch):
             ),
             environment=current_environment(),
         )
-        super().__init__(summary, report_dir, write)
+        super().__init__(summary, report_dir, launched_rank() == 0 if write is None else write)
         if self._requested_dir is not None and self._write:
             self.open(self._requested_dir)
 
@@ -262,9 +264,21 @@ class GradWatch(ReportedWatch):
         self._pending = plan
         return plan is not None
 
+    def join(self, rank: int, agree: Callable[[Any], Any]) -> None:
+        """Take part in a distributed run as `rank` (the torch integration calls it).
+
+        Every log event then carries ``rank``, and the budget's plan for a due step, which
+        depends on this process's clock, is ``agree(plan)``: rank 0's, on every rank, so
+        every rank runs (or skips) the same check. Which rank writes is `write`'s business.
+        """
+        self._log.rank = rank
+        self._agree = agree
+
     def _plan(self, step: int, now: float) -> BudgetPlan | None:
         """The check to run at a due step within the budget, or None to skip it."""
         plan, skip = self._budget.plan(step, now)
+        if self._agree is not None and self.budget is not None:
+            plan, skip = self._agree((plan, skip))
         if skip is None:
             return plan
         self._skipped.append(skip)
@@ -341,8 +355,9 @@ class GradWatch(ReportedWatch):
         components, ``loss_evals=0``), an error-level ``gradient_check_error`` event is
         logged with the traceback, and that result is returned; with
         ``on_error="raise"`` the original exception is raised again after recording.
-        `GradientCheckError`, ``KeyboardInterrupt`` and ``SystemExit`` propagate
-        unrecorded. Restoring the training state is `compute`'s job (as `gradwatch.check`
+        `GradientCheckError`, `ProcessGroupError` (a rank of a distributed check died or
+        timed out: training cannot go on either), ``KeyboardInterrupt`` and ``SystemExit``
+        propagate unrecorded. Restoring the training state is `compute`'s job (as `gradwatch.check`
         restores ``params``).
 
         Args:
@@ -374,7 +389,7 @@ class GradWatch(ReportedWatch):
         started = self._clock()
         try:
             result = compute()
-        except GradientCheckError:
+        except (GradientCheckError, ProcessGroupError):
             raise
         except NonFiniteError as error:
             # NaN/inf in theta, the gradient or J(theta): the run's own numbers went bad.

@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "ParameterError",
+    "ProcessGroupError",
     "ReportError",
 ]
 
@@ -74,6 +75,14 @@ class NonFiniteLossError(NonFiniteError, LossError):
 
 class ReportError(GradwatchError):
     """A report directory is missing, unwritable or corrupt."""
+
+
+class ProcessGroupError(GradwatchError):
+    """A collective of a distributed check failed: a rank died, or the process group timed out.
+
+    The next training step's collectives would fail the same way, so this is raised
+    to the training loop, never recorded as a check with status ``"error"``.
+    """
 
 
 class MissingBatchError(GradwatchError):

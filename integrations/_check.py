@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -10,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from gradwatch.integrations._batched import _BatchedObjective
+from gradwatch.integrations._distributed import PeerCheckError, Ranks, unwrap_data_parallel
 from gradwatch.integrations._objective import (
     LossFn,
     Penalties,
@@ -36,7 +38,7 @@ from gradwatch.integrations._shadow_mode import ShadowMode
 from torch import nn
 
 import gradwatch
-from gradwatch.errors import GradwatchError, OptionError, ParameterError
+from gradwatch.errors import GradwatchError, OptionError, ParameterError, ProcessGroupError
 from gradwatch.result import CheckResult
 
 __all__ = ["Analytic", "check_module", "weight_decay_notes"]
@@ -135,9 +137,11 @@ def check_module(
         ('ok', 8)
     """
     penalties = _validated_penalties(model, loss_fn, precision, analytic, batched, regularization)
-    with _untouched_globals(model) as rng:
+    model = unwrap_data_parallel(model)
+    ranks = Ranks.current()
+    with _across(ranks), _untouched_globals(model) as rng:
         run = _ShadowCheck(
-            model, loss_fn, batch, penalties, rng, analytic, batched, dict(check_options)
+            model, loss_fn, batch, penalties, rng, analytic, batched, dict(check_options), ranks
         )
         result = run.in_trusted_precision(precision)
     if optimizer is not None:
@@ -153,6 +157,11 @@ def check_module(
             "notes": [*result.notes, *notes, *run.notes],
         }
     )
+
+
+def _across(ranks: Ranks | None) -> contextlib.AbstractContextManager[None]:
+    """`Ranks.together` in a distributed job, else nothing."""
+    return contextlib.nullcontext() if ranks is None else ranks.together()
 
 
 def _validated_penalties(
@@ -192,6 +201,10 @@ class _ShadowCheck:
     where an op the `ShadowMode` could not answer turned float64 into float32, or J's
     value is exact in float32, the float64 check judged the gradient on a J rounded
     to float32, and ``check_module`` checks again in the model's own precision.
+
+    In a distributed job (``ranks``) J and its gradient are the means over the ranks,
+    each decision that rests on this rank's own numbers is rank 0's, and the
+    perturbations run one by one (vmap would batch a collective in the forward).
     """
 
     def __init__(
@@ -204,9 +217,12 @@ class _ShadowCheck:
         analytic: Analytic,
         batched: bool,
         options: dict[str, Any],
+        ranks: Ranks | None = None,
     ) -> None:
         self.model, self.loss_fn, self.batch, self.penalties = model, loss_fn, batch, penalties
-        self.rng, self.analytic, self.batched, self.options = rng, analytic, batched, options
+        self.rng, self.analytic, self.options = rng, analytic, options
+        self.batched = batched and ranks is None
+        self.ranks = ranks
         self.notes: list[str] = []
         self.penalty_values: dict[str, float] = {}
 
@@ -222,13 +238,28 @@ class _ShadowCheck:
         coarser than float64 (`coarse_reason`) or raised on the float64 copy (a kernel
         without float64); the first note says why.
         """
+        failure: Exception | None = None
         try:
             result = self.check(precision)
             fallback = self.coarse_reason() if precision == "float64" else None
+        except ProcessGroupError:
+            raise  # the group is broken: no further collective, not even to agree
         except Exception as error:
-            if isinstance(error, GradwatchError) or not self.can_fall_back(precision):
-                raise  # misuse (no loss, a bad shape) is the same in any precision
-            fallback = f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
+            failure = error
+            if isinstance(error, GradwatchError | PeerCheckError) or not self.can_fall_back(
+                precision
+            ):
+                # Misuse (no loss, a bad shape) is the same in any precision; a peer's
+                # failure is the peer's to judge (its rank 0 verdict is agreed below).
+                fallback = None
+            else:
+                fallback = (
+                    f"J on the float64 copy raised {type(error).__name__}: {_first_line(error)}"
+                )
+        if self.ranks is not None:
+            fallback = self.ranks.agree(fallback)  # the failed rank's peers hold no reason
+        if failure is not None and fallback is None:
+            raise failure
         if fallback is None:
             return result
         self.rng.restore()
@@ -248,8 +279,16 @@ class _ShadowCheck:
         """One check on a new shadow in ``precision``; `notes` says what it found."""
         self.shadow = shadow = _Shadow(self.model, precision)
         self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
-        objective = _Objective(shadow, self.loss_fn, self.batch, self.penalties, self.rng)
+        objective = _Objective(
+            shadow, self.loss_fn, self.batch, self.penalties, self.rng, self.ranks
+        )
         notes: list[str] = []
+        if self.ranks is not None:
+            notes.append(
+                f"distributed: J is the mean of {self.ranks.size} ranks' losses (each on its "
+                "own batch) and its gradient the mean of theirs; every rank checked the same "
+                "components and reached this verdict"
+            )
         grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]]
         if self.analytic == "recompute":
             grads = _ShadowGradients(objective)
@@ -313,6 +352,8 @@ class _ShadowCheck:
                 )
                 continue
             stray = objective.stray_draws()
+            if self.ranks is not None:
+                stray = self.ranks.agree(stray)
             if stray:
                 objective.replay = frozenset(GENERATORS)
                 loss = objective

@@ -8,12 +8,13 @@ autograd gradient of that J, streamed to the check one tensor at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from gradwatch.integrations._distributed import Ranks
 from gradwatch.integrations._shadow import (
     Generator,
     RngState,
@@ -85,9 +86,12 @@ class _Objective:
         batch: Any,
         penalties: list[tuple[str, Penalty]],
         rng: RngState,
+        ranks: Ranks | None = None,
     ) -> None:
         self.shadow = shadow
         self.loss_fn = loss_fn
+        self.ranks = ranks
+        """The job's ranks when J is the mean of theirs (a distributed check), else None."""
         dtype = shadow.dtype
         self._batch = _map_tensors(
             batch,
@@ -139,7 +143,16 @@ class _Objective:
             }
 
     def __call__(self) -> float:
-        """J at the current values of the numpy arrays (the core's loss closure)."""
+        """J at the current values of the numpy arrays (the core's loss closure).
+
+        In a distributed check, the mean of every rank's J (each on its own batch).
+        """
+        if self.ranks is not None:
+            return self.ranks.mean_of(self._local)
+        return self._local()
+
+    def _local(self) -> float:
+        """This process's J at the current values of the numpy arrays."""
         if self.replay == frozenset() and self._plain and not torch.is_grad_enabled():
             # The hot path of a full check on a CPU model without randomness or penalties:
             # nothing to replay, sync or add, as cheap as calling loss_fn in a loop.
@@ -177,13 +190,18 @@ class _ShadowGradients:
     and records the tensor in `arrived_in_parts`; ``check_module`` then checks again
     with ``hold=True``: every gradient is kept until the backward pass ends, as one
     float64 copy.
+
+    In a distributed check (``objective.ranks``) the gradient is the mean of the ranks'
+    gradients, always held until the backward pass ends and then reduced tensor by
+    tensor in theta order: a rank whose batch leaves a parameter unused (an MoE expert
+    no token was routed to) must still take part in that tensor's reduction.
     """
 
     def __init__(
         self, objective: _Objective, hold: bool = False, largest: dict[str, int] | None = None
     ) -> None:
         self.objective = objective
-        self.hold = hold
+        self.hold = hold or objective.ranks is not None
         self.notes: list[str] = []
         self.largest: dict[str, int] = {} if largest is None else largest
         """Flat index of each visited tensor's largest gradient entry (the batched probe)."""
@@ -228,10 +246,8 @@ class _ShadowGradients:
                 if total.requires_grad:
                     total.backward()  # type: ignore[no-untyped-call]
             if self.hold:
-                for name in names:
-                    gradient = shadow.params[name].grad
-                    if gradient is not None:
-                        hand_over(name, gradient)
+                for name, gradient in self._held(names):
+                    hand_over(name, gradient)
         finally:
             for handle in handles:
                 handle.remove()
@@ -246,6 +262,26 @@ class _ShadowGradients:
             elif missing:
                 self.notes.append(missing_gradients_note(missing))
         self.visits += 1
+
+
+    def _held(self, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each held gradient, in ``names`` order; across ranks their mean, where any rank has one."""
+        params = self.objective.shadow.params
+        ranks = self.objective.ranks
+        if ranks is None:
+            for name in names:
+                gradient = params[name].grad
+                if gradient is not None:
+                    yield name, gradient
+            return
+        present = torch.tensor([params[name].grad is not None for name in names])
+        anywhere = ranks.mean_tensor(present.to(torch.float64)) > 0
+        for name, wanted in zip(names, anywhere.tolist(), strict=True):
+            if wanted:
+                gradient = params[name].grad
+                if gradient is None:
+                    gradient = torch.zeros_like(params[name])
+                yield name, ranks.mean_tensor(gradient)
 
 
 def _largest_entry(gradient: npt.NDArray[np.floating]) -> int:

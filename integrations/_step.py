@@ -13,12 +13,14 @@ pass, no finite differences), judged with tolerances of the training precision.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from gradwatch.integrations._distributed import Ranks, unwrap_data_parallel
 from gradwatch.integrations._objective import LossFn, _scalar
 from gradwatch.integrations._shadow import (
     RngState,
@@ -75,14 +77,33 @@ def compare_step(
     loss_fn: LossFn,
     micro_batches: Sequence[MicroBatch],
     *,
-    clip_factor: float = 1.0,
+    clip_factor: float | None = 1.0,
 ) -> StepLink:
     """Compare ``model``'s ``.grad`` / ``clip_factor`` with the float64 gradient of J.
 
+    ``clip_factor`` None: the trainer clipped by a factor nobody measured (under DDP the
+    gradient-norm hooks see a rank's own gradient, not the mean); it is then taken as
+    ||.grad|| / ||g_J||, and the link judges the direction, not the norm.
+
+    In a distributed job J is the mean over the ranks of each rank's J (DDP averages the
+    gradients), so the reference is the mean of the ranks' float64 gradients.
     Nothing of the model is written to; every global RNG is restored.
     """
     if not micro_batches:
         raise OptionError("micro_batches: expected at least one, received none")
+    model = unwrap_data_parallel(model)
+    ranks = Ranks.current()
+    with contextlib.nullcontext() if ranks is None else ranks.together():
+        return _compare_step(model, loss_fn, micro_batches, clip_factor, ranks)
+
+
+def _compare_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batches: Sequence[MicroBatch],
+    clip_factor: float | None,
+    ranks: Ranks | None,
+) -> StepLink:
     sources = trainable_parameters(model)
     dtypes = [next(iter(sources.values())).dtype]
     dtypes += [micro.autocast for micro in micro_batches if micro.autocast is not None]
@@ -104,8 +125,26 @@ def compare_step(
             assert total is not None
             if total.requires_grad:
                 total.backward()  # type: ignore[no-untyped-call]
+        if ranks is not None:
+            for parameter in shadow.params.values():
+                local = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                parameter.grad = ranks.mean_tensor(local).to(parameter.device)
+        if clip_factor is None:
+            clip_factor = _measured_clip(sources, shadow.params)
         sums = _compare(sources, shadow.params, clip_factor)
     return _link(sums, warn, threshold, len(micro_batches), clip_factor)
+
+
+def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parameter]) -> float:
+    """||.grad|| / ||g_J||: the factor a clip applied, if the step is right otherwise."""
+
+    def norm(params: dict[str, nn.Parameter]) -> float:
+        return math.sqrt(
+            sum(float(p.grad.double().square().sum()) for p in params.values() if p.grad is not None)
+        )
+
+    reference = norm(shadow)
+    return norm(sources) / reference if reference > 0 else 1.0
 
 
 @dataclass

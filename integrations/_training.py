@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from gradwatch.integrations._check import check_module
+from gradwatch.integrations._distributed import Ranks
 from gradwatch.integrations._objective import LossFn, Penalties, _penalty_items
 from gradwatch.integrations._shadow import (
     Precision,
@@ -33,6 +34,7 @@ __all__ = [
     "TrainingWatch",
     "check_due",
     "check_step_notes",
+    "join_ranks",
     "result_metrics",
 ]
 
@@ -106,11 +108,13 @@ class BatchCapture:
     def captured(self) -> bool:
         return self.kwargs is not None
 
-    def clip_factor(self, max_norm: float) -> float:
+    def clip_factor(self, max_norm: float) -> float | None:
         """The factor a norm clip to ``max_norm`` applied to ``.grad`` since backward.
 
         1 when the gradient's norm is below ``max_norm`` (no clip), else the ratio of
-        the norm now to the norm the hooks saw right after backward.
+        the norm now to the norm the hooks saw right after backward. None when clipped
+        in a distributed job: the hooks saw this rank's gradient, not the ranks' mean
+        (`compare_step` then measures the factor).
         """
         now = math.sqrt(
             sum(
@@ -122,6 +126,8 @@ class BatchCapture:
         before = math.sqrt(sum(self.squared_norms.values()))
         if max_norm <= 0 or before <= 0 or now < max_norm * (1 - 1e-4):
             return 1.0
+        if Ranks.current() is not None:
+            return None
         return now / before
 
     def clear(self) -> None:
@@ -157,7 +163,7 @@ def check_due(
     *,
     step_batches: Sequence[MicroBatch] | None = None,
     step_loss_fn: LossFn | None = None,
-    clip_factor: float = 1.0,
+    clip_factor: float | None = 1.0,
     **module_options: Any,
 ) -> CheckResult:
     """Run `check_module` with the watch's options and record it (report, logs, alert).
@@ -191,6 +197,13 @@ def check_due(
         compute,
         source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
     )
+
+
+def join_ranks(watch: GradWatch) -> None:
+    """In a distributed job, tell ``watch`` its rank and how the ranks agree (`GradWatch.join`)."""
+    ranks = Ranks.current()
+    if ranks is not None:
+        watch.join(ranks.rank, ranks.agree)
 
 
 STATUS_CODES: dict[str, int] = {
@@ -362,6 +375,7 @@ class TrainingWatch:
             self.watch.resume(resumed_at, resumed_by)
 
     def due(self, step: int) -> bool:
+        join_ranks(self.watch)
         return self.watch.due(step)
 
     def check(
@@ -374,7 +388,7 @@ class TrainingWatch:
         optimizer: Any = None,
         step_batches: Sequence[MicroBatch] | None = None,
         step_loss_fn: LossFn | None = None,
-        clip_factor: float = 1.0,
+        clip_factor: float | None = 1.0,
     ) -> CheckResult:
         """Check and record (raises `GradientCheckError` with ``on_alert="raise"``).
 

@@ -61,6 +61,7 @@ from gradwatch.integrations._training import (
     TrainingWatch,
     check_due,
     check_step_notes,
+    join_ranks,
     result_metrics,
 )
 from torch import nn
@@ -121,6 +122,7 @@ def after_backward(
     (dropout), pass ``rng=RngState.capture()`` taken just before the training forward,
     so the same masks are replayed.
     """
+    join_ranks(watch)
     if not watch.due(step):
         return None
     step_batches = None

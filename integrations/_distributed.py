@@ -1,0 +1,170 @@
+"""A check across the ranks of a ``torch.distributed`` job: one J, one verdict, no hang.
+
+Under data parallelism each rank holds a different batch, and the optimizer gets the
+mean of the ranks' gradients. A check is therefore collective: J is the mean of the
+ranks' losses (every evaluation ends in one ``all_reduce``), its gradient the mean of
+theirs, and every rank runs the same core on the same numbers, so every rank takes
+the same decisions, draws the same components and reaches the same verdict.
+
+A rank must never wait in a collective its peers will not join. Every collective of a
+check goes through `Ranks`, and carries, besides its payload, one flag per rank
+saying "my part raised". A rank whose part raised still joins that collective; every
+rank then learns which rank failed and why (its message is broadcast), the failed rank
+raises its own exception and the others `PeerCheckError`, so all of them leave the
+check at the same point and training goes on. An exception between two collectives is
+announced the same way when it leaves `Ranks.together`. A collective that itself fails
+(a rank died, the group timed out) is `gradwatch.errors.ProcessGroupError`: the next
+training step would fail the same way, so it goes to the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradwatch.errors import OptionError, ProcessGroupError
+
+__all__ = ["PeerCheckError", "Ranks", "unwrap_data_parallel"]
+
+T = TypeVar("T")
+
+
+class PeerCheckError(RuntimeError):
+    """Another rank's part of the check raised; this rank leaves the check with it."""
+
+
+class Ranks:
+    """The ranks of the default process group, as one check sees them."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.size = dist.get_world_size()
+        backend = str(dist.get_backend())
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        self._agreed: set[int] = set()
+        """ids of exceptions every rank already knows about (not announced again)."""
+
+    @classmethod
+    def current(cls) -> Ranks | None:
+        """The job's ranks when this process is one of several, else None."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return cls()
+
+    # -- the collective points of a check ------------------------------------------------
+
+    def _exchange(self, payload: torch.Tensor, failure: BaseException | None) -> torch.Tensor:
+        """One point: every rank's failure flag, then (when none failed) the sum of ``payload``.
+
+        The flags come first, in a collective of the same shape at every point, so a
+        rank that failed can announce it wherever its peers are waiting.
+        """
+        flags = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+        if failure is not None:
+            flags[self.rank] = 1.0
+        self._collective(dist.all_reduce, flags)
+        failed = [rank for rank in range(self.size) if flags[rank] > 0]
+        if failed:
+            self._raise_agreed(failed, failure)
+        total = payload.detach().to(device=self.device, dtype=torch.float64, copy=True)
+        if total.numel():
+            self._collective(dist.all_reduce, total)
+        return total
+
+    def _raise_agreed(self, failed: list[int], failure: BaseException | None) -> None:
+        """Every rank learns the first failed rank's message; each raises at once."""
+        source = failed[0]
+        message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        self._collective(dist.broadcast_object_list, message, src=source)
+        if failure is not None:
+            self._agreed.add(id(failure))
+            raise failure
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        error = PeerCheckError(f"the check raised on rank {source}{others}: {message[0]}")
+        self._agreed.add(id(error))
+        raise error
+
+    def _collective(self, operation: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            operation(*args, **kwargs)
+        except Exception as error:
+            raise ProcessGroupError(
+                f"a collective of the gradient check failed on rank {self.rank} of "
+                f"{self.size} ({type(error).__name__}: {error}): a rank died or the process "
+                "group timed out"
+            ) from error
+
+    def sum_float(self, value: float) -> float:
+        """The sum over ranks of a number every rank computed (one collective)."""
+        return float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0])
+
+    def mean_of(self, evaluate: Any) -> float:
+        """The mean over ranks of ``evaluate()``; a rank whose ``evaluate`` raises still joins."""
+        try:
+            value = float(evaluate())
+        except (PeerCheckError, ProcessGroupError):
+            raise
+        except Exception as error:
+            self._exchange(torch.zeros(1, dtype=torch.float64), error)
+            raise  # pragma: no cover - _exchange raised already
+        return float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0]) / self.size
+
+    def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a float64 tensor of the same shape on every rank."""
+        return self._exchange(tensor.detach(), None) / self.size
+
+    def agree(self, value: T) -> T:
+        """Rank 0's ``value``, on every rank (one point and one broadcast)."""
+        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+        box = [value]
+        self._collective(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Run one check's part on this rank; every rank leaves it at the same point.
+
+        On the way out every rank joins one last point: a rank whose part raised
+        between two collectives announces it there, and its peers raise
+        `PeerCheckError` instead of returning a verdict the failed rank never reached.
+        """
+        try:
+            yield
+        except (PeerCheckError, ProcessGroupError):
+            raise
+        except Exception as error:
+            if id(error) not in self._agreed:
+                self._exchange(torch.zeros(0, dtype=torch.float64), error)
+            raise
+        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+
+
+def unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    """The module a check runs on: DDP's ``.module``; wrappers it cannot check refused.
+
+    ``DistributedDataParallel`` (and ``DataParallel``) replicate the module, so the
+    check runs on the replica and makes J collective itself. Wrappers that shard the
+    parameters need a check that never gathers them: FSDP2's ``fully_shard`` has one
+    (`gradwatch.integrations._sharded`); FSDP1, DeepSpeed and tensor parallelism
+    (DTensor parameters outside ``fully_shard``) are refused with a clear error, which
+    a due check records as status ``"error"`` while training goes on.
+    """
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    kind = type(model).__module__ + "." + type(model).__name__
+    if "FullyShardedDataParallel" in kind or "deepspeed" in kind.lower():
+        raise OptionError(
+            f"model: expected a module, a DistributedDataParallel or an FSDP2 fully_shard "
+            f"module, received {kind}, which gradwatch cannot check (see the README's "
+            "'Distributed training' table)"
+        )
+    return model

@@ -1,0 +1,106 @@
+"""Distributed checks: 2 ranks under torchrun on CPU (gloo), a plain DDP loop.
+
+A check is collective: every rank checks J = the mean of the ranks' losses on the same
+components, reaches the same verdict and names the same tensor; only rank 0 writes;
+a rank whose part of a check raises, or dies, never leaves its peers hanging; and
+training ends bit-identical to a run without gradwatch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gradwatch import load_report
+from tests.integrations.distributed.launch import Launch, torchrun
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+
+def _agreed(launch: Launch) -> dict[str, object]:
+    """Rank 0's result, once both ranks returned and agree on every verdict."""
+    assert launch.returncode == 0, launch.output[-3000:]
+    assert sorted(launch.results) == [0, 1], launch.output[-3000:]
+    first, second = launch.results[0], launch.results[1]
+    for key in ("statuses", "ratios", "alerts", "worst", "step_links", "hash"):
+        assert first[key] == second[key], key
+    assert (first["writer"], second["writer"]) == (True, False)
+    return first
+
+
+def test_a_correct_ddp_loop_is_quiet_and_training_is_unchanged(tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    watched = _agreed(torchrun("ddp_loop.py", "--report", str(report)))
+    plain = torchrun("ddp_loop.py", "--no-watch")
+    assert plain.returncode == 0, plain.output[-3000:]
+    assert watched["statuses"] == ["ok", "ok", "ok"]
+    assert all(ratio < 1e-8 for ratio in watched["ratios"])  # type: ignore[attr-defined]
+    assert all(link < 1e-6 for link in watched["step_links"])  # type: ignore[attr-defined]
+    assert watched["hash"] == plain.results[0]["hash"] == plain.results[1]["hash"]
+    loaded = load_report(report)
+    assert [r.step for r in loaded.checks] == [0, 2, 4]
+    assert any("mean of 2 ranks' losses" in note for note in loaded.checks[0].notes)
+    assert sorted(p.name for p in report.iterdir() if not p.name.startswith(".")) == [
+        "checks.jsonl",
+        "report.json",
+    ]
+
+
+def test_a_planted_bug_is_caught_and_named_identically_on_every_rank(tmp_path: Path) -> None:
+    result = _agreed(torchrun("ddp_loop.py", "--bug", "--report", str(tmp_path / "r")))
+    assert result["statuses"] == ["fail", "fail", "fail"]
+    assert result["alerts"] == [["head_bias"]] * 3
+
+
+def test_a_collective_in_the_forward_never_hangs_and_is_checked(tmp_path: Path) -> None:
+    clean = _agreed(torchrun("ddp_loop.py", "--collective"))
+    plain = torchrun("ddp_loop.py", "--collective", "--no-watch")
+    assert clean["statuses"] == ["ok", "ok", "ok"]
+    assert clean["hash"] == plain.results[0]["hash"]
+    buggy = _agreed(torchrun("ddp_loop.py", "--collective", "--bug"))
+    assert buggy["statuses"] == ["fail", "fail", "fail"]
+    assert buggy["alerts"] == [["head_bias"]] * 3
+
+
+def test_a_rank_whose_check_raises_is_an_error_on_rank_0_and_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "report"
+    launch = torchrun("ddp_loop.py", "--fail-rank", "1", "--report", str(report))
+    result = _agreed(launch)
+    assert result["statuses"] == ["error", "error", "error"]
+    assert "rank 1" in str(result["errors"])
+    assert "planted failure on rank 1" in str(result["errors"])
+    plain = torchrun("ddp_loop.py", "--no-watch")
+    assert result["hash"] == plain.results[0]["hash"]
+    on_disk = load_report(report).checks
+    assert [r.status for r in on_disk] == ["error"] * 3
+    assert "planted failure on rank 1" in (on_disk[0].error or "")
+
+
+def test_a_rank_that_dies_in_a_check_fails_the_job_instead_of_hanging() -> None:
+    launch = torchrun("ddp_loop.py", "--die-rank", "1", timeout=120)
+    assert launch.returncode != 0
+    assert "ProcessGroupError" in launch.output
+    assert 0 not in launch.results  # rank 0 did not go on training alone
+
+
+def test_on_alert_raise_stops_every_rank_at_the_same_step() -> None:
+    launch = torchrun("ddp_loop.py", "--bug", "--raise-alert")
+    assert launch.returncode == 0, launch.output[-3000:]
+    assert launch.results[0]["stopped"] == launch.results[1]["stopped"] == "step 0: fail"
+
+
+def test_a_budget_decides_the_same_check_on_every_rank(tmp_path: Path) -> None:
+    launch = torchrun("ddp_loop.py", "--budget", "0.02", "--steps", "10", "--every", "1")
+    result = _agreed(launch)
+    assert result["statuses"], "no check ran"
+    assert set(result["statuses"]) == {"ok"}  # type: ignore[arg-type]
+
+
+def test_logs_say_which_rank_they_come_from() -> None:
+    launch = torchrun("ddp_loop.py", "--steps", "1", "--bug")  # a failed check logs a warning
+    lines = [line for line in launch.output.splitlines() if "gradient_check " in line]
+    assert sorted(line.rsplit("rank=", 1)[1] for line in lines) == ["0", "1"], json.dumps(lines)
