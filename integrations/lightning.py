@@ -12,12 +12,22 @@ How it works. ``on_train_batch_start`` keeps a reference to the batch on due ste
 recomputes J on that batch on a float64 copy of the LightningModule, as
 `gradwatch.integrations.torch.check_module` does, and records it. J is the copy's
 ``training_step(batch, batch_idx)`` loss (its ``self.log`` calls are dropped, so
-they never reach the trainer's metrics), or ``loss_fn(module, batch)``. Only global
-rank zero checks and writes, to ``<trainer.log_dir or default_root_dir>/gradwatch``;
-the metrics ``gradwatch/ratio``, ``gradwatch/status``, ... go through
-``pl_module.log``. With ``accumulate_grad_batches > 1`` the check covers the step's
-last micro-batch, and the report says so. Training is not changed: a run with the
-callback ends with bit-identical weights and losses.
+they never reach the trainer's metrics), or ``loss_fn(module, batch)``. The report
+goes to ``<trainer.log_dir or default_root_dir>/gradwatch``; the metrics
+``gradwatch/ratio``, ``gradwatch/status``, ... go through ``pl_module.log``. With
+``accumulate_grad_batches > 1`` the check covers the step's last micro-batch, and the
+report says so. Training is not changed: a run with the callback ends with
+bit-identical weights and losses.
+
+Under ``strategy="ddp"`` (launched by Lightning or by ``torchrun``) a check is
+collective (`gradwatch.integrations._distributed`): every rank checks at every due
+step, on its own batch, with J the mean over the ranks of their ``training_step``
+losses, so every rank reaches the same verdict and names the same tensors; only global
+rank zero writes the report. The check runs on the LightningModule, not on
+Lightning's ``DistributedDataParallel`` wrapper, and calls no collective of DDP. The
+step link compares ``.grad`` (DDP's mean of the ranks' gradients, before Lightning
+clips it) with the gradient of that mean. Strategies that shard the parameters
+(FSDP, DeepSpeed) are not supported.
 
 Manual optimization (``automatic_optimization = False``): ``training_step`` steps
 the optimizer itself, so pass ``loss_fn``.
@@ -115,7 +125,6 @@ class GradWatch(TrainingWatch, Callback):
     _window: list[tuple[Any, int, RngState]]
     """The due step's micro-batches, their indices and the RNG state each began from."""
     _armed = False
-    _checking = False
     _saved: WatchState | None = None
 
     # -- checkpoints: a resumed fit (``ckpt_path``) continues the same report ------------
@@ -132,7 +141,6 @@ class GradWatch(TrainingWatch, Callback):
     # -- Lightning hooks --------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._checking = bool(trainer.is_global_zero)
         root = trainer.log_dir or trainer.default_root_dir
         notes = [
             "J = user loss_fn(module, batch) on the captured batch"
@@ -153,7 +161,7 @@ class GradWatch(TrainingWatch, Callback):
         saved = self._saved.report_dir if self._saved is not None else None
         self.start(
             Path(saved) if saved else Path(root) / "gradwatch",
-            writer=self._checking,
+            writer=bool(trainer.is_global_zero),
             model=pl_module,
             own_loss="training_step loss",
             settings={
@@ -169,7 +177,7 @@ class GradWatch(TrainingWatch, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._armed:
-            self._armed = self._checking and self.due(trainer.global_step)
+            self._armed = self.due(trainer.global_step)
             self._window = []
         if self._armed:
             self._batch, self._batch_idx = batch, batch_idx
