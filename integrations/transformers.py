@@ -15,10 +15,15 @@ reference to the inputs of the model's training forward. In
 ``state.global_step`` is still the number of updates completed before this one)
 the check recomputes J on those inputs on a float64 copy of the model, as
 `gradwatch.integrations.torch.check_module` does, and records it: the report goes
-to ``<args.output_dir>/gradwatch`` (only the world process zero writes and checks)
-and ``gradwatch/ratio``, ``gradwatch/status``, ... reach the Trainer's logs (and so
-TensorBoard, W&B, ...). The hook is removed at train end. Training is not changed:
-a run with the callback ends with bit-identical weights and losses.
+to ``<args.output_dir>/gradwatch`` and ``gradwatch/ratio``, ``gradwatch/status``, ...
+reach the Trainer's logs (and so TensorBoard, W&B, ...). The hook is removed at train
+end. Training is not changed: a run with the callback ends with bit-identical weights
+and losses.
+
+Distributed (``torchrun`` or ``accelerate launch``, the Trainer wrapping the model in
+DDP): a check is collective (`gradwatch.integrations._distributed`), so every rank
+checks at the same due steps, J being the mean of the ranks' losses, and every rank
+reaches the same verdict; only the world process zero writes the report.
 
 Callbacks receive no reference to the Trainer, and gradwatch does not go looking for
 one: pass it, ``GradWatch(every=500, trainer=trainer)``, for what only the Trainer
@@ -34,7 +39,12 @@ Trainer computes its training loss otherwise (label smoothing,
 the finite-difference check covers the step's last micro-batch (the report says so);
 the step link (``result.step_link``) compares the optimizer's ``.grad`` with the
 float64 gradient of J over every micro-batch of the step, J being the model's loss
-with the step's ``num_items_in_batch`` (see `gradwatch.integrations._step`).
+with the step's ``num_items_in_batch`` (see `gradwatch.integrations._step`). Under DDP
+with ``average_tokens_across_devices`` (the default) that count is summed over the
+ranks and the Trainer multiplies each rank's loss by the world size before DDP
+averages the gradients; the step link's J does the same, so J is the token mean over
+every rank's batch (a model whose loss ignores ``num_items_in_batch``, a sequence
+classifier, is trained on the world size times its mean loss, and J is that too).
 """
 
 from __future__ import annotations
@@ -127,9 +137,11 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     framework = "transformers"
     _capture: BatchCapture | None = None
     _trainer: Trainer | None = None
+    _loss_scale = 1.0
+    """The factor the Trainer multiplies a loss given ``num_items_in_batch`` by (the world
+    size under ``average_tokens_across_devices``)."""
     _loss_inputs: dict[str, Any] | None = None
     """What ``trainer.compute_loss`` received on the due step (labels included)."""
-    _checking = False
     _differences: Sequence[str] = ()
     _saved_state: dict[str, Any] | None = None
     _unsaved_options: Sequence[str] = ()
@@ -207,7 +219,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 "saved as JSON); expected restore_callback_states_from_checkpoint=False (GradWatch "
                 "reads its report state from the checkpoint either way)"
             )
-        self._checking = bool(state.is_world_process_zero)
+        self._loss_scale = float(args.world_size) if args.average_tokens_across_devices else 1.0
         resumed = self._resumed_state(state)
         notes = [
             *self._loss_notes(args),
@@ -217,7 +229,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             Path(resumed.report_dir)
             if resumed is not None and resumed.report_dir
             else Path(args.output_dir or ".") / "gradwatch",
-            writer=self._checking,
+            writer=bool(state.is_world_process_zero),  # every rank checks, one writes
             model=model,
             own_loss="model output `loss`",
             settings={
@@ -257,7 +269,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             return
         self._capture.clear()
         self._loss_inputs = None
-        self._capture.armed = self._checking and self.due(state.global_step)
+        self._capture.armed = self.due(state.global_step)  # on every rank: a check is collective
 
     def on_pre_optimizer_step(
         self,
@@ -300,7 +312,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     def _step_batches(self, model: nn.Module, capture: BatchCapture) -> list[MicroBatch] | None:
         """The step's micro-batches for the step link, J as the Trainer defines it since
         the accumulation fix: the model's loss of each with the step's token count
-        (``num_items_in_batch``), so J is the step's token mean; a model that takes no loss
+        (``num_items_in_batch``), so J is the step's token mean, times the world size where
+        the Trainer gave that count summed over the ranks; a model that takes no loss
         keyword arguments: the mean of the micro-batches' losses.
 
         None (no step link) where J is not the model's own loss (a user ``loss_fn``, label
@@ -319,7 +332,10 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             count = _label_count(model, inputs)
             if count is not None:
                 inputs = [{**kwargs, "num_items_in_batch": count} for kwargs in inputs]
-        weight = 1.0 if "num_items_in_batch" in inputs[0] else 1.0 / len(inputs)
+        if "num_items_in_batch" in forwards[0][1]:
+            weight = self._loss_scale  # the Trainer's count, summed over the ranks
+        else:
+            weight = 1.0 if "num_items_in_batch" in inputs[0] else 1.0 / len(inputs)
         return [
             MicroBatch(kwargs, weight, rng, capture.autocast)
             for kwargs, (_, _, rng) in zip(inputs, forwards, strict=True)
