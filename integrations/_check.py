@@ -35,6 +35,7 @@ from gradwatch.integrations._shadow import (
     trainable_parameters,
 )
 from gradwatch.integrations._shadow_mode import ShadowMode
+from gradwatch.integrations._sharded import check_sharded, is_sharded
 from torch import nn
 
 import gradwatch
@@ -138,6 +139,15 @@ def check_module(
     """
     penalties = _validated_penalties(model, loss_fn, precision, analytic, batched, regularization)
     model = unwrap_data_parallel(model)
+    if is_sharded(model):
+        if analytic != "recompute":
+            raise OptionError(
+                "analytic: expected 'recompute' for an FSDP2 model (its .grad is a shard of "
+                f"the training's gradient), received {analytic!r}"
+            )
+        result = check_sharded(model, loss_fn, batch, penalties, dict(check_options))
+        extra = [*notes, *(weight_decay_notes(optimizer) if optimizer is not None else [])]
+        return result.model_copy(update={"notes": [*result.notes, *extra]})
     ranks = Ranks.current()
     with _across(ranks), _untouched_globals(model) as rng:
         run = _ShadowCheck(

@@ -103,9 +103,22 @@ class Ranks:
                 "group timed out"
             ) from error
 
-    def sum_float(self, value: float) -> float:
-        """The sum over ranks of a number every rank computed (one collective)."""
-        return float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0])
+    def point(self, failure: BaseException | None = None) -> None:
+        """A point without payload: announce ``failure`` unless every rank knows it already."""
+        if failure is not None and id(failure) in self._agreed:
+            failure = None
+        self._exchange(torch.zeros(0, dtype=torch.float64), failure)
+
+    def command(self, value: float | None, *, source: int) -> float:
+        """``source``'s number on every rank (the others pass None): what comes next."""
+        box = torch.tensor([0.0 if value is None else value], dtype=torch.float64)
+        box = box.to(self.device)
+        self._collective(dist.broadcast, box, src=source)
+        return float(box[0])
+
+    def gather(self, out: list[Any], value: Any) -> None:
+        """Every rank's ``value`` (picklable) into ``out``, on every rank."""
+        self._collective(dist.all_gather_object, out, value)
 
     def mean_of(self, evaluate: Any) -> float:
         """The mean over ranks of ``evaluate()``; a rank whose ``evaluate`` raises still joins."""
@@ -116,7 +129,9 @@ class Ranks:
         except Exception as error:
             self._exchange(torch.zeros(1, dtype=torch.float64), error)
             raise  # pragma: no cover - _exchange raised already
-        return float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0]) / self.size
+        return (
+            float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0]) / self.size
+        )
 
     def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of a float64 tensor of the same shape on every rank."""
@@ -139,13 +154,13 @@ class Ranks:
         """
         try:
             yield
-        except (PeerCheckError, ProcessGroupError):
+        except ProcessGroupError:
             raise
         except Exception as error:
-            if id(error) not in self._agreed:
-                self._exchange(torch.zeros(0, dtype=torch.float64), error)
+            if id(error) not in self._agreed:  # the peers know of it already otherwise
+                self.point(error)
             raise
-        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+        self.point()
 
 
 def unwrap_data_parallel(model: nn.Module) -> nn.Module:

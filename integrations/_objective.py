@@ -263,9 +263,8 @@ class _ShadowGradients:
                 self.notes.append(missing_gradients_note(missing))
         self.visits += 1
 
-
     def _held(self, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each held gradient, in ``names`` order; across ranks their mean, where any rank has one."""
+        """Each held gradient in ``names`` order; across ranks, their mean where any has one."""
         params = self.objective.shadow.params
         ranks = self.objective.ranks
         if ranks is None:

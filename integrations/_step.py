@@ -127,7 +127,9 @@ def _compare_step(
                 total.backward()  # type: ignore[no-untyped-call]
         if ranks is not None:
             for parameter in shadow.params.values():
-                local = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                local = (
+                    parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                )
                 parameter.grad = ranks.mean_tensor(local).to(parameter.device)
         if clip_factor is None:
             clip_factor = _measured_clip(sources, shadow.params)
@@ -140,7 +142,9 @@ def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parame
 
     def norm(params: dict[str, nn.Parameter]) -> float:
         return math.sqrt(
-            sum(float(p.grad.double().square().sum()) for p in params.values() if p.grad is not None)
+            sum(
+                float(p.grad.double().square().sum()) for p in params.values() if p.grad is not None
+            )
         )
 
     reference = norm(shadow)

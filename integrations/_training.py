@@ -18,6 +18,7 @@ from gradwatch.integrations._shadow import (
     check_precision,
     trainable_parameters,
 )
+from gradwatch.integrations._sharded import is_sharded
 from gradwatch.integrations._step import MicroBatch, compare_step, with_step_link
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -185,6 +186,9 @@ def check_due(
 
     def compute() -> CheckResult:
         result = check_module(model, loss_fn, batch, **module_options, **watch.check_options())
+        if step_batches and is_sharded(model):
+            note = "step link: not run on an FSDP2 model (it would need the full float64 gradient)"
+            return result.model_copy(update={"notes": [*result.notes, note]})
         if step_batches:
             link = compare_step(
                 model, step_loss_fn or loss_fn, step_batches, clip_factor=clip_factor

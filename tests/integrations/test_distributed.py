@@ -104,3 +104,50 @@ def test_logs_say_which_rank_they_come_from() -> None:
     launch = torchrun("ddp_loop.py", "--steps", "1", "--bug")  # a failed check logs a warning
     lines = [line for line in launch.output.splitlines() if "gradient_check " in line]
     assert sorted(line.rsplit("rank=", 1)[1] for line in lines) == ["0", "1"], json.dumps(lines)
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def test_fsdp2_is_checked_in_place_quiet_when_correct_and_training_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "report"
+    watched = torchrun("fsdp_loop.py", "--report", str(report))
+    plain = torchrun("fsdp_loop.py", "--no-watch")
+    result = _agreed_but_shards(watched)
+    assert result["statuses"] == ["ok", "ok"]
+    assert result["dtype"] == ["float32", "float32"]
+    for rank in (0, 1):  # each rank's shards and optimizer state, bit for bit
+        assert watched.results[rank]["hash"] == plain.results[rank]["hash"]
+    checks = load_report(report).checks
+    assert [c.size for c in checks] == [227, 227]  # the full model, not a shard
+    tensor = checks[0].tensors["blocks.1.linear.weight"]
+    assert (tensor.size, tensor.checked) == (64, 64)  # both ranks' rows
+    assert "each of 2 ranks' shards in turn" in checks[0].notes[0]
+
+
+def test_fsdp2_planted_bug_is_named_identically_on_every_rank() -> None:
+    result = _agreed_but_shards(torchrun("fsdp_loop.py", "--bug"))
+    assert result["statuses"] == ["fail", "fail"]
+    assert result["alerts"] == [["blocks.1.linear.weight"]] * 2
+
+
+def test_fsdp2_a_rank_whose_check_raises_is_recorded_and_training_goes_on() -> None:
+    launch = torchrun("fsdp_loop.py", "--fail-rank", "1")
+    plain = torchrun("fsdp_loop.py", "--no-watch")
+    result = _agreed_but_shards(launch)
+    assert result["statuses"] == ["error", "error"]
+    assert "planted failure on rank 1" in str(result["errors"])
+    assert launch.results[1]["hash"] == plain.results[1]["hash"]
+
+
+def _agreed_but_shards(launch: Launch) -> dict[str, object]:
+    """Rank 0's result once both ranks agree on every verdict (their shards differ)."""
+    assert launch.returncode == 0, launch.output[-3000:]
+    assert sorted(launch.results) == [0, 1], launch.output[-3000:]
+    first, second = launch.results[0], launch.results[1]
+    for key in ("statuses", "ratios", "alerts", "worst", "sizes", "checked"):
+        assert first[key] == second[key], key
+    assert (first["writer"], second["writer"]) == (True, False)
+    return first

@@ -17,10 +17,10 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from gradwatch.integrations.torch import RngState, after_backward, is_shadow
 from torch import nn
 
 import gradwatch
-from gradwatch.integrations.torch import RngState, after_backward, is_shadow
 
 
 class DoubledBiasGrad(torch.autograd.Function):

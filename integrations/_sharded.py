@@ -1,0 +1,373 @@
+"""A check of an FSDP2 (``fully_shard``) model in place, shard by shard, never gathered.
+
+FSDP2 shards every parameter on dim 0 across the ranks (a DTensor whose local part
+is a view of the storage the forward all-gathers from), and FSDP forbids
+``copy.deepcopy``. So no rank builds a copy of the model: the check perturbs the
+model's own local shards in place, through numpy views, in the parameters' dtype, and
+puts every value back exactly (``precision="native"``: the core takes the step and
+the thresholds from that dtype).
+
+J is the mean of the ranks' losses, and every evaluation of J is collective (the
+forward all-gathers the shards). The core therefore runs on one rank at a time, over
+that rank's shards, while the other ranks hold their shards still and join every
+evaluation (`_serve`); the rank whose turn it is tells them, before each evaluation,
+whether one follows. The gradient is FSDP's own: one backward of J (whose
+reduce-scatter averages the ranks' gradients) into ``.grad``, after which the
+training's ``.grad`` tensors are put back. Per rank a check holds a copy of its
+shard's gradient, the backups of the shards a direction moves, and the activations
+of one forward. The ranks' results are merged into one, identical on every rank:
+tensors by their full names, components by their full (unsharded) indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from gradwatch.integrations._distributed import Ranks
+from gradwatch.integrations._objective import LossFn, Penalty, _scalar
+from gradwatch.integrations._shadow import (
+    GENERATORS,
+    RngState,
+    _untouched_globals,
+    trainable_parameters,
+)
+from torch import nn
+
+import gradwatch
+from gradwatch._verdict import STATUS_ORDER
+from gradwatch.errors import OptionError, ProcessGroupError
+from gradwatch.params import component_name
+from gradwatch.result import CheckResult, Component, TensorResult
+
+__all__ = ["check_sharded", "is_sharded"]
+
+_EVALUATE, _DONE = 1.0, 0.0
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model with DTensor parameters (FSDP2's ``fully_shard``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class _Shard:
+    """One rank's part of a dim-0 sharded parameter: the numpy view, where it sits."""
+
+    def __init__(self, name: str, parameter: Any, ranks: Ranks) -> None:
+        from torch.distributed.tensor import Shard
+
+        placements = tuple(parameter.placements)
+        if placements != (Shard(0),):
+            raise OptionError(
+                f"model: expected parameters sharded on dim 0 over one mesh dimension "
+                f"(FSDP2's fully_shard), received {name} with placements {placements} "
+                "(tensor parallelism and HSDP are not supported)"
+            )
+        self.name = name
+        self.parameter = parameter
+        self.shape = tuple(parameter.shape)
+        local = parameter.to_local()
+        rows = self.shape[0] if self.shape else 1
+        chunk = math.ceil(rows / ranks.size)
+        self.start_row = min(ranks.rank * chunk, rows)
+        expected = max(0, min(chunk, rows - self.start_row))
+        if local.shape[0] != expected or local.device.type != "cpu":
+            raise OptionError(
+                f"model: expected {name}'s local shard to hold rows {self.start_row}.."
+                f"{self.start_row + expected} on the CPU (FSDP2's even chunks), received "
+                f"{tuple(local.shape)} on {local.device}"
+            )
+        self.array: npt.NDArray[np.floating] = local.detach().numpy()
+        self.offset = self.start_row * math.prod(self.shape[1:])
+        """Flat index of this shard's first entry in the full tensor."""
+
+    def full_index(self, local_index: Sequence[int]) -> tuple[int, ...]:
+        flat = int(np.ravel_multi_index(tuple(local_index), self.array.shape)) + self.offset
+        return tuple(int(i) for i in np.unravel_index(flat, self.shape))
+
+
+def check_sharded(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    penalties: list[tuple[str, Penalty]],
+    options: dict[str, Any],
+) -> CheckResult:
+    """Check ``model`` (FSDP2) in place: every rank must call it, with its own batch."""
+    ranks = Ranks.current()
+    if ranks is None:
+        raise OptionError(
+            "model: expected an FSDP2 model inside its process group, received one whose "
+            "process group has a single rank or is not initialized"
+        )
+    with ranks.together(), _untouched_globals(model) as rng, _fsdp_state_kept(model):
+        shards = {name: _Shard(name, p, ranks) for name, p in trainable_parameters(model).items()}
+        evaluate = _LocalJ(model, loss_fn, batch, penalties, rng)
+        grads = _fsdp_gradient(model, shards, evaluate, ranks)
+        mine = {name: s for name, s in shards.items() if s.array.size}
+        results = []
+        for driver in range(ranks.size):
+            results.append(_turn(driver, ranks, mine, grads, evaluate, options))
+        return _merged(results, shards, ranks)
+
+
+class _LocalJ:
+    """This rank's J at the model's current values, from the same RNG state every time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        penalties: list[tuple[str, Penalty]],
+        rng: RngState,
+    ) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        self.model, self.loss_fn, self.batch = model, loss_fn, batch
+        self.penalties, self.rng = penalties, rng
+        self._fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def total(self) -> torch.Tensor:
+        # The root keeps its gathered parameters after a forward (its backward needs
+        # them): reshard, so this forward gathers the shards as they are now.
+        for module in self._fsdp:
+            module.reshard()
+        self.rng.restore(GENERATORS)
+        loss = _scalar(self.loss_fn(self.model, self.batch), "loss_fn(model, batch)")
+        for name, penalty in self.penalties:
+            loss = loss + _scalar(penalty(self.model), f"regularization[{name!r}](model)")
+        return loss
+
+    def __call__(self) -> float:
+        with torch.no_grad():
+            return float(self.total())
+
+
+def _fsdp_gradient(
+    model: nn.Module, shards: dict[str, _Shard], evaluate: _LocalJ, ranks: Ranks
+) -> dict[str, npt.NDArray[np.floating]]:
+    """This rank's shard of the gradient of J (FSDP averages the ranks'); ``.grad`` kept."""
+    # FSDP may reduce-scatter into the storage the training's .grad views: keep the
+    # values, not only the tensors (a copy of this rank's shard of the gradient).
+    kept = {name: shard.parameter.grad for name, shard in shards.items()}
+    values = {
+        name: None if grad is None else grad.to_local().detach().clone()
+        for name, grad in kept.items()
+    }
+    try:
+        for shard in shards.values():
+            shard.parameter.grad = None
+        failure: Exception | None = None
+        with torch.enable_grad():
+            try:
+                total = evaluate.total()
+            except Exception as error:
+                failure = error
+            ranks.point(failure)  # FSDP's backward is collective: every forward went through
+            if total.requires_grad:
+                total.backward()  # type: ignore[no-untyped-call]
+        grads: dict[str, npt.NDArray[np.floating]] = {}
+        for name, shard in shards.items():
+            gradient = shard.parameter.grad
+            local = np.zeros(shard.array.shape) if gradient is None else gradient.to_local()
+            grads[name] = np.array(local, dtype=np.float64, copy=True)
+    finally:
+        with torch.no_grad():
+            for name, shard in shards.items():
+                grad, value = kept[name], values[name]
+                if grad is not None and value is not None:
+                    grad.to_local().copy_(value)
+                shard.parameter.grad = grad
+    return grads
+
+
+def _turn(
+    driver: int,
+    ranks: Ranks,
+    mine: dict[str, _Shard],
+    grads: dict[str, npt.NDArray[np.floating]],
+    evaluate: _LocalJ,
+    options: dict[str, Any],
+) -> CheckResult | None:
+    """``driver`` checks its shards; the others serve its evaluations of J. Its result."""
+    failure: Exception | None = None
+    result = None
+    try:
+        if ranks.rank == driver:
+            result = _drive(ranks, mine, grads, evaluate, options)
+        else:
+            _serve(driver, ranks, evaluate)
+    except ProcessGroupError:
+        raise
+    except Exception as error:
+        failure = error
+    ranks.point(failure)
+    if failure is not None:  # announced earlier, inside an evaluation
+        raise failure
+    return result
+
+
+def _drive(
+    ranks: Ranks,
+    mine: dict[str, _Shard],
+    grads: dict[str, npt.NDArray[np.floating]],
+    evaluate: _LocalJ,
+    options: dict[str, Any],
+) -> CheckResult | None:
+    def collective_j() -> float:
+        ranks.command(_EVALUATE, source=ranks.rank)
+        return ranks.mean_of(evaluate)
+
+    try:
+        if not mine:
+            return None
+        arrays = {name: shard.array for name, shard in mine.items()}
+        return gradwatch.check(
+            collective_j, arrays, {name: grads[name] for name in mine}, **options
+        )
+    finally:
+        ranks.command(_DONE, source=ranks.rank)
+
+
+def _serve(driver: int, ranks: Ranks, evaluate: _LocalJ) -> None:
+    """Join the driver's evaluations of J until it says done.
+
+    A failed evaluation is announced to every rank inside `Ranks.mean_of`; the driver
+    then stops its check and says done, and this rank raises its own failure.
+    """
+    failure: Exception | None = None
+    while ranks.command(None, source=driver) == _EVALUATE:
+        try:
+            ranks.mean_of(evaluate)
+        except ProcessGroupError:
+            raise
+        except Exception as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
+@contextmanager
+def _fsdp_state_kept(model: nn.Module) -> Iterator[None]:
+    """Leave the model as the check found it: resharded, every buffer's values back.
+
+    A forward leaves the root's parameters gathered (FSDP keeps them for the backward);
+    left so, the next training forward would not gather the updated shards. BatchNorm
+    running statistics move in train-mode forwards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _merged(
+    results: list[CheckResult | None], shards: dict[str, _Shard], ranks: Ranks
+) -> CheckResult:
+    """One result from every rank's, identical on every rank."""
+    mine = [None if r is None else r.model_dump(mode="json") for r in results]
+    gathered: list[Any] = [None] * ranks.size
+    ranks.gather(gathered, mine[ranks.rank])
+    offsets: list[Any] = [None] * ranks.size
+    ranks.gather(offsets, {name: s.start_row for name, s in shards.items()})
+    parts = [
+        (CheckResult.model_validate(dump), offsets[rank])
+        for rank, dump in enumerate(gathered)
+        if dump is not None
+    ]
+    return merge_shard_results(parts, {name: s.shape for name, s in shards.items()}, ranks.size)
+
+
+def merge_shard_results(
+    parts: list[tuple[CheckResult, dict[str, int]]],
+    shapes: dict[str, tuple[int, ...]],
+    size: int,
+) -> CheckResult:
+    """The ranks' results over their shards as one result over the full tensors.
+
+    A tensor's ratio is the largest of its shards' (each shard judged against J of the
+    whole model), the global ratio the largest rank's; components get full indices.
+    """
+    worst_first = sorted(parts, key=lambda part: _severity(part[0]), reverse=True)
+    lead = worst_first[0][0]
+    tensors: dict[str, TensorResult] = {}
+    components: list[Component] = []
+    for result, starts in parts:
+        for name, verdict in result.tensors.items():
+            known = tensors.get(name)
+            if known is None:
+                tensors[name] = verdict.model_copy(update={"size": math.prod(shapes[name])})
+            else:
+                worse = verdict if _tensor_severity(verdict) > _tensor_severity(known) else known
+                tensors[name] = worse.model_copy(
+                    update={
+                        "checked": known.checked + verdict.checked,
+                        "size": math.prod(shapes[name]),
+                        "max_abs_error": max(known.max_abs_error, verdict.max_abs_error),
+                    }
+                )
+        for component in result.worst:
+            index = _full_index(component.index, starts[component.tensor], shapes[component.tensor])
+            components.append(
+                component.model_copy(
+                    update={"index": list(index), "name": component_name(component.tensor, index)}
+                )
+            )
+    components.sort(key=lambda c: -c.rel_error if math.isfinite(c.rel_error) else -math.inf)
+    ordered = {name: tensors[name] for name in shapes if name in tensors}
+    note = (
+        f"FSDP2: checked in place in {lead.dtype}, each of {size} ranks' shards in turn "
+        "while the other ranks held theirs; J is the mean of the ranks' losses; a tensor's "
+        "ratio is the largest of its shards'"
+    )
+    return lead.model_copy(
+        update={
+            "ratio": max(result.ratio for result, _ in parts),
+            "tensors": ordered,
+            "worst": components[: max(len(result.worst) for result, _ in parts)],
+            "checked": sum(result.checked for result, _ in parts),
+            "size": sum(math.prod(shape) for shape in shapes.values()),
+            "loss_evals": sum(result.loss_evals for result, _ in parts),
+            "seconds": sum(result.seconds for result, _ in parts),
+            "notes": [note, *_unique(n for result, _ in worst_first for n in result.notes)],
+        }
+    )
+
+
+def _full_index(index: Sequence[int], start_row: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    return (int(index[0]) + start_row, *(int(i) for i in index[1:]))
+
+
+def _severity(result: CheckResult) -> tuple[int, float]:
+    order = STATUS_ORDER.get(result.status, len(STATUS_ORDER))
+    return order, result.ratio if math.isfinite(result.ratio) else math.inf
+
+
+def _tensor_severity(tensor: TensorResult) -> tuple[int, float]:
+    order = STATUS_ORDER.get(tensor.status, len(STATUS_ORDER))
+    return order, tensor.ratio if math.isfinite(tensor.ratio) else math.inf
+
+
+def _unique(notes: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for note in notes:
+        seen.setdefault(note, None)
+    return list(seen)
