@@ -175,11 +175,23 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
     """
     while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         model = model.module
-    kind = type(model).__module__ + "." + type(model).__name__
-    if "FullyShardedDataParallel" in kind or "deepspeed" in kind.lower():
+    unsupported = _unsupported_wrapper(model)
+    if unsupported is not None:
         raise OptionError(
             f"model: expected a module, a DistributedDataParallel or an FSDP2 fully_shard "
-            f"module, received {kind}, which gradwatch cannot check (see the README's "
-            "'Distributed training' table)"
+            f"module, received {type(model).__name__} with {unsupported}, which "
+            "gradwatch cannot check (see the README's 'Distributed training' table)"
         )
     return model
+
+
+def _unsupported_wrapper(model: nn.Module) -> str | None:
+    """The sharding wrapper inside ``model`` that a check cannot see through, if any."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind == "FullyShardedDataParallel" or "deepspeed" in type(module).__module__:
+            return f"a submodule wrapped by {type(module).__module__}.{kind}"
+    for name, parameter in model.named_parameters():
+        if hasattr(parameter, "ds_id") or name.endswith("_flat_param"):
+            return f"a partitioned parameter ({name}: DeepSpeed ZeRO or FSDP1)"
+    return None

@@ -33,6 +33,7 @@ from gradwatch.integrations._distributed import Ranks
 from gradwatch.integrations._objective import LossFn, Penalty, _scalar
 from gradwatch.integrations._shadow import (
     GENERATORS,
+    NATIVE_DTYPES,
     RngState,
     _untouched_globals,
     trainable_parameters,
@@ -69,6 +70,11 @@ class _Shard:
                 f"model: expected parameters sharded on dim 0 over one mesh dimension "
                 f"(FSDP2's fully_shard), received {name} with placements {placements} "
                 "(tensor parallelism and HSDP are not supported)"
+            )
+        if parameter.dtype not in NATIVE_DTYPES:
+            raise OptionError(
+                f"model: expected FSDP2 parameters in float64, float32 or float16 (checked in "
+                f"place, in their own dtype), received {name} in {parameter.dtype}"
             )
         self.name = name
         self.parameter = parameter
@@ -155,13 +161,10 @@ def _fsdp_gradient(
     model: nn.Module, shards: dict[str, _Shard], evaluate: _LocalJ, ranks: Ranks
 ) -> dict[str, npt.NDArray[np.floating]]:
     """This rank's shard of the gradient of J (FSDP averages the ranks'); ``.grad`` kept."""
-    # FSDP may reduce-scatter into the storage the training's .grad views: keep the
-    # values, not only the tensors (a copy of this rank's shard of the gradient).
+    # With .grad None, FSDP's reduce-scatter gives each parameter a new gradient tensor
+    # (it accumulates only into an existing one): the training's .grad stays untouched
+    # aside, and is put back (tests check the run stays bit-identical).
     kept = {name: shard.parameter.grad for name, shard in shards.items()}
-    values = {
-        name: None if grad is None else grad.to_local().detach().clone()
-        for name, grad in kept.items()
-    }
     try:
         for shard in shards.values():
             shard.parameter.grad = None
@@ -177,15 +180,15 @@ def _fsdp_gradient(
         grads: dict[str, npt.NDArray[np.floating]] = {}
         for name, shard in shards.items():
             gradient = shard.parameter.grad
-            local = np.zeros(shard.array.shape) if gradient is None else gradient.to_local()
-            grads[name] = np.array(local, dtype=np.float64, copy=True)
+            # In the shard's own dtype, as FSDP reduced it: one copy of this rank's shard.
+            grads[name] = (
+                np.zeros_like(shard.array)
+                if gradient is None
+                else gradient.to_local().detach().numpy()
+            )
     finally:
-        with torch.no_grad():
-            for name, shard in shards.items():
-                grad, value = kept[name], values[name]
-                if grad is not None and value is not None:
-                    grad.to_local().copy_(value)
-                shard.parameter.grad = grad
+        for name, shard in shards.items():
+            shard.parameter.grad = kept[name]
     return grads
 
 
