@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
+from gradwatch.integrations.torch import after_backward, check_module  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch.integrations.torch import after_backward, check_module  # noqa: E402
 
 
 @pytest.fixture
