@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.integrations.distributed.launch import Launch, torchrun
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 
-def _agreed(launch: Launch) -> dict[str, object]:
+def _agreed(launch: Launch) -> dict[str, Any]:
     """Rank 0's result, once both ranks returned and agree on every verdict."""
     assert launch.returncode == 0, launch.output[-3000:]
     assert sorted(launch.results) == [0, 1], launch.output[-3000:]
@@ -36,8 +37,8 @@ def test_a_correct_ddp_loop_is_quiet_and_training_is_unchanged(tmp_path: Path) -
     plain = torchrun("ddp_loop.py", "--no-watch")
     assert plain.returncode == 0, plain.output[-3000:]
     assert watched["statuses"] == ["ok", "ok", "ok"]
-    assert all(ratio < 1e-8 for ratio in watched["ratios"])  # type: ignore[attr-defined]
-    assert all(link < 1e-6 for link in watched["step_links"])  # type: ignore[attr-defined]
+    assert all(ratio < 1e-8 for ratio in watched["ratios"])
+    assert all(link < 1e-6 for link in watched["step_links"])
     assert watched["hash"] == plain.results[0]["hash"] == plain.results[1]["hash"]
     loaded = load_report(report)
     assert [r.step for r in loaded.checks] == [0, 2, 4]
@@ -97,7 +98,7 @@ def test_a_budget_decides_the_same_check_on_every_rank(tmp_path: Path) -> None:
     launch = torchrun("ddp_loop.py", "--budget", "0.02", "--steps", "10", "--every", "1")
     result = _agreed(launch)
     assert result["statuses"], "no check ran"
-    assert set(result["statuses"]) == {"ok"}  # type: ignore[arg-type]
+    assert set(result["statuses"]) == {"ok"}
 
 
 def test_logs_say_which_rank_they_come_from() -> None:
@@ -142,7 +143,7 @@ def test_fsdp2_a_rank_whose_check_raises_is_recorded_and_training_goes_on() -> N
     assert launch.results[1]["hash"] == plain.results[1]["hash"]
 
 
-def _agreed_but_shards(launch: Launch) -> dict[str, object]:
+def _agreed_but_shards(launch: Launch) -> dict[str, Any]:
     """Rank 0's result once both ranks agree on every verdict (their shards differ)."""
     assert launch.returncode == 0, launch.output[-3000:]
     assert sorted(launch.results) == [0, 1], launch.output[-3000:]
@@ -151,3 +152,19 @@ def _agreed_but_shards(launch: Launch) -> dict[str, object]:
         assert first[key] == second[key], key
     assert (first["writer"], second["writer"]) == (True, False)
     return first
+
+
+def test_the_ddp_example_alerts_on_every_rank_with_bug_and_is_quiet_without(
+    tmp_path: Path,
+) -> None:
+    from tests.integrations.distributed.launch import SCRIPTS
+
+    example = SCRIPTS.parents[2] / "examples" / "ddp.py"
+    buggy = torchrun(str(example), "--bug", "--steps", "11", "--report-dir", str(tmp_path / "b"))
+    assert buggy.returncode != 0  # every rank exits 1 on an alert
+    assert "2 alert(s)" in buggy.output
+    alerts = load_report(tmp_path / "b").alerts
+    assert [a.tensor for a in alerts] == ["hidden.weight", "hidden.weight"]
+    clean = torchrun(str(example), "--steps", "11", "--report-dir", str(tmp_path / "c"))
+    assert clean.returncode == 0, clean.output[-3000:]
+    assert "no alert" in clean.output

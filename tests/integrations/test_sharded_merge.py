@@ -13,10 +13,10 @@ from gradwatch.integrations._sharded import merge_shard_results
 def _shard_result(status: str, ratio: float, rows: int, component: Component) -> CheckResult:
     tensor = TensorResult(
         ratio=ratio, checked=rows * 3, size=rows * 3, max_abs_error=ratio, status=status
-    )  # type: ignore[arg-type]
+    )
     return CheckResult(
         ratio=ratio,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         tensors={"w": tensor},
         worst=[component],
         eps=1e-3,

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 from gradwatch.integrations.torch import after_backward, check_module  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 import gradwatch  # noqa: E402
 
@@ -19,15 +19,18 @@ import gradwatch  # noqa: E402
 @pytest.fixture
 def one_rank_group(tmp_path: Path) -> Iterator[None]:
     """A gloo process group of one rank (DDP needs one), destroyed afterwards."""
-    store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group(
-        "gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
     )
     yield
     dist.destroy_process_group()
 
 
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
 

@@ -103,7 +103,7 @@ def main() -> None:
         watch.close()
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
-        digest.update(tensor.to_local().numpy().tobytes())  # type: ignore[attr-defined]
+        digest.update(tensor.to_local().numpy().tobytes())
     for state in optimizer.state_dict()["state"].values():
         for value in state.values():
             local = value.to_local() if hasattr(value, "to_local") else value
