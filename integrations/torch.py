@@ -121,6 +121,12 @@ def after_backward(
     twice fail that link (``result.step_link``). When the forward draws random numbers
     (dropout), pass ``rng=RngState.capture()`` taken just before the training forward,
     so the same masks are replayed.
+
+    In a ``torch.distributed`` job call it on every rank, with that rank's batch: the
+    check is collective (J is the mean of the ranks' losses), every rank gets the same
+    result, and only rank 0 writes the report. ``model`` may be a
+    ``DistributedDataParallel`` or an FSDP2 ``fully_shard`` model (checked in place,
+    shard by shard; no step link); see the README's "Distributed training".
     """
     join_ranks(watch)
     if not watch.due(step):
