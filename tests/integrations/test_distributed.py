@@ -81,6 +81,14 @@ def test_a_rank_whose_check_raises_is_an_error_on_rank_0_and_training_goes_on(
     assert "planted failure on rank 1" in (on_disk[0].error or "")
 
 
+def test_a_parameter_only_one_rank_uses_is_checked_without_hanging() -> None:
+    """An MoE expert no token of rank 1's batch reached: its gradient is rank 0's / 2."""
+    result = _agreed(torchrun("ddp_loop.py", "--expert-rank", "0"))
+    assert result["statuses"] == ["ok", "ok", "ok"]
+    assert all(ratio < 1e-8 for ratio in result["ratios"])
+    assert all(link < 1e-6 for link in result["step_links"])
+
+
 def test_a_rank_that_dies_in_a_check_fails_the_job_instead_of_hanging() -> None:
     launch = torchrun("ddp_loop.py", "--die-rank", "1", timeout=120)
     assert launch.returncode != 0

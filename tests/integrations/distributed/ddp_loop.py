@@ -45,9 +45,12 @@ class CrossRankCentering(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, bug: bool, collective: bool) -> None:
+    def __init__(self, bug: bool, collective: bool, expert: bool = False) -> None:
         super().__init__()
         self.hidden = nn.Linear(6, 8)
+        self.expert = nn.Linear(8, 8)
+        self.use_expert = expert
+        """Like an MoE expert no token of this rank's batch was routed to, when False."""
         self.centering = CrossRankCentering() if collective else nn.Identity()
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(8, 3, bias=False)
@@ -56,6 +59,8 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(torch.tanh(self.centering(self.hidden(x))))
+        if self.use_expert:
+            h = h + self.expert(h)
         out = self.head(h)
         if self.bug:
             return DoubledBiasGrad.apply(out, self.head_bias)
@@ -79,11 +84,13 @@ def main() -> None:
     parser.add_argument("--die-rank", type=int, default=-1, help="it exits during a check")
     parser.add_argument("--sample", default="auto")
     parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--expert-rank", type=int, default=-1, help="the one rank using it")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(Net(args.bug, args.collective))
+    net = Net(args.bug, args.collective, expert=rank == args.expert_rank)
+    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(100 + rank)  # each rank its own data and dropout draws
     data = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(args.steps)]
