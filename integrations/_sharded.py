@@ -84,19 +84,25 @@ class _Shard:
         chunk = math.ceil(rows / ranks.size)
         self.start_row = min(ranks.rank * chunk, rows)
         expected = max(0, min(chunk, rows - self.start_row))
-        if local.shape[0] != expected or local.device.type != "cpu":
+        if local.shape[0] != expected:
             raise OptionError(
                 f"model: expected {name}'s local shard to hold rows {self.start_row}.."
-                f"{self.start_row + expected} on the CPU (FSDP2's even chunks), received "
-                f"{tuple(local.shape)} on {local.device}"
+                f"{self.start_row + expected} (FSDP2's even chunks), received "
+                f"{tuple(local.shape)}"
             )
-        self.array: npt.NDArray[np.floating] = local.detach().numpy()
-        self.offset = self.start_row * math.prod(self.shape[1:])
-        """Flat index of this shard's first entry in the full tensor."""
+        self.local = local
+        self.on_cpu = local.device.type == "cpu"
+        # On the CPU the core perturbs the shard itself through a numpy view; elsewhere a
+        # host copy, written into the device shard before each evaluation (`sync`).
+        self.array: npt.NDArray[np.floating] = (
+            local.detach().numpy() if self.on_cpu else local.detach().cpu().numpy().copy()
+        )
 
-    def full_index(self, local_index: Sequence[int]) -> tuple[int, ...]:
-        flat = int(np.ravel_multi_index(tuple(local_index), self.array.shape)) + self.offset
-        return tuple(int(i) for i in np.unravel_index(flat, self.shape))
+    def sync(self) -> None:
+        """Make the device shard hold the (possibly perturbed, or restored) host values."""
+        if not self.on_cpu:
+            with torch.no_grad():
+                self.local.copy_(torch.from_numpy(self.array))
 
 
 def check_sharded(
@@ -115,12 +121,15 @@ def check_sharded(
         )
     with ranks.together(), _untouched_globals(model) as rng, _fsdp_state_kept(model):
         shards = {name: _Shard(name, p, ranks) for name, p in trainable_parameters(model).items()}
-        evaluate = _LocalJ(model, loss_fn, batch, penalties, rng)
+        evaluate = _LocalJ(model, loss_fn, batch, penalties, rng, list(shards.values()))
         grads = _fsdp_gradient(model, shards, evaluate, ranks)
         mine = {name: s for name, s in shards.items() if s.array.size}
         results = []
-        for driver in range(ranks.size):
-            results.append(_turn(driver, ranks, mine, grads, evaluate, options))
+        try:
+            for driver in range(ranks.size):
+                results.append(_turn(driver, ranks, mine, grads, evaluate, options))
+        finally:
+            evaluate.sync()  # device shards back to the values the core restored
         return _merged(results, shards, ranks)
 
 
@@ -134,14 +143,22 @@ class _LocalJ:
         batch: Any,
         penalties: list[tuple[str, Penalty]],
         rng: RngState,
+        shards: list[_Shard],
     ) -> None:
         from torch.distributed.fsdp import FSDPModule
 
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.penalties, self.rng = penalties, rng
+        self.shards = [shard for shard in shards if not shard.on_cpu]
         self._fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
+    def sync(self) -> None:
+        """Write the host copies into the device shards (nothing to do on the CPU)."""
+        for shard in self.shards:
+            shard.sync()
+
     def total(self) -> torch.Tensor:
+        self.sync()
         # The root keeps its gathered parameters after a forward (its backward needs
         # them): reshard, so this forward gathers the shards as they are now.
         for module in self._fsdp:
@@ -184,7 +201,7 @@ def _fsdp_gradient(
             grads[name] = (
                 np.zeros_like(shard.array)
                 if gradient is None
-                else gradient.to_local().detach().numpy()
+                else gradient.to_local().detach().cpu().numpy()
             )
     finally:
         for name, shard in shards.items():
@@ -212,8 +229,8 @@ def _turn(
         raise
     except Exception as error:
         failure = error
-    ranks.point(failure)
-    if failure is not None:  # announced earlier, inside an evaluation
+    ranks.point(failure)  # announces a failure the other ranks do not know of yet
+    if failure is not None:  # one they know of: every rank raises here
         raise failure
     return result
 
