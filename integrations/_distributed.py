@@ -19,7 +19,7 @@ training step would fail the same way, so it goes to the training loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -32,6 +32,9 @@ from gradwatch.errors import OptionError, ProcessGroupError
 __all__ = ["PeerCheckError", "Ranks", "unwrap_data_parallel"]
 
 T = TypeVar("T")
+
+_AGREED = "_gradwatch_agreed"
+"""Set on an exception every rank already knows of (it is not announced again)."""
 
 
 class PeerCheckError(RuntimeError):
@@ -50,8 +53,6 @@ class Ranks:
             if backend == "nccl"
             else torch.device("cpu")
         )
-        self._agreed: set[int] = set()
-        """ids of exceptions every rank already knows about (not announced again)."""
 
     @classmethod
     def current(cls) -> Ranks | None:
@@ -86,11 +87,11 @@ class Ranks:
         message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
         self._collective(dist.broadcast_object_list, message, src=source)
         if failure is not None:
-            self._agreed.add(id(failure))
+            setattr(failure, _AGREED, True)
             raise failure
         others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         error = PeerCheckError(f"the check raised on rank {source}{others}: {message[0]}")
-        self._agreed.add(id(error))
+        setattr(error, _AGREED, True)
         raise error
 
     def _collective(self, operation: Any, *args: Any, **kwargs: Any) -> None:
@@ -105,7 +106,7 @@ class Ranks:
 
     def point(self, failure: BaseException | None = None) -> None:
         """A point without payload: announce ``failure`` unless every rank knows it already."""
-        if failure is not None and id(failure) in self._agreed:
+        if failure is not None and getattr(failure, _AGREED, False):
             failure = None
         self._exchange(torch.zeros(0, dtype=torch.float64), failure)
 
@@ -120,7 +121,7 @@ class Ranks:
         """Every rank's ``value`` (picklable) into ``out``, on every rank."""
         self._collective(dist.all_gather_object, out, value)
 
-    def mean_of(self, evaluate: Any) -> float:
+    def mean_of(self, evaluate: Callable[[], float]) -> float:
         """The mean over ranks of ``evaluate()``; a rank whose ``evaluate`` raises still joins."""
         try:
             value = float(evaluate())
@@ -157,7 +158,7 @@ class Ranks:
         except ProcessGroupError:
             raise
         except Exception as error:
-            if id(error) not in self._agreed:  # the peers know of it already otherwise
+            if not getattr(error, _AGREED, False):  # the peers know of it already otherwise
                 self.point(error)
             raise
         self.point()
