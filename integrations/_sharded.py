@@ -22,7 +22,7 @@ tensors by their full names, components by their full (unsharded) indices.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,7 +48,8 @@ from gradwatch.result import CheckResult, Component, TensorResult
 
 __all__ = ["check_sharded", "is_sharded"]
 
-_EVALUATE, _DONE = 1.0, 0.0
+_DONE, _EVALUATE, _BACKWARD = 0.0, 1.0, 2.0
+"""What the rank whose turn it is tells the others comes next."""
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -122,12 +123,11 @@ def check_sharded(
     with ranks.together(), _untouched_globals(model) as rng, _fsdp_state_kept(model):
         shards = {name: _Shard(name, p, ranks) for name, p in trainable_parameters(model).items()}
         evaluate = _LocalJ(model, loss_fn, batch, penalties, rng, list(shards.values()))
-        grads = _fsdp_gradient(model, shards, evaluate, ranks)
         mine = {name: s for name, s in shards.items() if s.array.size}
         results = []
         try:
             for driver in range(ranks.size):
-                results.append(_turn(driver, ranks, mine, grads, evaluate, options))
+                results.append(_turn(driver, ranks, shards, mine, evaluate, options))
         finally:
             evaluate.sync()  # device shards back to the values the core restored
         return _merged(results, shards, ranks)
@@ -175,9 +175,12 @@ class _LocalJ:
 
 
 def _fsdp_gradient(
-    model: nn.Module, shards: dict[str, _Shard], evaluate: _LocalJ, ranks: Ranks
+    shards: dict[str, _Shard], evaluate: _LocalJ, ranks: Ranks
 ) -> dict[str, npt.NDArray[np.floating]]:
-    """This rank's shard of the gradient of J (FSDP averages the ranks'); ``.grad`` kept."""
+    """This rank's shard of the gradient of J (FSDP averages the ranks'); ``.grad`` kept.
+
+    Collective (FSDP's backward reduce-scatters): every rank calls it at once.
+    """
     # With .grad None, FSDP's reduce-scatter gives each parameter a new gradient tensor
     # (it accumulates only into an existing one): the training's .grad stays untouched
     # aside, and is put back (tests check the run stays bit-identical).
@@ -212,8 +215,8 @@ def _fsdp_gradient(
 def _turn(
     driver: int,
     ranks: Ranks,
+    shards: dict[str, _Shard],
     mine: dict[str, _Shard],
-    grads: dict[str, npt.NDArray[np.floating]],
     evaluate: _LocalJ,
     options: dict[str, Any],
 ) -> CheckResult | None:
@@ -222,9 +225,9 @@ def _turn(
     result = None
     try:
         if ranks.rank == driver:
-            result = _drive(ranks, mine, grads, evaluate, options)
+            result = _drive(ranks, shards, mine, evaluate, options)
         else:
-            _serve(driver, ranks, evaluate)
+            _serve(driver, ranks, shards, evaluate)
     except ProcessGroupError:
         raise
     except Exception as error:
@@ -235,10 +238,30 @@ def _turn(
     return result
 
 
+class _ShardGradients:
+    """The driver's shards of the gradient of J, as a `gradwatch.params.GradientSource`.
+
+    Each visit is one collective backward (the other ranks are told to join it), whose
+    gradient is handed over tensor by tensor and dropped after the visit: the check never
+    holds it longer than FSDP's own backward does.
+    """
+
+    def __init__(self, ranks: Ranks, shards: dict[str, _Shard], evaluate: _LocalJ) -> None:
+        self.ranks, self.shards, self.evaluate = ranks, shards, evaluate
+
+    def visit(
+        self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
+    ) -> None:
+        self.ranks.command(_BACKWARD, source=self.ranks.rank)
+        grads = _fsdp_gradient(self.shards, self.evaluate, self.ranks)
+        for name in names:
+            consume(name, grads[name])
+
+
 def _drive(
     ranks: Ranks,
+    shards: dict[str, _Shard],
     mine: dict[str, _Shard],
-    grads: dict[str, npt.NDArray[np.floating]],
     evaluate: _LocalJ,
     options: dict[str, Any],
 ) -> CheckResult | None:
@@ -251,22 +274,26 @@ def _drive(
             return None
         arrays = {name: shard.array for name, shard in mine.items()}
         return gradwatch.check(
-            collective_j, arrays, {name: grads[name] for name in mine}, **options
+            collective_j, arrays, _ShardGradients(ranks, shards, evaluate), **options
         )
     finally:
         ranks.command(_DONE, source=ranks.rank)
 
 
-def _serve(driver: int, ranks: Ranks, evaluate: _LocalJ) -> None:
-    """Join the driver's evaluations of J until it says done.
+def _serve(driver: int, ranks: Ranks, shards: dict[str, _Shard], evaluate: _LocalJ) -> None:
+    """Join the driver's evaluations of J and its backward passes until it says done.
 
-    A failed evaluation is announced to every rank inside `Ranks.mean_of`; the driver
-    then stops its check and says done, and this rank raises its own failure.
+    A failed one is announced to every rank inside it (`Ranks.mean_of`, or the point in
+    `_fsdp_gradient`); the driver then stops its check and says done, and this rank
+    raises its own failure.
     """
     failure: Exception | None = None
-    while ranks.command(None, source=driver) == _EVALUATE:
+    while (command := ranks.command(None, source=driver)) != _DONE:
         try:
-            ranks.mean_of(evaluate)
+            if command == _EVALUATE:
+                ranks.mean_of(evaluate)
+            else:
+                _fsdp_gradient(shards, evaluate, ranks)
         except ProcessGroupError:
             raise
         except Exception as error:
