@@ -10,9 +10,6 @@ without the callback.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from gradwatch import load_report
-from tests.integrations.distributed.launch import SCRIPTS, Launch, torchrun
+from tests.integrations.distributed.launch import SCRIPTS, Launch, run_job, torchrun
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -103,16 +100,7 @@ def test_accelerate_launch_a_correct_sequence_classifier_is_quiet(tmp_path: Path
         str(SCRIPTS / "hf_trainer.py"),
         *("--output", str(tmp_path), "--model", "bert"),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env=env, check=False
-    )
-    results = {
-        int(json.loads(line[7:])["rank"]): json.loads(line[7:])
-        for line in done.stdout.replace("RESULT ", "\nRESULT ").splitlines()
-        if line.startswith("RESULT ")
-    }
-    result = _agreed(Launch(done.returncode, done.stdout + done.stderr, results))
+    result = _agreed(run_job(command))
     _quiet(result)
     assert result["clip_factors"] == [1.0, 1.0]  # gradient norm below max_grad_norm
     assert len((tmp_path / "gradwatch" / "checks.jsonl").read_text().splitlines()) == 2

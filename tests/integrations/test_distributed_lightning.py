@@ -9,9 +9,6 @@ training is bit-identical to a run without the callback.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import pytest
 
 from gradwatch import load_report
-from tests.integrations.distributed.launch import SCRIPTS, Launch, torchrun
+from tests.integrations.distributed.launch import SCRIPTS, Launch, run_job, torchrun
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -29,23 +26,7 @@ CLIP = 0.05
 
 def lightning_launch(*args: str, timeout: float = 180) -> Launch:
     """``python lightning_ddp.py args``: Lightning itself starts rank 1; a hang fails the test."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    results: dict[int, dict[str, Any]] = {}
-    for line in done.stdout.replace("RESULT ", "\nRESULT ").splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line.removeprefix("RESULT "))
-            results[int(result["rank"])] = result
-    return Launch(done.returncode, done.stdout + done.stderr, results)
+    return run_job([sys.executable, str(SCRIPTS / SCRIPT), *args], timeout=timeout, clean_env=True)
 
 
 def _agreed(launch: Launch, launched_by: str) -> dict[str, Any]:

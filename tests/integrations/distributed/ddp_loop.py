@@ -68,10 +68,10 @@ class Net(nn.Module):
 
 
 def main() -> None:
-    if os.environ.get("GW_DUMP"):
+    if os.environ.get("GRADWATCH_TEST_DUMP_AFTER"):  # debugging a hang: where is each rank?
         import faulthandler
 
-        faulthandler.dump_traceback_later(float(os.environ["GW_DUMP"]), exit=True)
+        faulthandler.dump_traceback_later(float(os.environ["GRADWATCH_TEST_DUMP_AFTER"]), exit=True)
     parser = argparse.ArgumentParser()
     parser.add_argument("--report", default=None)
     parser.add_argument("--steps", type=int, default=6)

@@ -1,11 +1,13 @@
-"""Run a test script under torchrun on CPU (gloo) and read each rank's ``RESULT`` line."""
+"""Run a test script as a multi-process job on CPU (gloo) and read each rank's ``RESULT`` line."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,41 @@ class Launch:
     """Each rank's ``RESULT`` json, by rank."""
 
 
-def torchrun(script: str, *args: str, ranks: int = 2, timeout: float = 180) -> Launch:
-    """``torchrun --standalone --nproc_per_node ranks script args``; a hang fails the test.
+def run_job(command: Sequence[str], *, timeout: float = 180, clean_env: bool = False) -> Launch:
+    """Run ``command`` (a launcher and its ranks) in its own session; a hang fails the test.
 
-    ``subprocess.run`` kills the job at ``timeout`` and raises ``TimeoutExpired``, so no
-    test waits longer than that for a rank that never returns.
+    At ``timeout`` the whole session is killed, ranks included (not only the launcher),
+    and ``subprocess.TimeoutExpired`` is raised. ``clean_env`` drops the launcher
+    variables, for a script that starts its own ranks (Lightning).
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if clean_env:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+    job = subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
+    results: dict[int, dict[str, Any]] = {}
+    for line in stdout.replace("RESULT ", "\nRESULT ").splitlines():  # ranks may share a line
+        if line.startswith("RESULT "):
+            result = json.loads(line.removeprefix("RESULT "))
+            results[int(result["rank"])] = result
+    return Launch(job.returncode, stdout + stderr, results)
+
+
+def torchrun(script: str, *args: str, ranks: int = 2, timeout: float = 180) -> Launch:
+    """``torchrun --standalone --nproc_per_node ranks script args`` (see `run_job`)."""
     command = [
         sys.executable,
         "-m",
@@ -37,13 +67,4 @@ def torchrun(script: str, *args: str, ranks: int = 2, timeout: float = 180) -> L
         str(SCRIPTS / script),
         *args,
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-    output = done.stdout + done.stderr
-    results: dict[int, dict[str, Any]] = {}
-    for line in done.stdout.replace("RESULT ", "\nRESULT ").splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line.removeprefix("RESULT "))
-            results[int(result["rank"])] = result
-    return Launch(done.returncode, output, results)
+    return run_job(command, timeout=timeout)
