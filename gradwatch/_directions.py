@@ -179,16 +179,22 @@ def screen(
             ]
 
     tensors.visit_grads(names, measure)
+    split = objective.split
+    sizes = {name: tensors.params[name].size for name in names}
+    if split is not None:  # each process measured its part: the whole gradient's numbers
+        squares = split.total(np.array([norms[name] ** 2 for name in names]))
+        norms = dict(zip(names, np.sqrt(squares).tolist(), strict=True))
+        sizes = split.full_sizes()
+        if one_pass:
+            summed = split.total(np.array([projections[name] for name in names]))
+            projections = dict(zip(names, summed.tolist(), strict=True))
     floor = NEAR_ZERO_FLOOR * math.sqrt(sum(n * n for n in norms.values()))
     for direction in directions:
         direction.reweight(
-            {
-                name: math.sqrt(tensors.params[name].size) / max(norms[name], floor, 1e-300)
-                for name in names
-            }
+            {name: math.sqrt(sizes[name]) / max(norms[name], floor, 1e-300) for name in names}
         )
     if one_pass:
-        steps = _direction_steps(tensors.params, directions, base_step)
+        steps = _direction_steps(objective, tensors.params, directions, base_step)
         analytic = np.array(
             [
                 sum(d.share(name) * projections[name][k] for name in names)
@@ -210,15 +216,19 @@ def screen(
 
 
 def _direction_steps(
-    params: dict[str, npt.NDArray[np.floating]], directions: list[_Direction], base_step: float
+    objective: Evaluator,
+    params: dict[str, npt.NDArray[np.floating]],
+    directions: list[_Direction],
+    base_step: float,
 ) -> F64:
     """The step h along each direction: ``base_step`` times the largest |theta| it moves (>= 1)."""
-    return np.array(
-        [
-            base_step * max([1.0, *(largest_magnitude(params[n]) for n in d.weights)])
-            for d in directions
-        ]
-    )
+    steps = []
+    for direction in directions:
+        largest = max([1.0, *(largest_magnitude(params[n]) for n in direction.weights)])
+        if objective.split is not None:
+            largest = objective.split.largest(largest)
+        steps.append(base_step * largest)
+    return np.array(steps)
 
 
 def _along_directions(
@@ -237,7 +247,7 @@ def _along_directions(
     copy at all), else from a backup of just the moved tensors.
     """
     params = tensors.params
-    steps = _direction_steps(params, directions, base_step)
+    steps = _direction_steps(objective, params, directions, base_step)
     analytic = np.zeros(len(directions))
 
     def project(name: str, gradient: npt.NDArray[np.floating]) -> None:
@@ -256,6 +266,8 @@ def _along_directions(
 
     moved = [n for n in tensors.names if any(n in d.weights for d in directions)]
     tensors.visit_grads(moved, project)
+    if objective.split is not None:
+        analytic = objective.split.total(analytic)
 
     numeric = np.array(
         [

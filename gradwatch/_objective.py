@@ -8,7 +8,10 @@ integration's shadow) is a set of typed protocols, found by structural typing
 - `BatchedObjective`: also ``evaluate_batch(tensor, flat_indices, values)``, many
   one-component perturbations of a tensor per call (torch vmap);
 - `RestoringObjective`: also ``restore_tensor(tensor)``, writing a moved tensor's
-  unperturbed values back exactly (spares the check a backup of it).
+  unperturbed values back exactly (spares the check a backup of it);
+- `SplitObjective`: theta split across processes that each run the same check on their
+  own part at once (FSDP2 shards), J common to all; ``total`` and ``largest`` reduce over
+  the processes, so the joint screen moves every part along one direction.
 
 `Evaluator` wraps one for a check: J = loss() + regularization, counted, validated.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "Evaluator",
     "Objective",
     "RestoringObjective",
+    "SplitObjective",
     "coarsest_dtype",
     "split_terms",
 ]
@@ -64,6 +68,29 @@ class RestoringObjective(Objective, Protocol):
     def restore_tensor(self, tensor: str) -> None: ...
 
 
+@runtime_checkable
+class SplitObjective(Objective, Protocol):
+    """J of a theta whose tensors are split across processes, each checking its own part.
+
+    Every process calls the check at once with its part of every tensor (possibly empty)
+    and the same options; J is common to all of them. Only the joint screen of
+    ``sample="auto"`` runs split (its verdict is then the whole check's, a fired screen
+    included): it needs, besides J, sums and maxima over the processes.
+    """
+
+    def total(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``values`` summed elementwise over the processes (the same shape on each)."""
+        ...
+
+    def largest(self, value: float) -> float:
+        """The largest ``value`` over the processes."""
+        ...
+
+    def full_sizes(self) -> dict[str, int]:
+        """Each tensor's size over every process's part."""
+        ...
+
+
 THETA = "J(theta)"
 """Where the first evaluation of J happens: unperturbed theta, the training's own loss."""
 
@@ -91,6 +118,7 @@ class Evaluator:
         self._loss = loss
         self.batched = loss if isinstance(loss, BatchedObjective) else None
         self.restoring = loss if isinstance(loss, RestoringObjective) else None
+        self.split = loss if isinstance(loss, SplitObjective) else None
         self._params = tensors.params
         self.terms = terms
         self.evaluations = 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison
+from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, status_for
 from gradwatch._diagnosis import label_worst
 from gradwatch._differences import ROUNDING_STEP_ULPS, componentwise
 from gradwatch._directions import BLOCK_CACHE_ENTRIES, per_tensor_directions, screen
@@ -340,7 +340,8 @@ def _probe(objective: Evaluator, notes: list[str]) -> tuple[float, bool]:
 
 def _compare(run: _Check, sample: Sample, localize_evaluations: int) -> _Measured:
     """Numeric against analytic along the plan ``sample`` asks for."""
-    if sample == "auto" and run.tensors.size <= AUTO_FULL_MAX_SIZE:
+    split = run.objective.split is not None  # only the joint screen runs split
+    if sample == "auto" and run.tensors.size <= AUTO_FULL_MAX_SIZE and not split:
         sample = None
     if sample == "auto":
         screened = _screen(run)
@@ -371,10 +372,14 @@ def _screen(run: _Check) -> _Measured | None:
         f"tensor weighted to count equally: ratio {ratio:.3g}"
     )
     # A clean screen is the whole check, and so is a screen of a nondeterministic J:
-    # checking each tensor on noise would only spend evaluations.
-    if ratio >= run.warn and not run.nondeterministic:
+    # checking each tensor on noise would only spend evaluations. A split theta's screen
+    # is the whole check either way (its caller localizes otherwise).
+    fired = ratio >= run.warn and not run.nondeterministic
+    if fired and run.objective.split is None:
         return None
     screened: Status = "nondeterministic" if run.nondeterministic else "ok"
+    if fired:
+        screened = status_for(ratio, run.warn, run.threshold)
     per_tensor = {
         name: TensorResult(
             ratio=ratio,

@@ -134,6 +134,13 @@ class Ranks:
             float(self._exchange(torch.tensor([value], dtype=torch.float64), None)[0]) / self.size
         )
 
+    def largest(self, value: float) -> float:
+        """The largest ``value`` over the ranks (one point, then one max-reduction)."""
+        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+        box = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, box, op=dist.ReduceOp.MAX)
+        return float(box[0])
+
     def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of a float64 tensor of the same shape on every rank."""
         return self._exchange(tensor.detach(), None) / self.size

@@ -142,3 +142,46 @@ def test_the_verdict_names_the_rule_that_fired_with_its_number() -> None:
     corrected = gradwatch.check(loss, params, grads).verdict
     assert corrected is not None
     assert corrected.startswith("ok: global ratio")
+
+
+class _OneProcessSplit:
+    """A `SplitObjective` whose theta is split over one process: every sum is itself."""
+
+    def __init__(self, loss: object, sizes: dict[str, int]) -> None:
+        self.loss, self.sizes, self.reductions = loss, sizes, 0
+
+    def __call__(self) -> float:
+        return float(self.loss())  # type: ignore[operator]
+
+    def total(self, values: np.ndarray) -> np.ndarray:
+        self.reductions += 1
+        return values
+
+    def largest(self, value: float) -> float:
+        self.reductions += 1
+        return value
+
+    def full_sizes(self) -> dict[str, int]:
+        return self.sizes
+
+
+def test_a_split_theta_over_one_process_screens_exactly_as_the_plain_screen() -> None:
+    """The joint screen's reductions (FSDP2) change nothing when there is one part; and a
+    fired split screen is the whole check (its caller localizes), not a per-tensor pass."""
+    rng = np.random.default_rng(3)
+    w, v = rng.normal(size=(60, 50)), rng.normal(size=40)
+    params = {"w": w, "v": v}
+
+    def loss() -> float:
+        return float(np.sum(np.tanh(w) ** 2) + np.sum(np.sin(v)))
+
+    grads = {"w": 2 * np.tanh(w) * (1 - np.tanh(w) ** 2), "v": np.cos(v)}
+    plain = gradwatch.check(loss, params, grads, sample="auto")
+    split = _OneProcessSplit(loss, {"w": w.size, "v": v.size})
+    joint = gradwatch.check(split, params, grads, sample="auto")
+    assert split.reductions > 0
+    assert (joint.status, joint.mode, joint.loss_evals) == (plain.status, "directional", 6)
+    assert joint.ratio == plain.ratio
+    wrong = {"w": grads["w"], "v": 1.5 * grads["v"]}
+    fired = gradwatch.check(_OneProcessSplit(loss, split.sizes), params, wrong, sample="auto")
+    assert (fired.status, fired.mode, fired.loss_evals) == ("fail", "directional", 6)

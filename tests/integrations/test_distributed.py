@@ -131,15 +131,25 @@ def test_fsdp2_is_checked_in_place_quiet_when_correct_and_training_is_unchanged(
         assert watched.results[rank]["hash"] == plain.results[rank]["hash"]
     checks = load_report(report).checks
     assert [c.size for c in checks] == [227, 227]  # the full model, not a shard
-    tensor = checks[0].tensors["blocks.1.linear.weight"]
-    assert (tensor.size, tensor.checked) == (64, 64)  # both ranks' rows
-    assert "each of 2 ranks' shards in turn" in checks[0].notes[0]
+    assert checks[0].tensors["blocks.1.linear.weight"].size == 64
+    # A clean check is one joint screen over every rank's shards: its cost does not grow
+    # with the ranks (2 directions, 2 evaluations each, J(theta) twice).
+    assert [(c.mode, c.loss_evals) for c in checks] == [("directional", 6)] * 2
+    assert "every rank's shards moved along one joint direction" in checks[0].notes[0]
 
 
-def test_fsdp2_planted_bug_is_named_identically_on_every_rank() -> None:
-    result = _sharded_agreed(torchrun("fsdp_loop.py", "--bug"))
+def test_fsdp2_planted_bug_is_localized_shard_by_shard_and_named_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "report"
+    result = _sharded_agreed(torchrun("fsdp_loop.py", "--bug", "--report", str(report)))
     assert result["statuses"] == ["fail", "fail"]
     assert result["alerts"] == [["blocks.1.linear.weight"]] * 2
+    check = load_report(report).checks[0]
+    tensor = check.tensors["blocks.1.linear.weight"]
+    assert (tensor.size, tensor.checked) == (64, 64)  # both ranks' rows, in turn
+    assert "each of 2 ranks' shards in turn" in check.notes[0]
+    assert any("the joint screen over every rank's shards fired" in n for n in check.notes)
 
 
 def test_fsdp2_a_rank_whose_check_raises_is_recorded_and_training_goes_on() -> None:
