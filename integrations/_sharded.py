@@ -8,15 +8,20 @@ puts every value back exactly (``precision="native"``: the core takes the step a
 the thresholds from that dtype).
 
 J is the mean of the ranks' losses, and every evaluation of J is collective (the
-forward all-gathers the shards). The core therefore runs on one rank at a time, over
-that rank's shards, while the other ranks hold their shards still and join every
-evaluation (`_serve`); the rank whose turn it is tells them, before each evaluation,
-whether one follows. The gradient is FSDP's own: one backward of J (whose
-reduce-scatter averages the ranks' gradients) into ``.grad``, after which the
-training's ``.grad`` tensors are put back. Per rank a check holds a copy of its
-shard's gradient, the backups of the shards a direction moves, and the activations
-of one forward. The ranks' results are merged into one, identical on every rank:
-tensors by their full names, components by their full (unsharded) indices.
+forward all-gathers the shards). With ``sample="auto"`` every rank first runs the core
+at once over its own shards (`_joint_screen`): each moves its shards along its part of
+one random direction, so J sees the whole direction, and the screen's sums and maxima
+are reduced over the ranks (`gradwatch._objective.SplitObjective`). A clean screen is
+the whole check, at a cost that does not grow with the ranks. When it fires (or for
+another ``sample``) the core runs on one rank at a time, over that rank's shards, while
+the other ranks hold theirs still and join every evaluation (`_serve`); the rank whose
+turn it is tells them what comes next (an evaluation, a backward, done). The gradient
+is FSDP's own: a collective backward of J (whose reduce-scatter averages the ranks'
+gradients) into ``.grad`` for each visit of the core, after which the training's
+``.grad`` tensors are put back. Per rank a check holds its shard's gradient during a
+visit, the backups of the shards a direction moves, and the activations of one forward.
+The ranks' results are merged into one, identical on every rank: tensors by their full
+names, components by their full (unsharded) indices.
 """
 
 from __future__ import annotations
