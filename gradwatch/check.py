@@ -55,6 +55,7 @@ from gradwatch._sampling import (
     screen_directions,
 )
 from gradwatch._verdict import explain_verdict, resolution_notes, worst_status
+from gradwatch.errors import OptionError
 from gradwatch.params import GradientSource, NamedTensors, named_tensors
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.result import CheckResult, Component, Mode, Status, TensorResult
@@ -341,6 +342,11 @@ def _probe(objective: Evaluator, notes: list[str]) -> tuple[float, bool]:
 def _compare(run: _Check, sample: Sample, localize_evaluations: int) -> _Measured:
     """Numeric against analytic along the plan ``sample`` asks for."""
     split = run.objective.split is not None  # only the joint screen runs split
+    if split and sample != "auto":
+        raise OptionError(
+            f"sample: a theta split across processes (SplitObjective) is checked by the "
+            f"'auto' screen only, received {sample!r}"
+        )
     if sample == "auto" and run.tensors.size <= AUTO_FULL_MAX_SIZE and not split:
         sample = None
     if sample == "auto":

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,10 @@ def test_a_split_theta_over_one_process_screens_exactly_as_the_plain_screen() ->
     wrong = {"w": grads["w"], "v": 1.5 * grads["v"]}
     fired = gradwatch.check(_OneProcessSplit(loss, split.sizes), params, wrong, sample="auto")
     assert (fired.status, fired.mode, fired.loss_evals) == ("fail", "directional", 6)
+
+
+def test_a_split_theta_is_refused_outside_the_auto_screen() -> None:
+    w = np.ones(3)
+    split = _OneProcessSplit(lambda: float(np.sum(w**2)), {"w": 3})
+    with pytest.raises(gradwatch.OptionError, match="'auto' screen only, received 2"):
+        gradwatch.check(split, {"w": w}, {"w": 2 * w}, sample=2)
