@@ -136,18 +136,22 @@ class Ranks:
 
     def largest(self, value: float) -> float:
         """The largest ``value`` over the ranks (one point, then one max-reduction)."""
-        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+        self.point()
         box = torch.tensor([value], dtype=torch.float64, device=self.device)
         self._collective(dist.all_reduce, box, op=dist.ReduceOp.MAX)
         return float(box[0])
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor of the same shape on every rank, in float64."""
+        return self._exchange(tensor.detach(), None)
+
     def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of a float64 tensor of the same shape on every rank."""
-        return self._exchange(tensor.detach(), None) / self.size
+        """The mean over ranks of a tensor of the same shape on every rank, in float64."""
+        return self.sum_tensor(tensor) / self.size
 
     def agree(self, value: T) -> T:
         """Rank 0's ``value``, on every rank (one point and one broadcast)."""
-        self._exchange(torch.zeros(0, dtype=torch.float64), None)
+        self.point()
         box = [value]
         self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]

@@ -70,6 +70,28 @@ def _is_immutable(value: Any) -> bool:
     return isinstance(value, torch.Tensor | int | float | str | bytes | bool | None)
 
 
+def j_terms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    penalties: Sequence[tuple[str, Penalty]],
+    *,
+    fresh_batch: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The data loss and each penalty of J at ``model``'s current values.
+
+    ``fresh_batch``: hand ``loss_fn`` a new container each time (it may pop from its dict).
+    """
+    if fresh_batch:
+        batch = _map_tensors(batch, lambda t: t)
+    loss = _scalar(loss_fn(model, batch), "loss_fn(model, batch)")
+    terms = {
+        name: _scalar(penalty(model), f"regularization[{name!r}](model)")
+        for name, penalty in penalties
+    }
+    return loss, terms
+
+
 class _Objective:
     """J(shadow) = loss_fn(shadow, batch) + penalties, with the forked RNG state replayed.
 
@@ -112,14 +134,13 @@ class _Objective:
         elif self.replay:
             self.rng.restore(self.replay)
         model = self.shadow.module if model is None else model
-        batch = self._batch
-        if not self._batch_is_immutable:  # loss_fn may pop from its dict: a fresh one each time
-            batch = _map_tensors(batch, lambda t: t)
-        loss = _scalar(self.loss_fn(model, batch), "loss_fn(model, batch)")
-        penalties = {
-            name: _scalar(penalty(model), f"regularization[{name!r}](model)")
-            for name, penalty in self.penalties
-        }
+        loss, penalties = j_terms(
+            model,
+            self.loss_fn,
+            self._batch,
+            self.penalties,
+            fresh_batch=not self._batch_is_immutable,
+        )
         if first:
             self.replay = self.rng.drawn()
         return loss, penalties

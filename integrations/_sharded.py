@@ -27,7 +27,7 @@ names, components by their full (unsharded) indices.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from gradwatch.integrations._distributed import Ranks
-from gradwatch.integrations._objective import LossFn, Penalty, _scalar
+from gradwatch.integrations._objective import LossFn, Penalty, _is_immutable, j_terms
 from gradwatch.integrations._shadow import (
     GENERATORS,
     NATIVE_DTYPES,
@@ -82,7 +82,6 @@ class _Shard:
                 f"model: expected FSDP2 parameters in float64, float32 or float16 (checked in "
                 f"place, in their own dtype), received {name} in {parameter.dtype}"
             )
-        self.name = name
         self.parameter = parameter
         self.shape = tuple(parameter.shape)
         local = parameter.to_local()
@@ -128,7 +127,6 @@ def check_sharded(
     with ranks.together(), _untouched_globals(model) as rng, _fsdp_state_kept(model):
         shards = {name: _Shard(name, p, ranks) for name, p in trainable_parameters(model).items()}
         evaluate = _LocalJ(model, loss_fn, batch, penalties, rng, list(shards.values()))
-        mine = {name: s for name, s in shards.items() if s.array.size}
         results = []
         screened: CheckResult | None = None
         try:
@@ -137,7 +135,7 @@ def check_sharded(
                 if screened.status in ("ok", "nondeterministic"):
                     return screened
             for driver in range(ranks.size):
-                results.append(_turn(driver, ranks, shards, mine, evaluate, options))
+                results.append(_turn(driver, ranks, shards, evaluate, options))
         finally:
             evaluate.sync()  # device shards back to the values the core restored
         merged = _merged(results, shards, ranks)
@@ -165,8 +163,8 @@ class _SplitJ:
         return self.ranks.mean_of(self.evaluate)
 
     def total(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        summed = self.ranks.mean_tensor(torch.from_numpy(np.asarray(values, dtype=np.float64)))
-        return np.asarray(summed.cpu().numpy() * self.ranks.size, dtype=np.float64)
+        summed = self.ranks.sum_tensor(torch.from_numpy(np.asarray(values, dtype=np.float64)))
+        return np.asarray(summed.cpu().numpy(), dtype=np.float64)
 
     def largest(self, value: float) -> float:
         return self.ranks.largest(value)
@@ -177,9 +175,7 @@ class _SplitJ:
     def visit(
         self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
     ) -> None:
-        grads = _fsdp_gradient(self.shards, self.evaluate, self.ranks)
-        for name in names:
-            consume(name, grads[name])
+        _hand_over(self.shards, self.evaluate, self.ranks, names, consume)
 
 
 def _joint_screen(
@@ -234,6 +230,7 @@ class _LocalJ:
 
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.penalties, self.rng = penalties, rng
+        self._fresh_batch = not _is_immutable(batch)
         self.shards = [shard for shard in shards if not shard.on_cpu]
         self._fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
@@ -249,10 +246,10 @@ class _LocalJ:
         for module in self._fsdp:
             module.reshard()
         self.rng.restore(GENERATORS)
-        loss = _scalar(self.loss_fn(self.model, self.batch), "loss_fn(model, batch)")
-        for name, penalty in self.penalties:
-            loss = loss + _scalar(penalty(self.model), f"regularization[{name!r}](model)")
-        return loss
+        loss, penalties = j_terms(
+            self.model, self.loss_fn, self.batch, self.penalties, fresh_batch=self._fresh_batch
+        )
+        return loss + sum(penalties.values()) if penalties else loss
 
     def __call__(self) -> float:
         with torch.no_grad():
@@ -301,7 +298,6 @@ def _turn(
     driver: int,
     ranks: Ranks,
     shards: dict[str, _Shard],
-    mine: dict[str, _Shard],
     evaluate: _LocalJ,
     options: dict[str, Any],
 ) -> CheckResult | None:
@@ -310,7 +306,7 @@ def _turn(
     result = None
     try:
         if ranks.rank == driver:
-            result = _drive(ranks, shards, mine, evaluate, options)
+            result = _drive(ranks, shards, evaluate, options)
         else:
             _serve(driver, ranks, shards, evaluate)
     except ProcessGroupError:
@@ -338,18 +334,31 @@ class _ShardGradients:
         self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
     ) -> None:
         self.ranks.command(_BACKWARD, source=self.ranks.rank)
-        grads = _fsdp_gradient(self.shards, self.evaluate, self.ranks)
-        for name in names:
-            consume(name, grads[name])
+        _hand_over(self.shards, self.evaluate, self.ranks, names, consume)
+
+
+def _hand_over(
+    shards: dict[str, _Shard],
+    evaluate: _LocalJ,
+    ranks: Ranks,
+    names: Sequence[str],
+    consume: Callable[[str, npt.NDArray[np.floating]], None],
+) -> None:
+    """One collective backward; each of ``names``' gradient shard to ``consume``, then dropped."""
+    grads = _fsdp_gradient(shards, evaluate, ranks)
+    for name in names:
+        consume(name, grads[name])
 
 
 def _drive(
     ranks: Ranks,
     shards: dict[str, _Shard],
-    mine: dict[str, _Shard],
     evaluate: _LocalJ,
     options: dict[str, Any],
 ) -> CheckResult | None:
+    """This rank's turn: the core over its non-empty shards, every J collective."""
+    mine = {name: shard.array for name, shard in shards.items() if shard.array.size}
+
     def collective_j() -> float:
         ranks.command(_EVALUATE, source=ranks.rank)
         return ranks.mean_of(evaluate)
@@ -357,9 +366,8 @@ def _drive(
     try:
         if not mine:
             return None
-        arrays = {name: shard.array for name, shard in mine.items()}
         return gradwatch.check(
-            collective_j, arrays, _ShardGradients(ranks, shards, evaluate), **options
+            collective_j, mine, _ShardGradients(ranks, shards, evaluate), **options
         )
     finally:
         ranks.command(_DONE, source=ranks.rank)
@@ -446,7 +454,7 @@ def merge_shard_results(
             if known is None:
                 tensors[name] = verdict.model_copy(update={"size": math.prod(shapes[name])})
             else:
-                worse = verdict if _tensor_severity(verdict) > _tensor_severity(known) else known
+                worse = verdict if _severity(verdict) > _severity(known) else known
                 tensors[name] = worse.model_copy(
                     update={
                         "checked": known.checked + verdict.checked,
@@ -477,7 +485,7 @@ def merge_shard_results(
             "size": sum(math.prod(shape) for shape in shapes.values()),
             "loss_evals": sum(result.loss_evals for result, _ in parts),
             "seconds": sum(result.seconds for result, _ in parts),
-            "notes": [note, *_unique(n for result, _ in worst_first for n in result.notes)],
+            "notes": [note, *dict.fromkeys(n for result, _ in worst_first for n in result.notes)],
         }
     )
 
@@ -488,18 +496,7 @@ def _full_index(index: Sequence[int], start_row: int, shape: tuple[int, ...]) ->
     return (int(index[0]) + start_row, *(int(i) for i in index[1:]))
 
 
-def _severity(result: CheckResult) -> tuple[int, float]:
-    order = STATUS_ORDER.get(result.status, len(STATUS_ORDER))
-    return order, result.ratio if math.isfinite(result.ratio) else math.inf
-
-
-def _tensor_severity(tensor: TensorResult) -> tuple[int, float]:
-    order = STATUS_ORDER.get(tensor.status, len(STATUS_ORDER))
-    return order, tensor.ratio if math.isfinite(tensor.ratio) else math.inf
-
-
-def _unique(notes: Iterable[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for note in notes:
-        seen.setdefault(note, None)
-    return list(seen)
+def _severity(verdict: CheckResult | TensorResult) -> tuple[int, float]:
+    """Worse status first, then the larger ratio (NaN the largest)."""
+    order = STATUS_ORDER.get(verdict.status, len(STATUS_ORDER))
+    return order, verdict.ratio if math.isfinite(verdict.ratio) else math.inf

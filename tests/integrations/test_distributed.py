@@ -152,6 +152,12 @@ def test_fsdp2_planted_bug_is_localized_shard_by_shard_and_named_on_every_rank(
     assert any("the joint screen over every rank's shards fired" in n for n in check.notes)
 
 
+def test_fsdp2_a_loss_fn_that_pops_from_its_batch_gets_a_fresh_one_every_evaluation() -> None:
+    result = _sharded_agreed(torchrun("fsdp_loop.py", "--dict-batch", "--bug"))
+    assert result["statuses"] == ["fail", "fail"]  # the joint screen and the turns both ran
+    assert result["alerts"] == [["blocks.1.linear.weight"]] * 2
+
+
 def test_fsdp2_a_rank_whose_check_raises_is_recorded_and_training_goes_on() -> None:
     launch = torchrun("fsdp_loop.py", "--fail-rank", "1")
     plain = torchrun("fsdp_loop.py", "--no-watch")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--no-watch", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--sample", default="auto")
+    parser.add_argument("--dict-batch", action="store_true", help="loss_fn pops the labels")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
@@ -82,8 +84,12 @@ def main() -> None:
     torch.manual_seed(100 + rank)
     data = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(args.steps)]
 
-    def loss_fn(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+    def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+        if args.dict_batch:  # as HF models do: the labels popped from the inputs
+            y = batch.pop("labels")
+            x = batch["x"]
+        else:
+            x, y = batch
         logits = module(x)  # the forward's all-gathers: every rank joins them
         if rank == args.fail_rank and not torch.is_grad_enabled():
             raise ValueError(f"planted failure on rank {rank}")
@@ -95,7 +101,9 @@ def main() -> None:
         watch = gradwatch.GradWatch(every=args.every, report_dir=args.report, sample=sample)  # type: ignore[arg-type]
     for step, batch in enumerate(data):
         optimizer.zero_grad()
-        loss_fn(model, batch).backward()
+        if args.dict_batch:
+            batch = {"x": batch[0], "labels": batch[1]}
+        loss_fn(model, dict(batch) if args.dict_batch else batch).backward()
         if watch is not None:
             after_backward(watch, step, model, loss_fn, batch)
         optimizer.step()
