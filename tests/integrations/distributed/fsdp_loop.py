@@ -99,10 +99,9 @@ def main() -> None:
     watch = None
     if not args.no_watch:
         watch = gradwatch.GradWatch(every=args.every, report_dir=args.report, sample=sample)  # type: ignore[arg-type]
-    for step, batch in enumerate(data):
+    for step, (x, y) in enumerate(data):
         optimizer.zero_grad()
-        if args.dict_batch:
-            batch = {"x": batch[0], "labels": batch[1]}
+        batch: Any = {"x": x, "labels": y} if args.dict_batch else (x, y)
         loss_fn(model, dict(batch) if args.dict_batch else batch).backward()
         if watch is not None:
             after_backward(watch, step, model, loss_fn, batch)
