@@ -1,5 +1,7 @@
 """gradwatch: two-sided finite-difference gradient checks inside a training loop."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from gradwatch.callback import GradWatch
 from gradwatch.check import check
 from gradwatch.errors import (
@@ -17,7 +19,13 @@ from gradwatch.regularization import L2, Penalty, RegularizationTerm
 from gradwatch.report import Alert, Report, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult, Component, TensorResult
 
+try:
+    __version__ = version("gradwatch")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "L2",
     "Alert",
     "CheckResult",
