@@ -25,7 +25,6 @@ except PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "__version__",
     "L2",
     "Alert",
     "CheckResult",
@@ -45,6 +44,7 @@ __all__ = [
     "ReportError",
     "TensorResult",
     "TruncatedReportWarning",
+    "__version__",
     "check",
     "load_report",
 ]
