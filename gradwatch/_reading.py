@@ -24,6 +24,7 @@ __all__ = [
     "next_step",
     "notable_notes",
     "ranked_tensors",
+    "run_option",
     "screened_only",
     "step_of",
     "suspect",
@@ -170,6 +171,14 @@ def suspect(check: CheckResult) -> Suspect | None:
     )
 
 
+def run_option(report: Report) -> str:
+    """The ``--run`` a command needs to read the run `report` holds ('' for the latest)."""
+    runs = report.run_summaries
+    if report.run is None:
+        return " --run all" if len(runs) > 1 else ""
+    return "" if not runs or report.run == runs[-1].run else f" --run {report.run}"
+
+
 def next_step(report: Report, directory: str) -> str | None:
     """One sentence on where to look, when the report holds an alert or an error check."""
     failed = [check for check in completed(report) if check.status == "fail"]
@@ -182,7 +191,7 @@ def next_step(report: Report, directory: str) -> str | None:
                 f"(step {step_of(first)}; the result's step_link has each tensor's ratio)"
             )
         found = suspect(first)
-        look = f"gradwatch worst {directory} --step {step_of(first)}"
+        look = f"gradwatch worst {directory} --step {step_of(first)}{run_option(report)}"
         if found is None:
             return f"next: {look}"
         if found.reason.startswith("the last tensor"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -32,7 +33,14 @@ from gradwatch.errors import OptionError, ReportError
 from gradwatch.report import ReportSummary, ReportWriter
 from gradwatch.result import CheckResult
 
-__all__ = ["ReportDir", "ReportOutput", "ReportedWatch", "WatchState", "launched_rank"]
+__all__ = [
+    "ReportDir",
+    "ReportOutput",
+    "ReportedWatch",
+    "WatchState",
+    "launched_rank",
+    "writer_rank",
+]
 
 ReportDir = str | os.PathLike[str] | None
 
@@ -195,8 +203,9 @@ class ReportedWatch:
     ``write=False`` (ranks other than 0 write no files).
     """
 
-    def __init__(self, summary: ReportSummary, report_dir: ReportDir, write: bool) -> None:
-        self._write = bool(write)
+    def __init__(self, summary: ReportSummary, report_dir: ReportDir, write: bool | None) -> None:
+        self._write: bool | None = None if write is None else bool(write)
+        """None: decided at the first write, by `writer_rank` (torch.distributed's rank)."""
         self._requested_dir: Path | None = None if report_dir is None else Path(report_dir)
         self._closed = False
         self._results: list[CheckResult] = []
@@ -204,17 +213,49 @@ class ReportedWatch:
         self._summary = summary
         self._log = Events(logging.getLogger(LOGGER_NAME), rank=_launched_rank_if_many())
         self._output = ReportOutput(self._log)
+        self._open_failed = False
 
     @property
     def is_writer(self) -> bool:
-        """True when this instance writes report files (False on ranks other than 0)."""
-        return self._write
+        """True when this instance writes report files (False on ranks other than 0).
+
+        Unless ``write`` was given, the process group's rank decides once
+        ``torch.distributed`` is initialized (``torch.multiprocessing.spawn`` sets no
+        ``RANK``), else the launcher's ``RANK``.
+        """
+        return self._write if self._write is not None else writer_rank() == 0
 
     @property
     def report_dir(self) -> Path | None:
         """The open report directory, or None while deferred or not writing."""
         writer = self._output.writer
         return None if writer is None else writer.directory
+
+    def _open_at_first_write(self) -> None:
+        """Open the requested directory now that a check is to be written (never raises).
+
+        The report opens at the first write, not at construction: by then a process
+        started by ``torch.multiprocessing.spawn`` knows its rank. Trouble opening it (a
+        writer that took the directory meanwhile) is logged; the checks stay in memory.
+        """
+        if self._output.writer is not None or self._requested_dir is None or self._closed:
+            return
+        if not self.is_writer:
+            return
+        try:
+            self.open(self._requested_dir)
+        except ReportError as error:  # a check never dies of its report (DESIGN.md §10)
+            if not self._open_failed:
+                self._open_failed = True
+                self._log.event(
+                    logging.ERROR,
+                    REPORT_WRITE_FAILED_EVENT,
+                    path=str(self._requested_dir),
+                    error=error_text(error),
+                    errno=None,
+                    detail="could not open the report directory; checks go on and are kept "
+                    "in memory (watch.results), training goes on",
+                )
 
     # -- configuration for integrations --------------------------------------------------
 
@@ -250,7 +291,7 @@ class ReportedWatch:
                 f"report_dir: {writer.directory} is already open, received another "
                 f"directory {str(directory)!r}"
             )
-        if not self._write:
+        if not self.is_writer:
             return
         if directory is None:
             raise ReportError(
@@ -258,6 +299,7 @@ class ReportedWatch:
             )
         self._requested_dir = directory
         self._output.open(directory, self._summary, self._resumed, self._results)
+        self._write = True
 
     def resume(self, step: int, source: str) -> None:
         """Say that this run resumed training from a checkpoint taken at `step`.
@@ -338,7 +380,19 @@ class ReportedWatch:
         """
         if self._closed:
             return
+        self._open_at_first_write()  # a run without a check still leaves its report
         self._closed = True
+        if self._open_failed and self._output.writer is None:
+            self._log.event(
+                logging.ERROR,
+                REPORT_INCOMPLETE_EVENT,
+                report_dir=str(self._requested_dir),
+                unwritten_checks=len(self._results),
+                unwritten_steps=[result.step for result in self._results][:20],
+                summary_written=False,
+                failures={"open": 1},
+                detail="the report directory never opened; every check is in watch.results",
+            )
         self._output.close()
 
     def __enter__(self) -> Self:
@@ -351,6 +405,22 @@ class ReportedWatch:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def writer_rank() -> int:
+    """The rank that decides who writes: torch.distributed's once initialized, else `launched_rank`.
+
+    Looked up in ``sys.modules``: the core never imports torch, and a process that has
+    not imported ``torch.distributed`` has no process group.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None:
+        try:
+            if distributed.is_available() and distributed.is_initialized():
+                return int(distributed.get_rank())
+        except Exception:  # a broken process group leaves the launcher's word
+            pass
+    return launched_rank()
 
 
 def launched_rank() -> int:

@@ -12,7 +12,7 @@ import os
 import platform
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -33,11 +33,14 @@ __all__ = [
     "ReportSummary",
     "RunConfiguration",
     "RunRecord",
+    "RunSelection",
+    "RunSummary",
     "SkippedCheck",
     "StepRecord",
     "TensorColumns",
     "current_environment",
     "now",
+    "run_numbers",
     "step_record",
 ]
 
@@ -175,6 +178,49 @@ class RunRecord(BaseModel):
     notes: list[str] = []
 
 
+RunSelection = int | Literal["latest", "all"]
+"""Which run a reader reads: its number (1 = the first), ``"latest"`` or ``"all"``."""
+
+
+def run_numbers(segments: list[RunRecord]) -> list[int]:
+    """The run (1-based) each process that wrote the report belongs to.
+
+    A process that resumed (``resumed`` set: ``resume_from_checkpoint``, ``ckpt_path``,
+    ``watch.resume``) continues the run before it; any other starts a new run. See
+    docs/runs.md.
+    """
+    numbers: list[int] = []
+    for segment in segments:
+        continues = segment.resumed is not None and numbers
+        numbers.append(numbers[-1] if continues else (numbers[-1] + 1 if numbers else 1))
+    return numbers
+
+
+class RunSummary(BaseModel):
+    """One run of a report, counted over every check it wrote (whichever run is read)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    run: int
+    """1 for the first run in the directory, 2 for the next fresh start, ..."""
+    segments: list[int]
+    """The processes (indices into `Report.runs`) that wrote it: a start and its resumes."""
+    started: str | None = None
+    checks: int = 0
+    alerts: int = 0
+    errors: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    max_ratio: float | None = None
+    """The highest ratio of its completed checks (None: none completed)."""
+    closed: bool = False
+
+    @property
+    def clean(self) -> bool:
+        """No alert and no check that could not run."""
+        return not self.alerts and not self.errors
+
+
 class ReportSummary(BaseModel):
     """The content of ``report.json`` (its size does not grow with the number of checks)."""
 
@@ -224,9 +270,14 @@ class Report(BaseModel):
     step checked by two runs (a resume from a checkpoint before the last check) appears
     twice, the earlier run's first."""
     check_runs: list[int] = Field(default_factory=list)
-    """The run (index into `runs`) that wrote each check of `checks`."""
+    """The process (index into `runs`) that wrote each check of `checks`."""
     runs: list[RunRecord] = Field(default_factory=list)
     """The processes that wrote the report; more than one after a restart or resume."""
+    run: int | None = None
+    """The run (1-based, see `run_summaries`) whose checks `checks` holds; None: every run's."""
+    run_summaries: list[RunSummary] = Field(default_factory=list)
+    """Every run of the report (a fresh start and the resumes that continued it), counted
+    over all its checks, also those of the runs not read."""
     alerts: list[Alert]
     skipped: list[SkippedCheck]
     closed: bool

@@ -28,7 +28,10 @@ from gradwatch._report_models import (
     Report,
     ReportSummary,
     RunRecord,
+    RunSelection,
+    RunSummary,
     TensorColumns,
+    run_numbers,
 )
 from gradwatch.errors import ReportError
 from gradwatch.result import CheckResult
@@ -40,6 +43,7 @@ __all__ = [
     "TruncatedReportWarning",
     "file_kind",
     "load_report",
+    "locate_report",
     "read_summary",
     "shorten",
 ]
@@ -65,6 +69,7 @@ def load_report(
     *,
     compact: bool = False,
     keep_steps: Collection[int] = (),
+    run: RunSelection = "all",
 ) -> Report:
     """Read a report directory written by `GradWatch`.
 
@@ -82,13 +87,17 @@ def load_report(
             ``gradwatch show`` uses: a long run of a large model reads in a few percent
             of the memory the whole checks take.
         keep_steps: with `compact`, steps whose checks are kept whole too.
+        run: which run's checks to read: ``"all"`` (default), ``"latest"`` or its number
+            (1 = the first). A fresh ``train()`` starts a new run, a resume continues
+            one (docs/runs.md); ``Report.run_summaries`` counts every run either way.
 
     Returns:
         The run, with ``.checks`` in step order and ``.alerts`` for every failing check.
 
     Raises:
         ReportError: the directory is missing, holds no report, a file is not a regular
-            file, or a file is corrupt (the message names the file and line).
+            file, or a file is corrupt (the message names the file and line); `run`
+            names no run of the report.
 
     Warns:
         TruncatedReportWarning: the last line of ``checks.jsonl`` is incomplete (the run
@@ -96,20 +105,56 @@ def load_report(
     """
     directory = _report_directory(report_dir)
     notes: list[str] = []
-    reading = _Reading(compact=compact, keep_steps=keep_steps)
+    # report.json first: it says which process wrote which lines (a run's record is
+    # written when it opens, before its first line).
+    summary = _summary_if_present(directory / SUMMARY_FILE, notes)
+    runs = _runs_of(summary)
+    numbers = run_numbers(runs)
+    selected = _selected_run(run, numbers[-1], directory)
+    reading = _Reading(runs, numbers, selected, compact=compact, keep_steps=keep_steps)
     for line, check in _scan_checks(directory / CHECKS_FILE, notes):
         reading.add(line, check)
-    summary = _summary_if_present(directory / SUMMARY_FILE, notes)
     for note in notes:
         warnings.warn(note, TruncatedReportWarning, stacklevel=2)
     return _report_from(directory, summary, reading, notes)
+
+
+def _selected_run(run: object, last: int, directory: Path) -> int | None:
+    """The run number `run` names (None: all), checked against the report's runs."""
+    if run == "all":
+        return None
+    if run == "latest":
+        return last
+    if isinstance(run, int) and not isinstance(run, bool) and 1 <= run <= last:
+        return run
+    raise ReportError(
+        f"run: expected 'latest', 'all' or a run number from 1 to {last} (runs of "
+        f"{str(directory)!r}), received {run!r}"
+    )
 
 
 def _report_directory(report_dir: str | os.PathLike[str]) -> Path:
     """The report directory `report_dir` names, checked to hold ``checks.jsonl``.
 
     Raises:
-        ReportError: the directory is missing, is a file, or holds no ``checks.jsonl``.
+        ReportError: the directory is missing, is a file, cannot be read, or holds no
+            ``checks.jsonl``.
+    """
+    directory = _readable_directory(report_dir)
+    if not os.path.lexists(directory / CHECKS_FILE):
+        found = "only report.json" if os.path.lexists(directory / SUMMARY_FILE) else "neither"
+        raise ReportError(
+            f"{str(directory)!r} is not a gradwatch report: expected {CHECKS_FILE} and "
+            f"{SUMMARY_FILE}, found {found}"
+        )
+    return directory
+
+
+def _readable_directory(report_dir: str | os.PathLike[str]) -> Path:
+    """`report_dir` (or the directory of the report file it names), listed once.
+
+    Raises:
+        ReportError: it is missing, a file, or cannot be listed (permission denied).
     """
     directory = Path(report_dir)
     if directory.name in (CHECKS_FILE, SUMMARY_FILE) and not directory.is_dir():
@@ -121,13 +166,84 @@ def _report_directory(report_dir: str | os.PathLike[str]) -> Path:
         )
     if not directory.is_dir():
         raise ReportError(f"expected a report directory, received the file {str(directory)!r}")
-    if not os.path.lexists(directory / CHECKS_FILE):
-        found = "only report.json" if os.path.lexists(directory / SUMMARY_FILE) else "neither"
+    try:
+        with os.scandir(directory):
+            pass
+    except OSError as error:
+        raise ReportError(
+            f"cannot read the report directory {str(directory)!r}: "
+            f"{error.strerror or error} (expected a directory this user may list and read)"
+        ) from None
+    return directory
+
+
+SEARCH_DEPTH = 3
+"""How far below a directory `locate_report` looks: ``<output_dir>/gradwatch`` (the HF
+Trainer) is 1, ``<root>/lightning_logs/version_0/gradwatch`` (Lightning) is 3."""
+_SEARCH_LIMIT = 5000
+"""Directories `locate_report` visits at most (a checkpoint tree must not make it slow)."""
+
+
+def locate_report(path: str | os.PathLike[str]) -> tuple[Path, bool]:
+    """The report directory at `path` or, when `path` holds none, the one report below it.
+
+    What a user naturally types is the trainer's directory (the HF Trainer's
+    ``output_dir``, Lightning's ``default_root_dir``); the report is a few levels below.
+
+    Returns:
+        (the report directory, True when it was found below `path`).
+
+    Raises:
+        ReportError: `path` is missing or unreadable, holds no report up to `SEARCH_DEPTH`
+            levels below, or holds several (they are listed: name one).
+    """
+    directory = _readable_directory(path)
+    if os.path.lexists(directory / CHECKS_FILE) or os.path.lexists(directory / SUMMARY_FILE):
+        return directory, False
+    found = _reports_below(directory)
+    if len(found) == 1:
+        return found[0], True
+    if not found:
         raise ReportError(
             f"{str(directory)!r} is not a gradwatch report: expected {CHECKS_FILE} and "
-            f"{SUMMARY_FILE}, found {found}"
+            f"{SUMMARY_FILE}, found neither, nor a report directory up to {SEARCH_DEPTH} "
+            "levels below it"
         )
-    return directory
+    listed = "; ".join(str(report) for report in found[:10])
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    raise ReportError(
+        f"{str(directory)!r} holds {len(found)} gradwatch reports, expected one: name the "
+        f"one to read: {listed}{more}"
+    )
+
+
+def _reports_below(directory: Path) -> list[Path]:
+    """Report directories (holding ``checks.jsonl``) up to `SEARCH_DEPTH` levels below."""
+    found: list[Path] = []
+    level = [directory]
+    visited = 0
+    for _ in range(SEARCH_DEPTH):
+        below: list[Path] = []
+        for parent in level:
+            try:
+                with os.scandir(parent) as entries:
+                    children = sorted(
+                        Path(entry.path)
+                        for entry in entries
+                        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+                    )
+            except OSError:
+                continue  # an unreadable corner of the tree is not where the report is
+            for child in children:
+                visited += 1
+                if visited > _SEARCH_LIMIT:
+                    return found
+                if os.path.lexists(child / CHECKS_FILE):
+                    found.append(child)
+                else:
+                    below.append(child)
+        level = below
+    return found
 
 
 def _summary_if_present(path: Path, notes: list[str]) -> ReportSummary | None:
@@ -142,22 +258,17 @@ def _report_from(
     directory: Path, summary: ReportSummary | None, reading: _Reading, notes: list[str]
 ) -> Report:
     """The `Report` of the checks read (in step order, each with its run) and the summary."""
-    runs = _runs_of(summary, len(reading.entries))
-    starts = [run.first_line for run in runs]
     order = sorted(range(len(reading.entries)), key=reading.step_key)  # stable: file order
-    checks = [reading.check(index) for index in order]
-    check_runs = [
-        max(bisect.bisect_right(starts, reading.entries[index][0]) - 1, 0) for index in order
-    ]
-    _count_checks(runs, checks, check_runs)
     report = Report(
         directory=directory.absolute(),
         schema_version=summary.schema_version if summary else SCHEMA_VERSION,
         configuration=summary.configuration if summary else None,
         environment=summary.environment if summary else None,
-        checks=checks,
-        check_runs=check_runs,
-        runs=runs,
+        checks=[reading.check(index) for index in order],
+        check_runs=[reading.segments[index] for index in order],
+        runs=reading.runs,
+        run=reading.selected,
+        run_summaries=list(reading.summaries.values()),
         alerts=[alert for index in order if (alert := reading.entries[index][2]) is not None],
         skipped=summary.skipped if summary else [],
         closed=summary.closed if summary else False,
@@ -179,7 +290,30 @@ class _Reading:
     the checks in step order.
     """
 
-    def __init__(self, *, compact: bool, keep_steps: Collection[int]) -> None:
+    def __init__(
+        self,
+        runs: list[RunRecord],
+        numbers: list[int],
+        selected: int | None,
+        *,
+        compact: bool,
+        keep_steps: Collection[int],
+    ) -> None:
+        self.runs = runs
+        self._numbers = numbers
+        self._starts = [run.first_line for run in runs]
+        self.selected = selected
+        for run in runs:  # counted from the lines read (report.json may lag)
+            run.checks, run.first_step, run.last_step = 0, None, None
+        self.summaries: dict[int, RunSummary] = {}
+        for index, (run, number) in enumerate(zip(runs, numbers, strict=True)):
+            found = self.summaries.setdefault(
+                number, RunSummary(run=number, segments=[], started=run.started)
+            )
+            found.segments.append(index)
+            found.closed = run.closed
+        self.segments: list[int] = []
+        """The process (index into `runs`) that wrote each entry."""
         self.compact = compact
         self.keep_steps = set(keep_steps)
         self.entries: list[tuple[int, CheckResult, Alert | None]] = []
@@ -203,8 +337,13 @@ class _Reading:
         return self.whole.get(index, self.entries[index][1])
 
     def add(self, line: int, check: CheckResult) -> None:
-        index = len(self.entries)
+        segment = max(bisect.bisect_right(self._starts, line) - 1, 0)
         alert = alert_for(check)
+        self._count(segment, check, alert is not None)
+        if self.selected is not None and self._numbers[segment] != self.selected:
+            return
+        index = len(self.entries)
+        self.segments.append(segment)
         if not self.compact:
             self.entries.append((line, check, alert))
             return
@@ -222,11 +361,29 @@ class _Reading:
             if self._first_failing is None or first < self._first_failing[0]:
                 self._first_failing = (first, check)
 
+    def _count(self, segment: int, check: CheckResult, alert: bool) -> None:
+        """Count `check` in its process's record and its run's summary."""
+        record, summary = self.runs[segment], self.summaries[self._numbers[segment]]
+        record.checks += 1
+        summary.checks += 1
+        summary.alerts += alert
+        summary.errors += check.status == "error"
+        if check.status != "error" and (
+            summary.max_ratio is None
+            or ratio_sort_key(check.ratio) > ratio_sort_key(summary.max_ratio)
+        ):
+            summary.max_ratio = check.ratio
+        if check.step is not None:
+            for counted in (record, summary):
+                first, last = counted.first_step, counted.last_step
+                counted.first_step = check.step if first is None else min(first, check.step)
+                counted.last_step = check.step if last is None else max(last, check.step)
 
-def _runs_of(summary: ReportSummary | None, checks: int) -> list[RunRecord]:
+
+def _runs_of(summary: ReportSummary | None) -> list[RunRecord]:
     """The runs that wrote the report (one unknown run when ``report.json`` does not say)."""
     if summary is not None and summary.runs:
-        return [run.model_copy() for run in summary.runs]
+        return [run.model_copy(deep=True) for run in summary.runs]
     closed = summary.closed if summary is not None else False
     environment = summary.environment if summary is not None else None
     return [
@@ -235,24 +392,9 @@ def _runs_of(summary: ReportSummary | None, checks: int) -> list[RunRecord]:
             pid=environment.pid if environment else None,
             started=environment.started if environment else None,
             first_line=0,
-            checks=checks,
             closed=closed,
         )
     ]
-
-
-def _count_checks(runs: list[RunRecord], checks: list[CheckResult], check_runs: list[int]) -> None:
-    """Set each run's checks and first/last step from the checks read (report.json may lag)."""
-    for run in runs:
-        run.checks, run.first_step, run.last_step = 0, None, None
-    for check, index in zip(checks, check_runs, strict=True):
-        run = runs[index]
-        run.checks += 1
-        if check.step is not None:
-            run.first_step = (
-                check.step if run.first_step is None else min(run.first_step, check.step)
-            )
-            run.last_step = check.step if run.last_step is None else max(run.last_step, check.step)
 
 
 def _open_report_file(path: Path) -> IO[bytes]:

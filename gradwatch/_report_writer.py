@@ -16,6 +16,7 @@ import platform
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gradwatch._report_models import (
@@ -35,7 +36,7 @@ from gradwatch.result import CheckResult
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["ReportInUseError", "ReportWriter"]
+__all__ = ["ReportInUseError", "ReportWriter", "probe_writable"]
 
 
 class ReportInUseError(ReportError):
@@ -200,6 +201,53 @@ class ReportWriter:
 
 _LOCK_ATTEMPTS = 5
 """Tries to take ``writer.lock`` when it keeps being removed by writers closing meanwhile."""
+_BUSY_ATTEMPTS = 20
+"""Tries, 10 ms apart, while ``writer.lock`` is held: `probe_writable` holds it shared for
+an instant (a rank that has just been built), an open writer holds it for good."""
+
+
+def probe_writable(directory: str | os.PathLike[str]) -> None:
+    """Refuse now a report directory that the first write would fail on, taking no lock.
+
+    The directory is created and a file written and removed in it; ``checks.jsonl`` must
+    be a regular file (or none); an open writer's ``writer.lock`` is tested with a shared
+    lock let go at once, so ranks built together never refuse each other.
+
+    Raises:
+        ReportInUseError: another writer holds the directory.
+        ReportError: the directory cannot be created or written, or ``checks.jsonl`` is
+            not a regular file.
+    """
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=path, prefix=".gradwatch-probe.")
+        os.close(descriptor)
+        os.unlink(probe)
+        _prepare_checks(path / CHECKS_FILE, count=False)
+        if sys.platform != "win32" and os.path.lexists(path / LOCK_FILE):
+            lock = os.open(path / LOCK_FILE, os.O_RDONLY | NOFOLLOW)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(path / LOCK_FILE, _lock_holder(lock)) from None
+            finally:
+                os.close(lock)
+    except ReportError:
+        raise
+    except OSError as error:
+        raise ReportError(
+            f"report_dir: expected a writable directory, received {str(directory)!r} "
+            f"({error.strerror or error})"
+        ) from error
+
+
+def _in_use(path: Path, holder: str) -> ReportInUseError:
+    return ReportInUseError(
+        f"report_dir: expected a directory no other run is writing, received "
+        f"{str(path.parent)!r}, held by {holder} ({LOCK_FILE}); give this run its "
+        "own report_dir, or start it once that run has closed its report"
+    )
 
 
 def _acquire_lock(path: Path) -> int | None:
@@ -216,15 +264,11 @@ def _acquire_lock(path: Path) -> int | None:
     for _ in range(_LOCK_ATTEMPTS):
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(descriptor)
         except BlockingIOError:
             holder = _lock_holder(descriptor)
             os.close(descriptor)
-            raise ReportInUseError(
-                f"report_dir: expected a directory no other run is writing, received "
-                f"{str(path.parent)!r}, held by {holder} ({LOCK_FILE}); give this run its "
-                "own report_dir, or start it once that run has closed its report"
-            ) from None
+            raise _in_use(path, holder) from None
         except BaseException:
             os.close(descriptor)
             raise
@@ -244,6 +288,22 @@ def _acquire_lock(path: Path) -> int | None:
         f"report_dir: could not take {path} in {_LOCK_ATTEMPTS} attempts (other writers keep "
         "opening and closing it); give this run its own report_dir"
     )
+
+
+def _lock_exclusive(descriptor: int) -> None:
+    """``flock`` it exclusively, waiting out a probe's instant shared lock.
+
+    Raises:
+        BlockingIOError: another writer holds it.
+    """
+    for attempt in range(_BUSY_ATTEMPTS):
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == _BUSY_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01)
 
 
 def _lock_holder(descriptor: int) -> str:
@@ -268,11 +328,12 @@ def _umask() -> int:
     return mask
 
 
-def _prepare_checks(path: Path) -> tuple[int, list[str]]:
+def _prepare_checks(path: Path, *, count: bool = True) -> tuple[int, list[str]]:
     """Count the complete lines of an existing ``checks.jsonl`` and repair its end.
 
     A run killed mid-write leaves an unfinished last line; it is cut off (or completed
     with its newline when the JSON is whole), so the next append starts a clean line.
+    With ``count=False`` only the kind of file is checked.
 
     Returns:
         (complete lines, notes on what was repaired).
@@ -289,6 +350,8 @@ def _prepare_checks(path: Path) -> tuple[int, list[str]]:
             f"{path}: expected a regular file (or none), received {file_kind(status.st_mode)}; "
             "gradwatch writes its own files only"
         )
+    if not count:
+        return 0, []
     notes: list[str] = []
     descriptor = os.open(path, os.O_RDWR | NOFOLLOW)
     try:

@@ -22,6 +22,7 @@ from gradwatch._reading import (
     threshold,
     worst_check,
 )
+from gradwatch._report_models import RunSummary
 from gradwatch.report import Report, RunRecord
 from gradwatch.result import CheckResult, Component
 
@@ -30,6 +31,7 @@ __all__ = [
     "WIDTH",
     "error_text",
     "printable",
+    "runs_line",
     "show_lines",
     "steps_text",
     "tensor_lines",
@@ -92,22 +94,71 @@ def printable(line: str) -> str:
 
 
 def _runs(report: Report) -> list[str]:
-    runs = report.runs
-    if len(runs) <= 1 and not any(run.resumed for run in runs):
-        return []
-    lines = [f"runs: {len(runs)} (restarted or resumed; every run's checks are kept)"]
-    shown = runs if len(runs) <= LISTED_RUNS else [runs[0], *runs[-(LISTED_RUNS - 1) :]]
-    for position, run in enumerate(shown):
-        if position == 1 and len(runs) > LISTED_RUNS:
-            lines.append(f"  ... {len(runs) - LISTED_RUNS} more runs (--json lists them)")
-        who, what = _run_text(run, last=run is runs[-1])
+    """Which run is shown, the others in one line, and the restarts of the shown one."""
+    lines = runs_line(report)
+    shown = report.runs
+    if report.run is not None:
+        (summary,) = [found for found in report.run_summaries if found.run == report.run]
+        shown = [report.runs[index] for index in summary.segments]
+    if len(shown) <= 1 and not any(run.resumed for run in shown):
+        return lines
+    lines.append(f"processes: {len(shown)} (restarted or resumed; every one's checks are kept)")
+    listed = shown if len(shown) <= LISTED_RUNS else [shown[0], *shown[-(LISTED_RUNS - 1) :]]
+    for position, run in enumerate(listed):
+        if position == 1 and len(shown) > LISTED_RUNS:
+            lines.append(f"  ... {len(shown) - LISTED_RUNS} more (--json lists them)")
+        who, what = _run_text(run, last=run is report.runs[-1])
         lines += [f"  {who}", f"    {what}"]
     return lines
 
 
+def runs_line(report: Report) -> list[str]:
+    """``run 2 of 2 (the latest); earlier: run 1 (2 alerts, steps 0..20): --run N``, or nothing.
+
+    A fresh ``train()`` into the same directory is a new run: the verdict is the shown
+    run's; the others are counted in one line so a fixed bug's alerts stay findable.
+    """
+    summaries = report.run_summaries
+    if len(summaries) <= 1:
+        return []
+    if report.run is None:
+        bad = [summary.run for summary in summaries if not summary.clean]
+        verdict = f"runs {_numbers(bad)} have alerts or errors" if bad else "all clean"
+        return [f"all {len(summaries)} runs (--run all): {verdict}"]
+    latest = report.run == summaries[-1].run
+    head = f"run {report.run} of {len(summaries)}" + (" (the latest)" if latest else "")
+    others = [summary for summary in summaries if summary.run != report.run]
+    if len(others) <= 2:
+        described = "; ".join(f"run {summary.run} ({_run_verdict(summary)})" for summary in others)
+    else:
+        bad = [summary.run for summary in others if not summary.clean]
+        described = f"{len(others)} runs, " + (
+            f"runs {_numbers(bad)} with alerts or errors" if bad else "all clean"
+        )
+    return [f"{head}; other runs: {described}; read one with --run N or --run all"]
+
+
+def _run_verdict(summary: RunSummary) -> str:
+    parts = [f"{summary.checks} check{'' if summary.checks == 1 else 's'}"]
+    if summary.alerts:
+        parts.append(f"{summary.alerts} alert{'' if summary.alerts == 1 else 's'}")
+    if summary.errors:
+        parts.append(f"{summary.errors} error{'' if summary.errors == 1 else 's'}")
+    if summary.clean:
+        parts.append("clean")
+    if summary.first_step is not None:
+        parts.append(f"steps {summary.first_step}..{summary.last_step}")
+    return ", ".join(parts)
+
+
+def _numbers(numbers: list[int]) -> str:
+    shown = ", ".join(str(number) for number in numbers[:5])
+    return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+
+
 def _run_text(run: RunRecord, *, last: bool) -> tuple[str, str]:
-    """(``run 1: pid 42 on node1, started ...``, ``resumed from ..., 3 checks (...), closed``)."""
-    who = f"run {run.run}: " + ("pid ?" if run.pid is None else f"pid {run.pid}")
+    """(``process 2: pid 42 on node1, started ...``, ``resumed from ..., 3 checks, closed``)."""
+    who = f"process {run.run + 1}: " + ("pid ?" if run.pid is None else f"pid {run.pid}")
     if run.host:
         who += f" on {_printable(run.host)}"
     if run.started:

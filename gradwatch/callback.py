@@ -45,7 +45,8 @@ from gradwatch._options import (
     validate_sample,
     validate_watch_options,
 )
-from gradwatch._recording import ReportDir, ReportedWatch, WatchState, launched_rank
+from gradwatch._recording import ReportDir, ReportedWatch, WatchState
+from gradwatch._report_writer import probe_writable
 from gradwatch.errors import GradientCheckError, NonFiniteError, ProcessGroupError
 from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
@@ -77,8 +78,10 @@ class GradWatch(ReportedWatch):
         top_k: how many worst components each check keeps.
         seed: seed of the sampled components.
         report_dir: where ``checks.jsonl`` and ``report.json`` go. Created (and tested for
-            writing) at construction. None defers the choice to `open`; checks recorded
-            before that are kept in memory and written when it opens.
+            writing) at construction, opened at the first check written (see
+            docs/runs.md: a new watch on a directory holding a report starts a new run
+            there; `resume` continues the last one). None defers the choice to `open`;
+            checks recorded before that are kept in memory and written when it opens.
         on_alert: "log" (an error-level ``gradient_alert`` event), "raise" (raise
             `GradientCheckError` after the check is written and logged), or a callable
             receiving the failing `CheckResult`. The error event is logged in every case.
@@ -110,8 +113,9 @@ class GradWatch(ReportedWatch):
             unlocalized are named in the notes.
         clock: the wall clock the budget reads (seconds); tests inject a fake one.
         write: False makes this instance write no files; it still checks, logs and
-            alerts. None (default): write unless the launcher (``torchrun``, ``accelerate
-            launch``) set ``RANK`` to a rank other than 0, so only rank 0 writes.
+            alerts. None (default): only rank 0 writes: the rank of ``torch.distributed``
+            once it is initialized (``torch.multiprocessing.spawn`` sets no ``RANK``),
+            else the launcher's ``RANK`` (``torchrun``, ``accelerate launch``).
 
     Raises:
         OptionError: an option is out of range.
@@ -185,9 +189,10 @@ class GradWatch(ReportedWatch):
             ),
             environment=current_environment(),
         )
-        super().__init__(summary, report_dir, launched_rank() == 0 if write is None else write)
-        if self._requested_dir is not None and self._write:
-            self.open(self._requested_dir)
+        super().__init__(summary, report_dir, write)
+        if self._requested_dir is not None and self.is_writer:
+            # Refused now rather than 500 steps later; opened (and locked) at the first write.
+            probe_writable(self._requested_dir)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -212,7 +217,7 @@ class GradWatch(ReportedWatch):
         return list(self._budget.plans)
 
     def __repr__(self) -> str:
-        where = self.report_dir if self._write else "no files (write=False)"
+        where = (self.report_dir or self._requested_dir) if self.is_writer else "no files"
         return (
             f"GradWatch(every={self.every}, sample={self.sample!r}, "
             f"threshold={self.threshold:g}, report_dir={str(where)!r})"
@@ -273,6 +278,8 @@ class GradWatch(ReportedWatch):
         """
         self._log.rank = rank
         self._agree = agree
+        if self._write is None and self._output.writer is None:
+            self._write = rank == 0
 
     def _plan(self, step: int, now: float) -> BudgetPlan | None:
         """The check to run at a due step within the budget, or None to skip it."""
@@ -447,6 +454,7 @@ class GradWatch(ReportedWatch):
         if plan is not None and plan.step == step and plan.action == "reduced":
             update["notes"] = [*result.notes, plan.note(self.sample)]
         stamped = result.model_copy(update=update)
+        self._open_at_first_write()  # before the check joins the results it writes
         self._results.append(stamped)
         cost = stamped.seconds if seconds is None else seconds
         self._budget.charge(cost)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch import __version__
 from gradwatch._html import detailed_steps, report_html
 from gradwatch._plot import write_plot
 from gradwatch._reading import completed as _completed
@@ -31,6 +32,8 @@ from gradwatch._reading import next_step, notable_notes
 from gradwatch._reading import step_of as _step
 from gradwatch._reading import threshold as _threshold
 from gradwatch._reading import worst_check as _worst_check
+from gradwatch._report_models import RunSelection
+from gradwatch._report_reader import locate_report
 from gradwatch._show import error_text, printable, show_lines, steps_text
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report, TruncatedReportWarning, load_report
@@ -55,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: Report | None = None
     step = vars(arguments).get("step")
     try:
+        directory, below = locate_report(arguments.report_dir)
+        if below:  # on stderr: --json output stays one document
+            print(f"gradwatch: reading the report in {printable(str(directory))}", file=sys.stderr)
+        arguments.report_dir = directory
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncatedReportWarning)
             # Only the page keeps every check whole; the other views read a long run of a
@@ -63,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if arguments.command == "html":
                 # The page lists some checks in full: read compact once to choose them, then
                 # keep just those whole (a long run stays in a few percent of the memory).
-                keep = tuple(detailed_steps(load_report(arguments.report_dir, compact=True)))
-            report = load_report(arguments.report_dir, compact=True, keep_steps=keep)
+                chosen = load_report(directory, compact=True, run=arguments.run)
+                keep = tuple(detailed_steps(chosen))
+            report = load_report(directory, compact=True, keep_steps=keep, run=arguments.run)
         for message in report.warnings:
             print(f"gradwatch: warning: {printable(_one_line_text(message))}", file=sys.stderr)
         code: int = arguments.handler(report, arguments)
@@ -81,12 +89,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Read the reports that gradwatch.GradWatch writes."
     )
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("report_dir", metavar="DIR", help="report directory (with report.json)")
+        sub.add_argument(
+            "report_dir",
+            metavar="DIR",
+            help="report directory (with report.json), or a directory with one report "
+            "a few levels below it (the Trainer's output_dir, Lightning's root dir)",
+        )
         sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.add_argument(
+            "--run",
+            type=_run_choice,
+            default="latest",
+            metavar="N|all|latest",
+            help="which run to read: a fresh train() starts a new run, a resume continues "
+            "one (default: latest; N counts from 1)",
+        )
         return sub
 
     show = command(
@@ -110,6 +132,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_choice(text: str) -> RunSelection:
+    if text in ("latest", "all"):
+        return "latest" if text == "latest" else "all"
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a run number >= 1, 'latest' or 'all', received {text!r}"
+        )
+    return number
+
+
 # -- show ---------------------------------------------------------------------------------
 
 
@@ -124,6 +160,8 @@ def _show(report: Report, arguments: argparse.Namespace) -> int:
         payload: dict[str, Any] = {
             "directory": str(report.directory),
             "closed": report.closed,
+            "run": report.run,
+            "run_summaries": [summary.model_dump() for summary in report.run_summaries],
             "runs": [run.model_dump() for run in report.runs],
             "steps": report.steps,
             "ratio": _ratio_summary(report),

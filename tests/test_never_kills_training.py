@@ -303,6 +303,7 @@ def test_full_disk_delivers_every_alert_and_keeps_every_check(
     """With every report write failing ENOSPC, alerts all reach on_alert and nothing raises."""
     received: list[CheckResult] = []
     watch = GradWatch(every=1, report_dir=tmp_path, on_alert=received.append)
+    watch.open()  # the disk fills up after the report opened (it opens at the first write)
     monkeypatch.setattr(ReportWriter, "append_line", no_space)
     monkeypatch.setattr(ReportWriter, "write_summary", no_space)
     with capture_logs() as events:

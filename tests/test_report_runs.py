@@ -107,15 +107,15 @@ def test_resume_from_an_earlier_step_keeps_both_parts_in_step_order(tmp_path: Pa
 def test_show_says_the_report_was_restarted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """gradwatch show lists both runs: the killed one and the resumed one with its step."""
+    """gradwatch show lists both processes of the run: the killed one and the one resuming it."""
     killed_run(tmp_path, 3)
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.resume(3, "my loop")
         watch.record(make_result(1e-9), 3)
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "runs: 2" in out
-    assert "run 0: pid" in out and "3 checks (steps 0..2), not closed: killed" in out
+    assert "processes: 2" in out
+    assert "process 1: pid" in out and "3 checks (steps 0..2), not closed: killed" in out
     assert "resumed from a checkpoint at step 3 (my loop), 1 check (steps 3..3), closed" in out
     assert main(["show", "--json", str(tmp_path)]) == 0
     runs = json.loads(capsys.readouterr().out)["runs"]
