@@ -14,10 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = ROOT / "build" / "api-src"
 
 
+# Before mkdocstrings reads its `paths`, which it drops when they do not exist yet.
+@event_priority(100)
 def on_config(config: Any) -> Any:
     """Rebuild the installed layout of the package under build/api-src."""
     package = LAYOUT / "gradwatch"
