@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch._uninterrupted import restoring
+
 __all__ = ["bisect", "bisection_cost"]
 
 F64 = npt.NDArray[np.float64]
@@ -59,13 +61,15 @@ def bisect(
 
     def error(low: int, high: int) -> float:
         backup = view[low:high].copy()
-        try:
-            view[low:high] = ups[low:high]
-            plus = evaluate(f"{where}[{low}:{high}] + h v")
-            view[low:high] = downs[low:high]
-            minus = evaluate(f"{where}[{low}:{high}] - h v")
-        finally:
+
+        def put_back() -> None:
             view[low:high] = backup
+
+        with restoring(put_back) as region:
+            view[low:high] = ups[low:high]
+            plus = region.run(evaluate, f"{where}[{low}:{high}] + h v")
+            view[low:high] = downs[low:high]
+            minus = region.run(evaluate, f"{where}[{low}:{high}] - h v")
         return (plus - minus) / (2 * step) - float(analytic[low:high].sum())
 
     low, high = 0, view.size

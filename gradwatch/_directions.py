@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, norm_ratio
 from gradwatch._objective import Evaluator
+from gradwatch._uninterrupted import restoring
 from gradwatch.params import NamedTensors
 
 __all__ = [
@@ -308,14 +309,13 @@ def _numeric_along(
             values += theta
             theta[...] = values
 
-    try:
+    # put_back on exit, and before any interrupt goes on: no signal leaves theta +- h v.
+    with restoring(put_back) as region:
         move(+1.0)
-        plus = objective.value(f"{direction.where} (+)")
+        plus = region.run(objective.value, f"{direction.where} (+)")
         put_back()
         move(-1.0)
-        minus = objective.value(f"{direction.where} (-)")
-    finally:
-        put_back()
+        minus = region.run(objective.value, f"{direction.where} (-)")
     return (plus - minus) / (2 * h)
 
 

@@ -5,7 +5,9 @@ trainable parameters that are views of numpy arrays, so the core's in-place
 perturbation of one component is what the shadow's next forward sees, and a moved
 tensor is restored exactly from the model's own values. `RngState` forks every
 global random generator and puts it back; `_untouched_globals` also restores torch's
-default dtype, grad mode and the modules' train/eval modes.
+process-wide settings (`_SETTINGS`: default dtype, grad mode, threads, deterministic
+algorithms, anomaly detection, matmul precision, backend flags) and the modules'
+train/eval modes, also when an interrupt ends the check.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._shadow_mode import HeldRow
+from gradwatch.integrations._shadow_mode import HeldRow, ShadowMode
 from torch import nn
 
+from gradwatch._uninterrupted import restoring
 from gradwatch.errors import OptionError, ParameterError
 
 __all__ = [
@@ -158,21 +161,93 @@ def _same_numpy_state(first: Any, second: Any) -> bool:
     )
 
 
+_SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], object]], ...] = (
+    ("default dtype", torch.get_default_dtype, torch.set_default_dtype),
+    ("grad mode", torch.is_grad_enabled, torch.set_grad_enabled),
+    ("threads", torch.get_num_threads, torch.set_num_threads),
+    (
+        "deterministic algorithms",
+        lambda: (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1]),
+    ),
+    (
+        "anomaly detection",
+        lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+        lambda value: torch.autograd.set_detect_anomaly(value[0], check_nan=value[1]),
+    ),
+    (
+        "float32 matmul precision",
+        torch.get_float32_matmul_precision,
+        torch.set_float32_matmul_precision,
+    ),
+    *(
+        (
+            f"torch.backends.{backend.__name__.rsplit('.', 1)[-1]}.{flag}",
+            lambda backend=backend, flag=flag: getattr(backend, flag),
+            lambda value, backend=backend, flag=flag: setattr(backend, flag, value),
+        )
+        for backend, flags in (
+            (torch.backends.cudnn, ("enabled", "benchmark", "deterministic")),
+            (torch.backends.mkldnn, ("enabled",)),
+        )
+        for flag in flags
+    ),
+)
+"""Process-wide torch settings a loss may change (on purpose or not) and a check puts back:
+each a name, a getter and a setter of what the getter returned."""
+
+
+def _capture_settings() -> list[tuple[Callable[[Any], object], Any]]:
+    """Each setting's setter and its value now (a setting torch cannot read is left alone)."""
+    captured = []
+    for _, get, put in _SETTINGS:
+        try:
+            captured.append((put, get()))
+        except Exception:  # e.g. a matmul precision set through mixed APIs
+            continue
+    return captured
+
+
 @contextmanager
 def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
-    """Fork the RNGs; on exit restore them, the default dtype, grad mode and train modes."""
+    """Fork the RNGs; on exit put back every generator, every torch setting of `_SETTINGS`,
+    the modules' train modes and the function-mode stack.
+
+    The body is interruptible as usual; a signal whose handler raises (Ctrl-C, a SIGTERM
+    handled as SystemExit) finds everything put back first, and no signal splits the
+    restore itself (`gradwatch._uninterrupted`).
+    """
     rng = RngState.capture()
-    default_dtype = torch.get_default_dtype()
-    grad_enabled = torch.is_grad_enabled()
+    settings = _capture_settings()
     modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield rng
-    finally:
+    function_modes = torch._C._len_torch_function_stack()
+
+    def restore() -> None:
         rng.restore()
-        torch.set_default_dtype(default_dtype)
-        torch.set_grad_enabled(grad_enabled)
+        for put, value in settings:
+            put(value)
         for module, training in modes:
             module.training = training
+
+    def finish() -> None:
+        # A mode whose exit an interrupt skipped (the shadow's) must not outlive the check;
+        # on exit only: after an interrupt, the unwinding still pops it.
+        while torch._C._len_torch_function_stack() > function_modes and isinstance(
+            torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1),
+            ShadowMode,
+        ):
+            torch._C._pop_torch_function_stack()
+
+    with restoring(restore, finish) as region:
+        try:
+            with region.opened():
+                yield rng
+        except GeneratorExit:  # closed when collected: an interrupt restored long ago
+            region.abandon()
+            raise
 
 
 # --------------------------------------------------------------------------- the shadow
