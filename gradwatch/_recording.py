@@ -29,6 +29,7 @@ from gradwatch._events import (
 )
 from gradwatch._failed_checks import error_kind, error_text
 from gradwatch._options import checked_step
+from gradwatch._report_models import run_numbers
 from gradwatch.errors import OptionError, ReportError
 from gradwatch.report import ReportSummary, ReportWriter
 from gradwatch.result import CheckResult
@@ -364,6 +365,45 @@ class ReportedWatch:
         if text not in self._summary.configuration.notes:
             self._summary.configuration.notes.append(text)
             self._output.flush_summary()
+
+    # -- one line for the framework's own log, at train begin and end ---------------------
+
+    def begin_line(self) -> str:
+        """``gradwatch: checking the gradient every 500 steps; report in DIR``.
+
+        Integrations log it through the framework's logger (never configuring logging);
+        a plain loop that wants it prints it.
+        """
+        every = self._summary.configuration.every
+        text = f"gradwatch: checking the gradient every {every} step{'' if every == 1 else 's'}"
+        writer = self._output.writer
+        where = self.report_dir or self._requested_dir
+        if not self.is_writer or where is None:
+            return text + "; this process writes no report"
+        text += f"; report in {where}"
+        if writer is not None:
+            run = run_numbers(writer.summary.runs)[-1]
+            if run > 1:
+                text += f" (run {run} there; gradwatch show reads the latest run)"
+        return text
+
+    def end_line(self) -> str:
+        """The run's verdict in one line: ``gradwatch: 3 checks, all clean; gradwatch show DIR``."""
+        results = self._results
+        failed = [result for result in results if result.status == "fail"]
+        errors = [result for result in results if result.status == "error"]
+        count = f"{len(results)} check{'' if len(results) == 1 else 's'}"
+        if not results:
+            verdict = "no check was due"
+        elif failed:
+            verdict = f"{len(failed)} of {count} failed, first at step {failed[0].step}"
+        elif errors:
+            verdict = f"{len(errors)} of {count} could not run, first at step {errors[0].step}"
+        else:
+            worst = max(result.ratio for result in results)
+            verdict = f"{count}, no alert (ratio at most {worst:.1e})"
+        where = self.report_dir
+        return f"gradwatch: {verdict}" + ("" if where is None else f"; gradwatch show {where}")
 
     def _refuse_when_closed(self, step: object) -> None:
         if self._closed:

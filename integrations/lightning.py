@@ -35,6 +35,15 @@ the optimizer itself, so pass ``loss_fn``.
 
 from __future__ import annotations
 
+try:  # without its framework, say which extra installs it (not a bare ModuleNotFoundError)
+    import lightning  # noqa: F401
+    import torch
+except ImportError as missing:
+    raise ImportError(
+        f"gradwatch.integrations.lightning needs {missing.name or 'lightning'}: "
+        'pip install "gradwatch[lightning]"'
+    ) from missing
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +55,7 @@ from gradwatch.integrations._shadow import RngState
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import TrainingWatch, check_step_notes, result_metrics
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from gradwatch.callback import WatchState
@@ -172,6 +182,7 @@ class GradWatch(TrainingWatch, Callback):
             resumed_at=trainer.global_step,  # restored from ckpt_path before on_train_start
             resumed_by="lightning ckpt_path",
         )
+        rank_zero_info(self.watch.begin_line())
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -220,3 +231,4 @@ class GradWatch(TrainingWatch, Callback):
         self._batch = self._batch_idx = None
         self._armed = False
         self.finish()
+        rank_zero_info(self.watch.end_line())

@@ -49,6 +49,15 @@ classifier, is trained on the world size times its mean loss, and J is that too)
 
 from __future__ import annotations
 
+try:  # without its framework, say which extra installs it (not a bare ModuleNotFoundError)
+    import torch
+    import transformers  # noqa: F401
+except ImportError as missing:
+    raise ImportError(
+        f"gradwatch.integrations.transformers needs {missing.name or 'transformers'}: "
+        'pip install "gradwatch[transformers]"'
+    ) from missing
+
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,10 +75,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer_callback import ExportableState
+from transformers.utils import logging as transformers_logging
 
 from gradwatch.callback import WatchState
 from gradwatch.errors import LossError, MissingBatchError, OptionError
 from gradwatch.result import CheckResult
+
+_logger = transformers_logging.get_logger("transformers.integrations.gradwatch")
+"""Under the ``transformers`` logger: the Trainer's ``log_level`` decides what shows."""
 
 __all__ = ["GradWatch", "model_loss"]
 
@@ -244,6 +257,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             self._capture.remove()
         self._capture = BatchCapture(model)
         self._observe_compute_loss()
+        _logger.info(self.watch.begin_line())  # shown at the Trainer's log_level
 
     def _observe_compute_loss(self) -> None:
         """With the ``trainer`` the user passed and a user ``loss_fn``, also keep what
@@ -364,6 +378,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         ):
             del self._trainer.compute_loss
         self.finish()
+        _logger.info(self.watch.end_line())
 
     # -- helpers ----------------------------------------------------------------------
 
