@@ -6,6 +6,7 @@ The sweep raises a real SIGINT at the start of evenly spaced Python calls of a c
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -24,7 +25,7 @@ SCENARIOS = numpy_scenarios()
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_an_interrupt_at_any_call_restores_everything(scenario: Scenario) -> None:
-    """Each injected SIGINT leaves theta and the RNGs as they were and comes out as KeyboardInterrupt."""
+    """Each injected SIGINT leaves theta and the RNGs as they were and comes out."""
     outcome = sweep(scenario, POINTS)
     assert outcome.tried >= POINTS * 0.9
     assert outcome.restored == outcome.tried
@@ -41,18 +42,17 @@ def test_a_signal_while_theta_is_moved_waits_for_the_restore() -> None:
     def put_back() -> None:
         theta.fill(0.0)
 
-    with pytest.raises(KeyboardInterrupt):
-        with restoring(put_back):
-            theta[2] = 1e-3
-            signal.raise_signal(signal.SIGINT)  # held: nothing raised here
-            seen.append(float(theta.sum()))
+    with pytest.raises(KeyboardInterrupt), restoring(put_back):
+        theta[2] = 1e-3
+        signal.raise_signal(signal.SIGINT)  # held: nothing raised here
+        seen.append(float(theta.sum()))
     assert seen == [1e-3]
     assert not theta.any()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_handler_that_does_not_raise_runs_after_the_restore() -> None:
-    """A SIGTERM handler that only sets a flag (a trainer's) runs once theta is back; the check goes on."""
+    """A SIGTERM handler that only sets a flag (a trainer's) runs once theta is back."""
     theta = np.array([1.0, 2.0])
     calls: list[float] = []
 
@@ -82,10 +82,8 @@ def test_an_interrupt_the_loss_swallows_still_ends_the_check() -> None:
         nonlocal calls
         calls += 1
         if calls == 3:  # the first evaluation along the direction (two probes before)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                pass
         return float(np.sum(np.sin(params["W"])))
 
     with pytest.raises(KeyboardInterrupt):
@@ -94,7 +92,7 @@ def test_an_interrupt_the_loss_swallows_still_ends_the_check() -> None:
 
 
 def test_off_the_main_thread_a_check_restores_and_leaves_signals_alone() -> None:
-    """In a worker thread (no signal handler runs there) the screen restores theta and installs nothing."""
+    """In a worker thread (where no handler runs) the screen restores theta, installs nothing."""
     _, scenario, *_ = SCENARIOS
     before = scenario.state()
     handlers: list[object] = []

@@ -1,6 +1,6 @@
-"""A signal at any moment of ``check_module``: RNGs, ``.grad``, buffers and settings come back (issue 27).
+"""A signal at any moment of ``check_module``: RNGs, ``.grad``, buffers, settings come back.
 
-A real SIGINT (and a SIGTERM handled as SystemExit) is raised at the start of evenly
+Issue 27: a real SIGINT (and a SIGTERM handled as SystemExit) is raised at the start of evenly
 spaced Python calls of the check (``benchmarks.interrupts``).
 """
 
