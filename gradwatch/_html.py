@@ -43,6 +43,13 @@ TENSORS_PER_CHECK = 12
 """Tensor rows per listed check: every non-ok one up to this, then the highest ratios."""
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 _FLOOR = -16.0
+_CEILING = 2.0
+"""log10 ratios drawn at most (a correct ratio is <= 1; inf, NaN or 1e999 from a mutated
+report are drawn at the top, never turned into an axis of 999 decades)."""
+_CONTROL_CHARACTERS = {
+    code: "\N{REPLACEMENT CHARACTER}" for code in [*range(0x20), *range(0x7F, 0xA0)]
+} | {ord("\n"): "\n", ord("\t"): "\t"}
+"""C0 and C1 control characters (ESC, BEL, CSI, ...) replaced; newlines and tabs kept."""
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222}
@@ -95,12 +102,15 @@ def report_html(report: Report) -> str:
         _heatmap_section(report),
         _checks_section(report),
     ]
-    return (
+    page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
         + "\n".join(body)
         + f"<script>{_SCRIPT}</script></body></html>\n"
     )
+    # Names and notes come from a file anyone may have written: `cat report.html` must
+    # not pass an escape sequence or a bell to the terminal.
+    return page.translate(_CONTROL_CHARACTERS)
 
 
 def _status_of(report: Report) -> str:
@@ -313,7 +323,10 @@ def _integer_ticks(first: int, last: int, most: int = 10) -> list[int]:
 
 
 def _log(ratio: float) -> float:
-    return _FLOOR if ratio <= 0 else max(math.log10(ratio), _FLOOR)
+    """log10 of `ratio` within [`_FLOOR`, `_CEILING`] (NaN, the worst news, at the top)."""
+    if math.isnan(ratio):
+        return _CEILING
+    return _FLOOR if ratio <= 0 else min(max(math.log10(ratio), _FLOOR), _CEILING)
 
 
 # -- heatmap ------------------------------------------------------------------------------

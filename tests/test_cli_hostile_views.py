@@ -1,0 +1,51 @@
+"""Views of a hostile report: 1e999 ratios and control characters in tensor names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gradwatch import GradWatch
+from gradwatch.cli import main
+from tests.test_cli import make_result
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def hostile_report(directory: Path) -> None:
+    """Three checks of a tensor named with ESC and BEL; the second's ratio is 1e999."""
+    with GradWatch(every=1, report_dir=directory) as watch:
+        for step in range(3):
+            watch.record(make_result({"W1\x1b[2J\x07": 1e-9, "b1": 2e-9}), step)
+    lines = (directory / "checks.jsonl").read_text().splitlines()
+    lines[1] = re.sub(r'"ratio":[^,]*', '"ratio":1e999', lines[1], count=1)
+    (directory / "checks.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show"],
+        ["trend"],
+        ["worst"],
+        ["html", "-o", "page.html"],
+        ["html", "--json", "-o", "p.html"],
+    ],
+)
+def test_every_view_copes_with_1e999_and_passes_no_control_character(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """Each view exits 0 or 1 on a 1e999 ratio; no output, file included, holds ESC or BEL."""
+    hostile_report(tmp_path / "report")
+    command, *options = argv
+    options = [str(tmp_path / option) if option.endswith(".html") else option for option in options]
+    code = main([command, str(tmp_path / "report"), *options])
+    captured = capsys.readouterr()
+    assert code in (0, 1)
+    assert not CONTROL.search(captured.out + captured.err)
+    for page in tmp_path.glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert not CONTROL.search(text)
+        assert "W1\N{REPLACEMENT CHARACTER}[2J\N{REPLACEMENT CHARACTER}" in text
