@@ -21,6 +21,11 @@ import pytest
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 FRAMEWORKS = ("transformers", "lightning")
+HOW_TO_FIX = (
+    "{where}: every ```python block in docs/ runs as a test (a block starting with an import "
+    "starts a sample, the blocks after it continue it); make it run, or fence a fragment "
+    "(lines out of a larger program) as ```py, which is highlighted but not run"
+)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,11 @@ def test_sample_runs_and_prints_what_the_page_says(
     namespace: dict[str, object] = {"__name__": "docs_sample"}
     for block in sample:
         out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)
+        except Exception as error:
+            error.add_note(HOW_TO_FIX.format(where=f"docs/{page}:{block.line}"))
+            raise
         if block.prints is not None:
             assert out.getvalue() == block.prints, f"{page}:{block.line}"
