@@ -56,6 +56,9 @@ def label_worst(
         h_plus, h_minus, plus_half, minus_half = _half_step(
             objective, tensors, comparison, i, component, loss0
         )
+        if h_plus + h_minus == 0:  # h/2 rounds to theta in its dtype: nothing to read
+            component.diagnosis = "roundoff"
+            continue
         step = comparison.steps[i] / 2
         error_h = abs(component.numeric - component.analytic)
         numeric_half = (plus_half - minus_half) / (h_plus + h_minus)

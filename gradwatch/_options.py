@@ -25,6 +25,8 @@ __all__ = [
     "checked_step",
     "validate_check_options",
     "validate_sample",
+    "validate_seed",
+    "validate_step",
     "validate_terms",
     "validate_watch_options",
 ]
@@ -46,6 +48,8 @@ def validate_check_options(
     warn: object,
     threshold: object,
     localize_evaluations: object = 0,
+    seed: object = 0,
+    diagnose: object = True,
 ) -> None:
     """The options a check takes, ``sample`` aside (`validate_sample`: it needs theta's size).
 
@@ -54,6 +58,9 @@ def validate_check_options(
     """
     if eps is not None and not _positive_number(eps):
         raise OptionError(f"eps: expected None or a finite float > 0, received {eps!r}")
+    validate_seed(seed)
+    if not isinstance(diagnose, bool | np.bool_):
+        raise OptionError(f"diagnose: expected True or False, received {diagnose!r}")
     if not _whole_number(top_k):
         raise OptionError(f"top_k: expected an int >= 0, received {top_k!r}")
     for name, value in (("warn", warn), ("threshold", threshold)):
@@ -100,8 +107,7 @@ def validate_watch_options(
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise OptionError(f"every: expected an int >= 1 (optimizer updates), received {every!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise OptionError(f"seed: expected an int, received {seed!r}")
+    validate_seed(seed)
     if not (on_alert in ("log", "raise") or callable(on_alert)):
         raise OptionError(
             f'on_alert: expected "log", "raise" or a callable taking the CheckResult, '
@@ -112,6 +118,41 @@ def validate_watch_options(
     if budget is not None and not (_positive_number(budget) and budget <= 1):  # type: ignore[operator]
         raise OptionError(
             f"budget: expected None or a share of training time in (0, 1], received {budget!r}"
+        )
+
+
+def validate_seed(seed: object) -> None:
+    """A seed numpy's generators take: an int >= 0 (a numpy integer is one)."""
+    if not _whole_number(plain_int(seed)):
+        raise OptionError(f"seed: expected an int >= 0, received {seed!r}")
+
+
+def validate_step(eps: float | None, tensors: NamedTensors, diagnose: bool) -> None:
+    """A given ``eps`` must move every entry of theta in its dtype, half of it too when
+    the diagnosis steps by eps/2: theta +- eps rounding to theta is a zero difference
+    (a false alarm, or a division by a zero step).
+
+    The entry of largest magnitude has the coarsest spacing: if it moves, all do.
+    """
+    if eps is None:
+        return
+    smallest = eps / 2 if diagnose else eps
+    for name in tensors.names:
+        array = tensors.params[name]
+        if array.size == 0:
+            continue
+        dtype = array.dtype.type
+        largest = dtype(max(abs(float(array.max())), abs(float(array.min()))))
+        up, down = dtype(largest + dtype(smallest)), dtype(largest - dtype(smallest))
+        if up != largest and down != largest and dtype(smallest) != 0:
+            continue
+        needed = 2 * float(np.spacing(largest)) * (2 if diagnose else 1)
+        raise OptionError(
+            f"eps: expected a step that moves every entry of {name!r} in {array.dtype} "
+            f"(at least {needed:.3g} for |theta| up to {float(largest):.3g}"
+            + (", the diagnosis stepping by eps/2" if diagnose else "")
+            + f"), received {eps!r}: theta +- {smallest:.3g} rounds to theta; "
+            "eps=None picks a step for the dtype"
         )
 
 

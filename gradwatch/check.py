@@ -39,6 +39,7 @@ from gradwatch._options import (
     plain_int,
     validate_check_options,
     validate_sample,
+    validate_step,
     validate_terms,
 )
 from gradwatch._sampling import (
@@ -170,10 +171,14 @@ def check(
         warn=warn,
         threshold=threshold,
         localize_evaluations=localize_evaluations,
+        seed=seed,
+        diagnose=diagnose,
     )
     tensors = named_tensors(params, grads)
     sample, capped = _within_theta(sample, tensors.size)
     validate_sample(sample, tensors.size)
+    validate_step(eps, tensors, bool(diagnose))
+    # Everything is validated before J is first evaluated: no bad input costs a check.
     objective = Evaluator(loss, tensors, validate_terms(regularization, tensors))
     run = _Check.start(objective, tensors, eps, warn, threshold, seed, top_k, diagnose)
     run.notes.extend(capped)
