@@ -59,6 +59,12 @@ h1{font-size:1.35em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid 
 .fail,.error{background:#b3261e}.ok{background:#2e7d32}.warn{background:#b26a00}
 .nondeterministic{background:#666}
 table{border-collapse:collapse;margin:.4em 0}
+table.wrap{table-layout:fixed;width:100%}table.wrap td{overflow-wrap:anywhere}
+.wrap th:first-child{width:4em}.alerts th:nth-child(2){width:6em}
+.alerts th:nth-child(3),.alerts th:nth-child(4),.errors th:nth-child(2){width:18%}
+.errors td:nth-child(2){white-space:normal}
+.heat th.s{font:10px ui-monospace,monospace;font-weight:400;writing-mode:vertical-rl;
+transform:rotate(180deg);vertical-align:bottom;padding:0}
 td,th{padding:.1em .5em;text-align:left;vertical-align:top}
 td:nth-child(2){white-space:nowrap}
 tr:nth-child(even){background:#f6f6f6}code,.mono{font-family:ui-monospace,monospace}
@@ -169,15 +175,16 @@ def _alerts(report: Report) -> str:
     parts = ["<h2>Alerts</h2>"]
     if rows:
         parts.append(
-            "<table><tr><th>step</th><th>ratio</th><th>tensor</th><th>worst component</th>"
-            "<th>alert</th></tr>" + "".join(rows) + "</table>"
+            # Fixed layout within the page's width: long names and messages wrap.
+            "<table class='wrap alerts'><tr><th>step</th><th>ratio</th><th>tensor</th>"
+            "<th>worst component</th><th>alert</th></tr>" + "".join(rows) + "</table>"
         )
     else:
         parts.append("<p>No alerts.</p>")
     if errors:
         parts.append(
-            "<h2>Checks that could not run</h2><table><tr><th>step</th><th>in</th>"
-            "<th>error</th></tr>" + "".join(errors) + "</table>"
+            "<h2>Checks that could not run</h2><table class='wrap errors'>"
+            "<tr><th>step</th><th>in</th><th>error</th></tr>" + "".join(errors) + "</table>"
         )
     return "\n".join(parts)
 
@@ -204,6 +211,9 @@ def _trend_section(report: Report) -> str:
     )
     if band:
         legend += f"<span>grey band: the other {len(ranked) - HIGHLIGHTED} tensors</span>"
+    screened = [step_of(check) for check in checks if screened_only(check)]
+    if screened:
+        legend += f"<span>{escape(_screened_note(screened, len(checks)))}</span>"
     legend += "<span style='color:#b3261e'>--- threshold</span><span>&#x2715; alert</span>"
     return f"<h2>Ratio trend</h2>{svg}<p class='legend'>{legend}</p>"
 
@@ -344,11 +354,19 @@ def _heatmap_section(report: Report) -> str:
     bins = _bins(len(checks))
     cell = max(8, min(40, 640 // len(bins)))
     warn, limit = checks[-1].warn, threshold(report)
+    labelled = max(1, math.ceil(len(bins) / 16))  # a step label on every few columns
     head = "".join(
-        f"<th title='steps {step_of(checks[a])}..{step_of(checks[b - 1])}'></th>" for a, b in bins
+        f"<th class='s' title='steps {step_of(checks[a])}..{step_of(checks[b - 1])}'>"
+        f"{step_of(checks[a]) if column % labelled == 0 else ''}</th>"
+        for column, (a, b) in enumerate(bins)
     )
     rows = []
     binned = _binned_ratios(report, checks, bins)
+    screened = [step_of(check) for check in checks if screened_only(check)]
+    if screened:
+        parts.append(f"<p class='note'>{escape(_screened_note(screened, len(checks)))}.</p>")
+    if len(screened) == len(checks):
+        return "\n".join(parts)
     for name in report.tensor_names:
         cells = []
         worst = -math.inf
@@ -387,6 +405,14 @@ def _heatmap_section(report: Report) -> str:
         + "</table>"
     )
     return "\n".join(parts)
+
+
+def _screened_note(steps: list[int], checks: int) -> str:
+    where = "every check" if len(steps) == checks else f"{len(steps)} of {checks} checks"
+    return (
+        f"tensors screened together at {where} (steps {_steps(steps)}): none was checked on "
+        "its own there, so they have no per-tensor ratio (blank cells)"
+    )
 
 
 def _binned_ratios(

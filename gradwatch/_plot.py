@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._reading import completed, nan_last, step_of, threshold
+from gradwatch._reading import completed, nan_last, screened_only, step_of, threshold
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report
 
@@ -81,14 +81,17 @@ def plot_figure(report: Report) -> Figure:
     axes = figure.add_subplot()
     if rest:
         _band(axes, {name: series[name] for name in rest})
+    global_ratio = {step_of(check): check.ratio for check in checks}
     for name in highlighted:
         steps, ratios = series[name]
+        hidden = _under(steps, ratios, global_ratio)
         axes.plot(
             steps,
             np.maximum(ratios, FLOOR),  # NaN stays NaN (a gap)
             marker=".",
             lw=1.2,
-            label=_shorten(name),
+            # Drawn exactly under the global line: a legend entry would name an unseen line.
+            label="_nolegend_" if hidden else _shorten(name),
         )
     axes.plot(
         [step_of(check) for check in checks],
@@ -131,9 +134,32 @@ def plot_figure(report: Report) -> Figure:
         f"gradwatch: {Path(*report.directory.parts[-2:])}: "
         f"{len(series)} tensors, {len(report.checks)} checks"
     )
+    screened = [check for check in checks if screened_only(check)]
+    if screened:
+        where = "every check" if len(screened) == len(checks) else f"{len(screened)} checks"
+        axes.text(
+            0.01,
+            0.98,
+            f"tensors screened together at {where}: no per-tensor ratio there",
+            transform=axes.transAxes,
+            va="top",
+            fontsize="small",
+            color="0.3",
+        )
     axes.grid(True, which="major", alpha=0.3)
     figure.legend(loc="outside lower center", ncols=3, fontsize="small", frameon=False)
     return figure
+
+
+def _under(
+    steps: npt.NDArray[np.int64], ratios: npt.NDArray[np.float64], global_ratio: dict[int, float]
+) -> bool:
+    """True when a tensor's series is within 5% of the global ratio at each of its steps (a
+    one-tensor model, or the tensor that sets it): its line hides under the global one."""
+    if not ratios.size:
+        return True
+    reference = np.array([global_ratio.get(int(step), np.nan) for step in steps])
+    return bool(np.allclose(ratios, reference, rtol=0.05, atol=0.0, equal_nan=True))
 
 
 def _highest(ratios: npt.NDArray[np.float64]) -> float:

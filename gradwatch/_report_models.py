@@ -309,16 +309,19 @@ class Report(BaseModel):
 
     @property
     def tensor_names(self) -> list[str]:
-        """Every tensor seen in any check, in first-seen order."""
+        """Every tensor checked on its own in some check (see `TensorColumns`), first seen first."""
         if self._columns is not None:
             return list(self._columns)
         names: dict[str, None] = {}
         for check in self.checks:
-            names.update(dict.fromkeys(check.tensors))
+            names.update(dict.fromkeys(name for name, t in check.tensors.items() if t.checked))
         return list(names)
 
     def tensor_ratios(self) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
         """Per-tensor ratio series as arrays: tensor name -> (steps, ratios), in step order.
+
+        Measured ratios only: the checks where a tensor was not checked on its own (only
+        the all-tensor screen ran) add no point to its series.
 
         Eight bytes a ratio, also for a compact report (whose checks do not carry them).
         """
@@ -353,7 +356,12 @@ class Report(BaseModel):
 
 
 class TensorColumns:
-    """Per-tensor ratios gathered check by check: 8 bytes a ratio, plus 8 for its check."""
+    """Per-tensor ratios gathered check by check: 8 bytes a ratio, plus 8 for its check.
+
+    Only measured ratios: a tensor not checked on its own (``checked == 0``, e.g. every
+    tensor of a check where only the all-tensor screen ran) has no ratio of its own, and
+    its row in the views says "screened together" instead of repeating the global one.
+    """
 
     def __init__(self) -> None:
         self._at: dict[str, array[int]] = {}
@@ -361,6 +369,8 @@ class TensorColumns:
 
     def add(self, position: int, check: CheckResult) -> None:
         for name, tensor in check.tensors.items():
+            if not tensor.checked:  # screened together with the others: no ratio of its own
+                continue
             if name not in self._at:
                 self._at[name], self._ratios[name] = array("q"), array("d")
             self._at[name].append(position)

@@ -28,7 +28,7 @@ from gradwatch._plot import write_plot
 from gradwatch._reading import completed as _completed
 from gradwatch._reading import format_ratio as _g
 from gradwatch._reading import nan_last as _nan_last
-from gradwatch._reading import next_step, notable_notes
+from gradwatch._reading import next_step, notable_notes, screened_only
 from gradwatch._reading import step_of as _step
 from gradwatch._reading import threshold as _threshold
 from gradwatch._reading import worst_check as _worst_check
@@ -218,8 +218,13 @@ def _trend(report: Report, arguments: argparse.Namespace) -> int:
         f"({len(completed)} checks); log scale 1e{low:.0f} {blocks[0]} .. {blocks[-1]} "
         f"1e{high:.0f}; threshold {_g(threshold)}"
     )
+    screened = [_step(check) for check in completed if screened_only(check)]
+    if screened:
+        _say(_screened_text(screened, len(completed)))
     width = max(len(name) for name, _, _ in rows)
     for name, steps, ratios in rows:
+        if not ratios.size:
+            continue
         line = _sparkline(ratios.tolist(), blocks)
         over = np.flatnonzero(np.isnan(ratios) | (ratios >= threshold))
         since = f"  >= threshold from step {steps[over[0]]}" if over.size else ""
@@ -229,6 +234,14 @@ def _trend(report: Report, arguments: argparse.Namespace) -> int:
             f"last {_g(float(ratios[-1]))}  max {_g(maximum)}{since}"
         )
     return EXIT_CLEAN
+
+
+def _screened_text(steps: list[int], checks: int) -> str:
+    where = "every check" if len(steps) == checks else f"{len(steps)} of {checks} checks"
+    return (
+        f"tensors screened together at {where} (steps {steps_text(steps)}): none was checked "
+        "on its own there, so no per-tensor ratio is drawn for them"
+    )
 
 
 def _print_trend_json(
@@ -296,9 +309,21 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
         f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
         f"{check.checked} of {check.size} components checked ({check.mode})"
     )
-    _say("tensors: " + _tensors_text(check))
-    if not check.worst:
-        _say("no components recorded")
+    if screened_only(check):
+        _say(
+            f"tensors: {len(check.tensors)}, screened together: {check.checked} random "
+            f"directions over all {check.size} components, none checked on its own"
+        )
+        if not check.worst:
+            _say(
+                "no component listed: a screen below warn "
+                f"({_g(check.warn)}) is the whole check; one at or above it checks each "
+                "tensor and localizes the worst components"
+            )
+    else:
+        _say("tensors: " + _tensors_text(check))
+        if not check.worst:
+            _say(f"no component listed: this {check.mode} check kept none")
     for component in check.worst[: arguments.top]:
         _say("  " + _component_text(component.model_dump()))
     return EXIT_CLEAN
@@ -309,7 +334,11 @@ def _worst_payload(check: CheckResult, top: int) -> dict[str, Any]:
         "step": check.step,
         "ratio": check.ratio,
         "status": check.status,
-        "tensors": {name: tensor.model_dump() for name, tensor in check.tensors.items()},
+        # A tensor not checked on its own has no ratio of its own (null), not the global one.
+        "tensors": {
+            name: tensor.model_dump() | ({} if tensor.checked else {"ratio": None})
+            for name, tensor in check.tensors.items()
+        },
         "components": [component.model_dump() for component in check.worst[:top]],
         "error": check.error,
         "error_source": check.error_source,

@@ -111,17 +111,17 @@ def mutate(directory: Path, rng: random.Random) -> str:
     path = directory / name
     if name == "report.json":
         kind = rng.choice(("json", "json", "json", "bytes", "empty"))
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
         if kind == "json":
-            path.write_text(mutate_json(text, rng))
+            path.write_bytes(mutate_json(text, rng).encode("utf-8", "surrogateescape"))
         elif kind == "bytes":
-            data = bytearray(text.encode())
+            data = bytearray(text.encode("utf-8", "surrogateescape"))
             data[rng.randrange(len(data))] = rng.randrange(256)
             path.write_bytes(bytes(data))
         else:
             path.write_text("")
         return f"{name}: {kind}"
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().decode("utf-8", "surrogateescape").splitlines()
     at = rng.randrange(len(lines))
     kind = rng.choice(("json", "json", "json", "json", "duplicate", "cut", "bytes", "drop"))
     if kind == "json":
