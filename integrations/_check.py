@@ -12,6 +12,7 @@ import numpy.typing as npt
 import torch
 from gradwatch.integrations._batched import _BatchedObjective
 from gradwatch.integrations._distributed import PeerCheckError, Ranks, unwrap_data_parallel
+from gradwatch.integrations._local_search import localize_failure
 from gradwatch.integrations._objective import (
     LossFn,
     Penalties,
@@ -34,7 +35,7 @@ from gradwatch.integrations._shadow import (
     module_gradients,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow_mode import ShadowMode
+from gradwatch.integrations._shadow_mode import ShadowMode, without_checkpointing
 from gradwatch.integrations._sharded import check_sharded, is_sharded
 from torch import nn
 
@@ -154,6 +155,7 @@ def check_module(
             model, loss_fn, batch, penalties, rng, analytic, batched, dict(check_options), ranks
         )
         result = run.in_trusted_precision(precision)
+        result = localize_failure(result, run)  # where the bug is, when backprop failed
     if optimizer is not None:
         run.notes.extend(weight_decay_notes(optimizer))
     penalty_values = run.penalty_values
@@ -288,7 +290,8 @@ class _ShadowCheck:
     def check(self, precision: Precision) -> CheckResult:
         """One check on a new shadow in ``precision``; `notes` says what it found."""
         self.shadow = shadow = _Shadow(self.model, precision)
-        self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows())
+        without_checkpointing(shadow.module)
+        self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows(), shadow.native_dtype)
         objective = _Objective(
             shadow, self.loss_fn, self.batch, self.penalties, self.rng, self.ranks
         )

@@ -14,11 +14,17 @@ active while a check evaluates J (and during its autograd pass) that
   ``grouped_mm`` has none for float64) as a reference implementation in that dtype
   where one is known, else in float32 with its outputs cast back;
 - makes tensors created without a dtype in the shadow's dtype (the default dtype);
+- makes every random draw in the dtype the training drew it in, then upcasts it
+  (`gradwatch.integrations._draws`), so a replay draws the training's numbers;
 - records every op that still turned a shadow-dtype tensor into a coarser one (`coarse_ops`), so
   the check can say J is coarser than the shadow instead of reporting a bug;
 - holds each ``nn.Embedding`` padding row constant *inside the lookup only*: torch
   gives the lookup no gradient for that row, while every other use of the weight
   (a tied LM head) does train it.
+
+A backward pass runs outside the mode (a mode is off while it runs a call it
+answers, ``loss.backward()`` included), so a gradient checkpoint's recompute would
+not be answered: `without_checkpointing` turns checkpointing off on the shadow.
 
 A mode sees only calls made through Python (``__torch_function__``); what a kernel
 does inside, or an autocast region, shows up in `coarse_ops` instead.
@@ -31,10 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gradwatch.integrations._draws import SAMPLERS, Draws
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["HeldRow", "ShadowMode"]
+__all__ = ["HeldRow", "ShadowMode", "without_checkpointing"]
 
 _LOWER: dict[torch.dtype, frozenset[torch.dtype]] = {
     torch.float64: frozenset({torch.float32, torch.float16, torch.bfloat16}),
@@ -74,11 +81,20 @@ class ShadowMode(TorchFunctionMode):
         dtype: the shadow's floating dtype (float64 by default in a check).
         held_rows: ``id(weight) -> (padding_idx, row)`` for each trainable embedding
             weight with a padding row.
+        training_dtype: the dtype the training computed (and drew its random numbers)
+            in; random draws are made in it and upcast (`Draws`). None: ``dtype``.
     """
 
-    def __init__(self, dtype: torch.dtype, held_rows: Mapping[int, HeldRow] = ()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        held_rows: Mapping[int, HeldRow] = (),  # type: ignore[assignment]
+        training_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.dtype = dtype
+        self.draws = Draws(dtype, training_dtype or dtype, torch.get_default_dtype())
+        """Random draws made as the training made them; ``draws.unreplayed`` names the rest."""
         self.lower = _LOWER.get(dtype, frozenset())
         self.held_rows = dict(held_rows)
         self.coarse_ops: list[str] = []
@@ -96,6 +112,8 @@ class ShadowMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func in SAMPLERS:
+            return self.draws(func, args, kwargs)
         if func in _ANSWERED or "dtype" in kwargs:  # the hot path (every other op) skips this
             kwargs = dict(kwargs)
             if self.lower:
@@ -197,6 +215,21 @@ class ShadowMode(TorchFunctionMode):
         _remember(self.fallback_ops, func)
         _remember(self.coarse_ops, func)
         return tree_map(up, result)
+
+
+def without_checkpointing(module: torch.nn.Module) -> None:
+    """Turn gradient checkpointing off on the shadow ``module`` (never on the model).
+
+    A checkpointed layer recomputes its forward during the backward pass, where no
+    `ShadowMode` answers its casts: RMSNorm's ``.to(torch.float32)`` then recomputes in
+    float32 what the forward saved in float64, and torch refuses the mismatch. Without
+    checkpointing J and its gradient are the same (the recompute replays the forward's
+    draws), at the memory cost checkpointing saves. A layer says it checkpoints with the
+    boolean ``gradient_checkpointing`` (`transformers`' convention).
+    """
+    for layer in module.modules():
+        if getattr(layer, "gradient_checkpointing", None) is True:
+            object.__setattr__(layer, "gradient_checkpointing", False)
 
 
 def grouped_mm_by_groups(

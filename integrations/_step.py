@@ -29,7 +29,7 @@ from gradwatch.integrations._shadow import (
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow_mode import ShadowMode
+from gradwatch.integrations._shadow_mode import ShadowMode, without_checkpointing
 from torch import nn
 
 from gradwatch._comparison import status_for
@@ -110,7 +110,9 @@ def _compare_step(
     warn, threshold = max(STEP_TOLERANCES.get(d, STEP_TOLERANCES[torch.float32]) for d in dtypes)
     with _untouched_globals(model):
         shadow = _Shadow(model, "float64")
-        with ShadowMode(torch.float64), torch.enable_grad():
+        without_checkpointing(shadow.module)
+        mode = ShadowMode(torch.float64, training_dtype=shadow.native_dtype)
+        with mode, torch.enable_grad():
             total: torch.Tensor | None = None
             for micro in micro_batches:
                 if micro.rng is not None:
@@ -134,7 +136,17 @@ def _compare_step(
         if clip_factor is None:
             clip_factor = _measured_clip(sources, shadow.params)
         sums = _compare(sources, shadow.params, clip_factor)
-    return _link(sums, warn, threshold, len(micro_batches), clip_factor)
+    link = _link(sums, warn, threshold, len(micro_batches), clip_factor)
+    if mode.draws.unreplayed:
+        # Other draws than the training's: a difference would be the draws', not the step's.
+        return link.model_copy(
+            update={
+                "status": "nondeterministic",
+                "explanation": "not judged: the replay could not draw its random numbers as "
+                f"the training did ({', '.join(mode.draws.unreplayed)})",
+            }
+        )
+    return link
 
 
 def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parameter]) -> float:
