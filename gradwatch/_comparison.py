@@ -115,7 +115,7 @@ class Comparison:
         # A directional value is one projection of the tensor's gradient: compare
         # it with the projection of the whole gradient onto one random direction.
         if self.mode == "directional":
-            return 1.0 / math.sqrt(tensors.params[name].size)
+            return 1.0 / math.sqrt(max(tensors.params[name].size, 1))  # an empty tensor: 0 = 0
         return 1.0
 
     def worst_components(

@@ -151,11 +151,12 @@ def sample_plan(tensors: NamedTensors, sample: int | float | None, seed: int) ->
 def _stratified_allocation(sizes: dict[str, int], count: int) -> dict[str, int]:
     """Components per tensor: one each, the rest proportional to size (largest remainder).
 
-    When ``count`` is below the number of tensors every tensor still gets one.
+    When ``count`` is below the number of tensors every tensor still gets one (an empty
+    tensor none: it has no component to check).
     """
-    allocation = {name: 1 for name in sizes}
-    spare = {name: size - 1 for name, size in sizes.items()}
-    remaining = count - len(sizes)
+    allocation = {name: min(1, size) for name, size in sizes.items()}
+    spare = {name: max(size - 1, 0) for name, size in sizes.items()}
+    remaining = count - sum(allocation.values())
     total_spare = sum(spare.values())
     if remaining <= 0 or total_spare == 0:
         return allocation
