@@ -451,6 +451,11 @@ def _scan_checks(path: Path, notes: list[str]) -> Iterator[tuple[int, CheckResul
                     f"{path}, line {number}: expected one CheckResult as JSON, received "
                     f"{shorten(line.decode('utf-8', 'replace'))!r} ({_first_error(error)})"
                 ) from error
+            if check.step is not None and not 0 <= check.step < 2**63:
+                raise ReportError(  # no training reaches it; the views index steps in int64
+                    f"{path}, line {number}: expected a step from 0 to 2**63 - 1, received "
+                    f"{shorten(str(check.step))}"
+                )
             count += 1
             yield number - 1, check
 

@@ -49,3 +49,18 @@ def test_every_view_copes_with_1e999_and_passes_no_control_character(
         text = page.read_text(encoding="utf-8")
         assert not CONTROL.search(text)
         assert "W1\N{REPLACEMENT CHARACTER}[2J\N{REPLACEMENT CHARACTER}" in text
+
+
+@pytest.mark.parametrize("step", [2**63, -1])
+def test_a_step_outside_int64_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], step: int
+) -> None:
+    """A step no training reaches (found by the fuzzer: 2**63) is exit 2 naming the line."""
+    hostile_report(tmp_path / "report")
+    path = tmp_path / "report" / "checks.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = re.sub(r'"step":\d+', f'"step":{step}', lines[2])
+    path.write_text("\n".join(lines) + "\n")
+    for command in (["trend"], ["html", "-o", str(tmp_path / "p.html")]):
+        assert main([command[0], str(tmp_path / "report"), *command[1:]]) == 2
+        assert "line 3: expected a step from 0 to 2**63 - 1" in capsys.readouterr().err
