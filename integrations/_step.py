@@ -42,13 +42,16 @@ STEP_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-8, 1e-5),
     torch.float32: (1e-4, 1e-2),
     torch.float16: (1e-2, 1e-1),
-    torch.bfloat16: (1e-2, 1e-1),
+    torch.bfloat16: (5e-2, 2.5e-1),
 }
 """(warn, threshold) of the step link by training dtype (the parameters', or autocast's).
 A float32 backward differs from the float64 one by roundoff accumulated over the layers
 (measured about 1e-7..1e-6 on the architecture sweep's models); the real bugs it is for
 differ by whole percents (a hook x1.1 on one tensor: 5e-2; accumulation over
-micro-batches of unequal length: 1e-2 and more)."""
+micro-batches of unequal length: 1e-2 and more). bfloat16 keeps 8 bits (float16: 11): its
+step measured up to 1.9e-2 on a small Lightning classifier under ``bf16-mixed`` (2e-3 on
+tiny Llama and BERT under the Trainer's ``bf16``), so its link is judged 5x looser, still
+catching a factor 2 on the gradient (ratio 1/3)."""
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,13 @@ class BatchCapture:
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._make_hook(), with_kwargs=True)
         ]
+        # Autocast is read inside the forward: accelerate enters it in the wrapped
+        # forward, after the model's own pre-hook ran.
+        children = list(model.children())
+        self._handles += [
+            child.register_forward_pre_hook(self._make_autocast_hook(children))
+            for child in children
+        ]
 
     @property
     def armed(self) -> bool:
@@ -94,6 +101,15 @@ class BatchCapture:
             if self.armed and module.training and module is self.model:
                 self.args, self.kwargs = args, dict(kwargs)
                 self.forwards.append((args, dict(kwargs), RngState.capture()))
+                self.autocast = self.autocast or _autocast_dtype(module)
+
+        return hook
+
+    def _make_autocast_hook(
+        self, children: list[nn.Module]
+    ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self.armed and module.training and any(module is c for c in children):
                 self.autocast = self.autocast or _autocast_dtype(module)
 
         return hook

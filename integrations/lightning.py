@@ -64,6 +64,10 @@ from gradwatch.errors import LossError, MissingBatchError
 __all__ = ["GradWatch", "training_step_loss"]
 
 
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""The autocast dtype of ``Trainer(precision=...)``'s mixed modes: the step link's tolerances."""
+
+
 def _ignore_log(*args: Any, **kwargs: Any) -> None:
     """Stands in for ``self.log`` / ``self.log_dict`` on the check's copy of the module."""
 
@@ -214,7 +218,8 @@ class GradWatch(TrainingWatch, Callback):
             # What Lightning optimizes: each training_step loss divided by
             # accumulate_grad_batches, summed over the window (.grad is not clipped yet).
             weight = 1.0 / trainer.accumulate_grad_batches
-            step_batches = [MicroBatch((b, i), weight, rng) for b, i, rng in window]
+            autocast = _AUTOCAST.get(str(trainer.precision))
+            step_batches = [MicroBatch((b, i), weight, rng, autocast) for b, i, rng in window]
         result = self.check(
             step,
             pl_module,
