@@ -6,7 +6,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CheckResult", "Component", "Diagnosis", "Status", "StepLink", "TensorResult"]
+__all__ = [
+    "CheckResult",
+    "Component",
+    "Diagnosis",
+    "Localization",
+    "ModuleSuspect",
+    "ModuleVerdict",
+    "Status",
+    "StepLink",
+    "SuspectKind",
+    "TensorResult",
+]
 
 Status = Literal["ok", "warn", "fail", "nondeterministic", "error"]
 """``"error"``: the check itself could not run (an exception inside it); see `CheckResult.error`."""
@@ -84,6 +95,98 @@ class StepLink(BaseModel):
     ...: loss divided twice?"``); empty when the link holds."""
 
 
+SuspectKind = Literal["custom autograd.Function", "leaf", "glue", "outside"]
+"""Where in a module the bug is: its own backward (a custom ``autograd.Function`` named in
+``functions``, or another leaf op), the glue code of its own forward (every submodule
+call passed), or outside every module (the loss function's code, a penalty)."""
+LocalStatus = Literal["ok", "fail", "unreached", "unchecked"]
+"""A module call's local verdict; ``unreached``: no gradient arrived at its outputs (no
+backward to check); ``unchecked``: it could not be called again on its own (``note``)."""
+Side = Literal["input", "parameter", "both"]
+
+
+class ModuleVerdict(BaseModel):
+    """The local check of one module call: its backward against its forward's derivative."""
+
+    model_config = _MODEL_CONFIG
+
+    module: str
+    """The module's path in the model (``"model.layers.0.mlp"``; ``""`` the model itself)."""
+    class_name: str
+    call: int = 0
+    """Which call of the module (0 for the first), when it ran several times in J."""
+    calls: int = 1
+    status: LocalStatus = "ok"
+    input_ratio: float | None = None
+    """|numeric - analytic| / (|numeric| + |analytic|) of <g, f> along a random direction in
+    the inputs; None when no input carries a gradient."""
+    parameter_ratio: float | None = None
+    input_failed: bool = False
+    parameter_failed: bool = False
+    note: str | None = None
+
+
+class ModuleSuspect(BaseModel):
+    """The module where the bug is: a failing call whose checked submodule calls all pass."""
+
+    model_config = _MODEL_CONFIG
+
+    module: str
+    class_name: str
+    kind: SuspectKind
+    functions: list[str] = []
+    """The custom ``autograd.Function``s in the module's own backward graph."""
+    ratio: float
+    """The failing side's local ratio (the larger, when both fail)."""
+    side: Side
+    input_ratio: float | None = None
+    parameter_ratio: float | None = None
+    call: int = 0
+    calls: int = 1
+
+    def describe(self) -> str:
+        """In words: ``the backward of m (GELUTanh, a custom autograd.Function ...): ...``."""
+        if self.kind == "outside":
+            return (
+                "the loss function's own code, outside the model's modules (every module "
+                "passes its local check): a hand-written loss or penalty gradient?"
+            )
+        name = self.module or "the model itself"
+        which = f", call {self.call + 1} of {self.calls}" if self.calls > 1 else ""
+        what = {
+            "custom autograd.Function": "a custom autograd.Function"
+            + (f" {', '.join(self.functions)}" if self.functions else ""),
+            "leaf": "a module without submodules",
+            "glue": "its own forward, outside its submodules, which all pass",
+        }[self.kind]
+        part = "the forward code of" if self.kind == "glue" else "the backward of"
+        gradient = {
+            "input": "its input gradient",
+            "parameter": "its parameter gradient",
+            "both": "its input and parameter gradients each",
+        }[self.side]
+        return (
+            f"{part} {name} ({self.class_name}{which}, {what}): {gradient} differs from the "
+            f"derivative of its forward (local ratio {self.ratio:.3g})"
+        )
+
+
+class Localization(BaseModel):
+    """Where a failing check's bug is, from module-local checks at the step's activations."""
+
+    model_config = _MODEL_CONFIG
+
+    suspects: list[ModuleSuspect]
+    modules: list[ModuleVerdict]
+    """Every module call the search checked, in the order it checked them."""
+    evaluations: int
+    """Module forward passes the search ran (each far cheaper than J)."""
+    checks: int
+    seconds: float
+    threshold: float
+    notes: list[str] = []
+
+
 class CheckResult(BaseModel):
     """The outcome of one gradient check.
 
@@ -148,6 +251,9 @@ class CheckResult(BaseModel):
     """The training step's link (the optimizer's gradient against the gradient of J),
     when a framework callback or ``after_backward(step_check=True)`` compared it; its
     failure fails the check."""
+    localization: Localization | None = None
+    """Where the bug is (module-local checks), when a failing check of a torch model
+    searched its modules; the per-tensor ratios stay measurements, never a pointer."""
 
     @property
     def failed(self) -> bool:

@@ -35,6 +35,12 @@ Plain PyTorch loop, after ``loss.backward()`` and before ``optimizer.step()``::
         optimizer.step()
     watch.close()
 
+Where the bug is: when a check fails, ``check_module`` searches the model's modules
+with module-local checks (``result.localization``: the suspect module, whether its
+input or its parameter gradient is wrong). The same checks on demand:
+``check_modules(model, loss_fn, batch)`` for every module call of one batch, and
+``check_local(module, *inputs)`` for one module.
+
 The framework callbacks (``gradwatch.integrations.transformers`` and
 ``gradwatch.integrations.lightning``) use the same pieces: `BatchCapture` to see the
 batch, `weight_decay_notes`, and `check_due` to run and record a due check.
@@ -53,6 +59,8 @@ except ImportError as missing:
 from typing import TYPE_CHECKING, Any
 
 from gradwatch.integrations._check import Analytic, check_module, weight_decay_notes
+from gradwatch.integrations._local import LOCAL_THRESHOLD
+from gradwatch.integrations._local_search import check_local, check_modules
 from gradwatch.integrations._objective import LossFn, Penalties, Penalty
 from gradwatch.integrations._shadow import (
     NATIVE_DTYPES,
@@ -80,6 +88,7 @@ if TYPE_CHECKING:
     from gradwatch.callback import GradWatch
 
 __all__ = [
+    "LOCAL_THRESHOLD",
     "NATIVE_DTYPES",
     "STATUS_CODES",
     "BatchCapture",
@@ -91,7 +100,9 @@ __all__ = [
     "TrainingWatch",
     "after_backward",
     "check_due",
+    "check_local",
     "check_module",
+    "check_modules",
     "check_step_notes",
     "is_shadow",
     "module_gradients",
