@@ -200,15 +200,29 @@ _SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], object]], ...] = 
 each a name, a getter and a setter of what the getter returned."""
 
 
-def _capture_settings() -> list[tuple[Callable[[Any], object], Any]]:
-    """Each setting's setter and its value now (a setting torch cannot read is left alone)."""
+_Captured = list[tuple[Callable[[], Any], Callable[[Any], object], Any]]
+
+
+def _capture_settings() -> _Captured:
+    """Each setting's getter, setter and value now (one torch cannot read is left alone)."""
     captured = []
     for _, get, put in _SETTINGS:
         try:
-            captured.append((put, get()))
+            captured.append((get, put, get()))
         except Exception:  # e.g. a matmul precision set through mixed APIs
             continue
     return captured
+
+
+def _restore_settings(captured: _Captured) -> None:
+    """Put back the settings that changed; only those (a setter may have side effects)."""
+    for get, put, value in captured:
+        try:
+            changed = get() != value
+        except Exception:
+            changed = True
+        if changed:
+            put(value)
 
 
 @contextmanager
@@ -227,8 +241,7 @@ def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
 
     def restore() -> None:
         rng.restore()
-        for put, value in settings:
-            put(value)
+        _restore_settings(settings)
         for module, training in modes:
             module.training = training
 
