@@ -15,7 +15,7 @@ from gradwatch.integrations.torch import check_module
 
 pytestmark = pytest.mark.torch
 
-Setting = tuple[Callable[[], Any], Callable[[], None], Callable[[Any], object]]
+Setting = tuple[Callable[[], Any], Callable[[], object], Callable[[Any], object]]
 """(read the setting, change it, put a value back)."""
 
 SETTINGS: dict[str, Setting] = {
