@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 from collections import Counter
+from dataclasses import dataclass
 
 from gradwatch._reading import (
     completed,
@@ -55,8 +56,32 @@ _ORDER = ("fail", "error", "nondeterministic", "warn", "ok")
 _SHORT_STATUS = {"nondeterministic": "nondet"}
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """How many alerts, tensors, components and notes a summary lists."""
+
+    alerts: int = LISTED_ALERTS
+    tensors: int = LISTED_TENSORS
+    components: int = LISTED_COMPONENTS
+    notes: int = LISTED_NOTES
+    errors: int = LISTED_ERRORS
+
+
+_SHORTER = (_Listed(), _Listed(2, 4, 2, 3, 2), _Listed(1, 3, 1, 2, 1), _Listed(1, 1, 1, 1, 1))
+"""Ever shorter summaries, tried in order until one fits `HEIGHT` lines (long paths,
+long tensor names and many notes wrap to more rows)."""
+
+
 def show_lines(report: Report) -> list[str]:
-    """The human summary of `report`, every line at most `WIDTH` columns and `printable`."""
+    """The human summary of `report`: at most `HEIGHT` lines of `WIDTH` columns, `printable`."""
+    for listed in _SHORTER:
+        lines = _summary(report, listed)
+        if len(lines) <= HEIGHT:
+            return lines
+    return [*lines[: HEIGHT - 1], f"... {len(lines) - HEIGHT + 1} more lines (--json has all)"]
+
+
+def _summary(report: Report, listed: _Listed) -> list[str]:
     directory = str(report.directory)
     state = "closed" if report.closed else "not closed: still running, or killed"
     lines = [f"gradwatch report {directory} ({state})"]
@@ -71,12 +96,12 @@ def show_lines(report: Report) -> list[str]:
     if setup:
         lines.append("setup: " + setup)
     lines.append(_ratio_text(report))
-    lines += _errors(report)
-    lines += _alerts(report)
+    lines += _errors(report, listed.errors)
+    lines += _alerts(report, listed.alerts)
     found = worst_check(report)
     if found is not None:
-        lines += _worst_check(found)
-    lines += _notes(report)
+        lines += _worst_check(found, listed)
+    lines += _notes(report, listed.notes)
     advice = next_step(report, directory)
     if advice is not None:
         lines.append(advice)
@@ -100,6 +125,8 @@ def _runs(report: Report) -> list[str]:
     if report.run is not None:
         (summary,) = [found for found in report.run_summaries if found.run == report.run]
         shown = [report.runs[index] for index in summary.segments]
+    elif len(report.run_summaries) > 1:
+        return lines  # every run: the line above counts them (--json lists each process)
     if len(shown) <= 1 and not any(run.resumed for run in shown):
         return lines
     lines.append(f"processes: {len(shown)} (restarted or resumed; every one's checks are kept)")
@@ -200,16 +227,16 @@ def _ratio_text(report: Report) -> str:
     )
 
 
-def _errors(report: Report) -> list[str]:
+def _errors(report: Report, listed: int = LISTED_ERRORS) -> list[str]:
     errors = report.errors
     if not errors:
         return []
     counted = f"{len(errors)} check{'' if len(errors) == 1 else 's'}"
     lines = [f"errors: {counted} could not run, first at step {errors[0].step}"]
-    for check in errors[:LISTED_ERRORS]:
+    for check in errors[:listed]:
         lines.append("  " + _cut(error_text(check), WIDTH - 2))
-    if len(errors) > LISTED_ERRORS:
-        lines.append(f"  ... and {len(errors) - LISTED_ERRORS} more")
+    if len(errors) > listed:
+        lines.append(f"  ... and {len(errors) - listed} more")
     return lines
 
 
@@ -221,12 +248,12 @@ def error_text(check: CheckResult) -> str:
     )
 
 
-def _alerts(report: Report) -> list[str]:
+def _alerts(report: Report, most: int = LISTED_ALERTS) -> list[str]:
     alerts = report.alerts
     if not alerts:
         return ["alerts: none"]
     lines = [f"alerts: {len(alerts)}, first at step {alerts[0].step}"]
-    listed = alerts if len(alerts) <= LISTED_ALERTS else alerts[:1]
+    listed = alerts if len(alerts) <= most else alerts[:1]
     for alert in listed:
         tensor = f"{alert.tensor} ({format_ratio(alert.tensor_ratio)})" if alert.tensor else "-"
         lines.append(
@@ -245,7 +272,7 @@ def _alerts(report: Report) -> list[str]:
     return lines
 
 
-def _worst_check(check: CheckResult) -> list[str]:
+def _worst_check(check: CheckResult, listed: _Listed) -> list[str]:
     lines = [f"worst check: step {check.step}, ratio {format_ratio(check.ratio)} ({check.status})"]
     link = check.step_link
     if link is not None and link.status == "fail":
@@ -259,12 +286,12 @@ def _worst_check(check: CheckResult) -> list[str]:
         )
     elif check.verdict:
         lines += _cut_rows(f"  rule: {check.verdict}", NOTE_ROWS, indent="    ")
-    lines += tensor_lines(check)
-    lines += _component_lines(check.worst[:LISTED_COMPONENTS])
+    lines += tensor_lines(check, listed.tensors)
+    lines += _component_lines(check.worst[: listed.components])
     return lines
 
 
-def tensor_lines(check: CheckResult) -> list[str]:
+def tensor_lines(check: CheckResult, listed: int = LISTED_TENSORS) -> list[str]:
     """The failing and the worst few tensors of `check`, the rest folded with a count."""
     total = len(check.tensors)
     if screened_only(check):
@@ -277,7 +304,7 @@ def tensor_lines(check: CheckResult) -> list[str]:
     counts: Counter[str] = Counter(tensor.status for _, tensor in ranked)
     summary = ", ".join(f"{counts[status]} {status}" for status in _ORDER if counts[status])
     lines = [f"  tensors: {total} ({summary}); worst first"]
-    shown = ranked[:LISTED_TENSORS]
+    shown = ranked[:listed]
     sizes = [f"{tensor.checked}/{tensor.size}" for _, tensor in shown]
     size_width = max(len(text) for text in sizes)
     name_width = min(max(len(name) for name, _ in shown), WIDTH - 25 - size_width)
@@ -287,7 +314,7 @@ def tensor_lines(check: CheckResult) -> list[str]:
             f"    {_shorten(name, name_width):<{name_width}}  {format_ratio(tensor.ratio)}  "
             f"{status:<6} {size:>{size_width}}"
         )
-    rest = ranked[LISTED_TENSORS:]
+    rest = ranked[listed:]
     if rest:
         folded = Counter(tensor.status for _, tensor in rest)
         folded_kinds = ", ".join(f"{count} {status}" for status, count in folded.most_common())
@@ -313,18 +340,18 @@ def _component_lines(components: list[Component]) -> list[str]:
     return lines
 
 
-def _notes(report: Report) -> list[str]:
+def _notes(report: Report, listed: int = LISTED_NOTES) -> list[str]:
     notes, routine = notable_notes(report)
     if not notes:
         return []
     checks = len(report.checks)
     folded = f" ({routine} routine in --json)" if routine else ""
     lines = [f"notes that change how to read it{folded}:"]
-    for note, count in notes[:LISTED_NOTES]:
+    for note, count in notes[:listed]:
         where = "" if count >= checks else f" [{count} of {checks} checks]"
         lines += _cut_rows(f"  - {_one_line(note)}{where}", NOTE_ROWS, indent="    ")
-    if len(notes) > LISTED_NOTES:
-        lines.append(f"  ... and {len(notes) - LISTED_NOTES} more notes (--json)")
+    if len(notes) > listed:
+        lines.append(f"  ... and {len(notes) - listed} more notes (--json)")
     return lines
 
 
@@ -360,7 +387,15 @@ def _cut_rows(line: str, rows: int, *, indent: str) -> list[str]:
 
 
 def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+    """`text` within `width` columns, cut after a whole word and marked `` ...``."""
+    if len(text) <= width:
+        return text
+    head = text[: width - 4]
+    indent = len(head) - len(head.lstrip())
+    space = head.rfind(" ")
+    if space > indent + width // 2:  # a word boundary not too far back
+        head = head[:space]
+    return head.rstrip() + " ..."
 
 
 def _shorten(name: str, width: int) -> str:

@@ -115,13 +115,13 @@ def mutate(directory: Path, rng: random.Random) -> str:
         if kind == "json":
             path.write_bytes(mutate_json(text, rng).encode("utf-8", "surrogateescape"))
         elif kind == "bytes":
-            data = bytearray(text.encode("utf-8", "surrogateescape"))
+            data = bytearray(text.encode("utf-8", "surrogateescape")) or bytearray(b"{")
             data[rng.randrange(len(data))] = rng.randrange(256)
             path.write_bytes(bytes(data))
         else:
             path.write_text("")
         return f"{name}: {kind}"
-    lines = path.read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    lines = path.read_bytes().decode("utf-8", "surrogateescape").splitlines() or ["{}"]
     at = rng.randrange(len(lines))
     kind = rng.choice(("json", "json", "json", "json", "duplicate", "cut", "bytes", "drop"))
     if kind == "json":
@@ -129,7 +129,7 @@ def mutate(directory: Path, rng: random.Random) -> str:
     elif kind == "duplicate":
         lines.insert(at, lines[at])
     elif kind == "cut":
-        lines[at] = lines[at][: rng.randrange(len(lines[at]))]
+        lines[at] = lines[at][: rng.randrange(len(lines[at]) + 1)]
     elif kind == "bytes":
         lines[at] = "\udcff\x00" + lines[at][1:]
     else:
