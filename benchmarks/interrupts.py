@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.interrupts            # every call
     OMP_NUM_THREADS=1 python -m benchmarks.interrupts --most 200 # evenly spaced
+    OMP_NUM_THREADS=1 python -m benchmarks.interrupts --torch-most 1000
+    OMP_NUM_THREADS=1 python -m benchmarks.interrupts --overhead # its cost, A/B
 
 A first run of each scenario counts the Python ``call`` events of one check
 (``sys.setprofile``); then, for each k, the check runs again and a real signal is
@@ -24,7 +26,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from types import FrameType
@@ -161,7 +163,7 @@ def sweep(scenario: Scenario, most: int | None = None) -> Outcome:
 def _sweep(scenario: Scenario, most: int | None) -> Outcome:
     scenario.run()  # warm caches, so the counted run and the interrupted ones agree
     calls = count_calls(scenario.run)
-    points = range(1, calls + 1)
+    points: Sequence[int] = range(1, calls + 1)
     if most is not None and calls > most:
         points = sorted(set(np.linspace(1, calls, most).round().astype(int).tolist()))
     before = scenario.state()
@@ -269,7 +271,8 @@ def torch_scenarios() -> list[Scenario]:
     model(x).square().mean().backward()  # a .grad to keep
 
     def loss_fn(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return module(batch).square().mean()
+        value: torch.Tensor = module(batch).square().mean()
+        return value
 
     def state() -> bytes:
         tensors = [t.detach().numpy() for t in model.state_dict().values()]
@@ -302,19 +305,96 @@ def torch_scenarios() -> list[Scenario]:
     ]
 
 
+# --------------------------------------------------------------------------- overhead
+
+
+def _median_seconds(run: Run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+@contextmanager
+def _unguarded() -> Iterator[None]:
+    """The restore sites with plain regions (restore on exit, no signal handling)."""
+    from gradwatch._uninterrupted import _Unguarded
+
+    sites = [
+        ("gradwatch._directions", "restoring", _Unguarded),
+        ("gradwatch._bisection", "restoring", _Unguarded),
+        ("gradwatch.check", "watching", nullcontext),
+    ]
+    kept = [(name, attr, getattr(sys.modules[name], attr)) for name, attr, _ in sites]
+    for name, attribute, replacement in sites:
+        setattr(sys.modules[name], attribute, replacement)
+    try:
+        yield
+    finally:
+        for name, attribute, value in kept:
+            setattr(sys.modules[name], attribute, value)
+
+
+def overhead(repeats: int = 301) -> None:
+    """Median seconds per check with the signal handling and without (A/B, one process)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(16, 3)), rng.normal(size=16)
+    mlp = {"W1": rng.normal(size=(3, 8)), "b1": np.zeros(8), "W2": rng.normal(size=8)}
+
+    def mlp_loss() -> float:
+        return float(np.mean((np.tanh(x @ mlp["W1"] + mlp["b1"]) @ mlp["W2"] - y) ** 2))
+
+    def mlp_grads() -> dict[str, npt.NDArray[np.float64]]:
+        hidden = np.tanh(x @ mlp["W1"] + mlp["b1"])
+        residual = 2 * (hidden @ mlp["W2"] - y) / len(y)
+        upstream = np.outer(residual, mlp["W2"]) * (1 - hidden**2)
+        return {"W1": x.T @ upstream, "b1": upstream.sum(0), "W2": hidden.T @ residual}
+
+    grads = mlp_grads()
+    cases: list[tuple[str, Run]] = [
+        ("numpy component-wise, 3-8-1 MLP (41 parameters)",
+         lambda: gradwatch.check(mlp_loss, mlp, grads)),
+    ]  # fmt: skip
+    for scenario in numpy_scenarios()[1:]:
+        cases.append((scenario.name, scenario.run))
+    print("| check | with signal handling (ms) | without (ms) | overhead |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, run in cases:
+        run()
+        guarded_times, plain_times = [], []
+        for _ in range(repeats):  # interleaved, so a busy neighbour slows both alike
+            guarded_times.append(_median_seconds(run, 1))
+            with _unguarded():
+                plain_times.append(_median_seconds(run, 1))
+        guarded, plain = float(np.median(guarded_times)), float(np.median(plain_times))
+        print(
+            f"| {name} | {1e3 * guarded:.2f} | {1e3 * plain:.2f} "
+            f"| {100 * (guarded / plain - 1):+.1f}% |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--most", type=int, default=None, help="injection points per scenario")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-most", type=int, default=None, help="--most for torch only")
+    parser.add_argument("--overhead", action="store_true", help="time the signal handling")
     args = parser.parse_args()
-    scenarios = numpy_scenarios() + ([] if args.no_torch else torch_scenarios())
+    if args.overhead:
+        overhead()
+        return
+    scenarios = [(s, args.most) for s in numpy_scenarios()]
+    if not args.no_torch:
+        scenarios += [(s, args.torch_most or args.most) for s in torch_scenarios()]
     print(
         "| scenario | calls | interrupted at | restored | interrupt came out "
         "| dropped in a finalizer | seconds |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for scenario in scenarios:
-        o = sweep(scenario, args.most)
+    for scenario, most in scenarios:
+        o = sweep(scenario, most)
         print(
             f"| {o.name} | {o.calls:,} | {o.tried:,} | {o.restored:,} | {o.raised:,} "
             f"| {o.lost:,} | {o.seconds:.1f} |",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,7 @@ from gradwatch._sampling import (
     sample_plan,
     screen_directions,
 )
+from gradwatch._uninterrupted import watching
 from gradwatch._verdict import explain_verdict, resolution_notes, worst_status
 from gradwatch.errors import OptionError
 from gradwatch.params import GradientSource, NamedTensors, named_tensors
@@ -182,7 +184,9 @@ def check(
     objective = Evaluator(loss, tensors, validate_terms(regularization, tensors))
     run = _Check.start(objective, tensors, eps, warn, threshold, seed, top_k, diagnose)
     run.notes.extend(capped)
-    measured = _compare(run, sample, localize_evaluations)
+    # Plans that move whole tensors open a region per move: install the handler once.
+    with watching() if isinstance(sample, str) else nullcontext():
+        measured = _compare(run, sample, localize_evaluations)
     return _result(run, measured, time.perf_counter() - started)
 
 
