@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chosen = load_report(directory, compact=True, run=arguments.run)
                 keep = tuple(detailed_steps(chosen))
             report = load_report(directory, compact=True, keep_steps=keep, run=arguments.run)
+        # Named as the user typed it (relative stays relative): the commands it suggests
+        # work from where they were typed.
+        report = report.model_copy(update={"directory": directory})
         for message in report.warnings:
             print(f"gradwatch: warning: {printable(_one_line_text(message))}", file=sys.stderr)
         code: int = arguments.handler(report, arguments)
