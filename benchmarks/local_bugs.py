@@ -133,7 +133,7 @@ class SoftmaxWithoutProjection(Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        (probabilities,) = ctx.saved_tensors
+        probabilities: torch.Tensor = ctx.saved_tensors[0]
         return probabilities * grad_output  # should be p * (g - (g * p).sum(-1, keepdim=True))
 
 
@@ -154,6 +154,7 @@ def softmax_bug_attention(
     scores = query @ key.transpose(2, 3) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights: torch.Tensor
     if getattr(module, "layer_idx", 0) == 0:
         weights = SoftmaxWithoutProjection.apply(scores)  # type: ignore[no-untyped-call]
     else:
@@ -199,8 +200,8 @@ def _resnet(seed: int) -> tuple[nn.Module, Batch]:
         hidden_sizes=[8, 16],
         depths=[1, 1],
         layer_type="basic",
-        num_labels=3,
     )
+    config.num_labels = 3
     torch.manual_seed(seed)
     return transformers.ResNetForImageClassification(config), batch_of(image_examples(seed))
 
