@@ -118,7 +118,7 @@ def _lora(base: Callable[[int], tuple[nn.Module, Examples]]) -> Any:
             r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]
         )
         torch.manual_seed(seed + 1)
-        return peft.get_peft_model(model, config), data  # type: ignore[arg-type]
+        return peft.get_peft_model(model, config), data
 
     return make
 

@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gradwatch.integrations._hf_loss import COUNT, SmoothedLoss, smoothing_applies
+from gradwatch.integrations._shadow import RngState
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import (
     BatchCapture,
@@ -156,6 +158,10 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     _loss_inputs: dict[str, Any] | None = None
     """What ``trainer.compute_loss`` received on the due step (labels included)."""
     _differences: Sequence[str] = ()
+    _smoothed: SmoothedLoss | None = None
+    """J under label smoothing with the ``trainer`` passed: the Trainer's own loss."""
+    _loss_calls: list[tuple[dict[str, Any], RngState]]
+    """Each ``compute_loss`` call of the due step: its inputs (labels, count) and RNG state."""
     _saved_state: dict[str, Any] | None = None
     _unsaved_options: Sequence[str] = ()
 
@@ -167,6 +173,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             )
         super().__init__(every, **options)
         self._trainer = trainer
+        self._loss_calls = []
 
     # -- checkpoints: a resumed train() continues the same report -----------------------
 
@@ -264,13 +271,15 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         ``trainer.compute_loss`` receives on a due step: it still holds the labels, which
         the Trainer pops before the forward when it computes the loss itself."""
         trainer, capture = self._trainer, self._capture
-        if trainer is None or capture is None or self.loss_fn is None:
+        if trainer is None or capture is None or (self.loss_fn is None and not self._smoothed):
             return
         original = trainer.compute_loss
 
         def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if capture.armed:
                 self._loss_inputs = dict(inputs)
+                count = kwargs.get(COUNT, args[1] if len(args) > 1 else None)
+                self._loss_calls.append(({**inputs, COUNT: count}, RngState.capture()))
             return original(model, inputs, *args, **kwargs)
 
         compute_loss.__gradwatch_wrapped__ = original  # type: ignore[attr-defined]
@@ -283,6 +292,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             return
         self._capture.clear()
         self._loss_inputs = None
+        self._loss_calls = []
         self._capture.armed = self.due(state.global_step)  # on every rank: a check is collective
 
     def on_pre_optimizer_step(
@@ -309,13 +319,19 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         batch: Any = (args_, kwargs_) if args_ else kwargs_
         if self._loss_inputs is not None:
             batch, self._loss_inputs = self._loss_inputs, None
+        default_loss: Any = self._model_loss
         step_batches = self._step_batches(model, capture)
+        smoothed = self._smoothed
+        if smoothed is not None and self._loss_calls:
+            # J is the Trainer's label-smoothed loss on what compute_loss received.
+            default_loss, batch = smoothed, self._loss_calls[-1][0]
+            step_batches = self._smoothed_batches(smoothed, capture)
         clip_factor = capture.clip_factor(args.max_grad_norm or 0.0)
         capture.clear()
         result = self.check(
             step,
             model,
-            self._model_loss,
+            default_loss,
             batch,
             optimizer=optimizer,
             step_batches=step_batches,
@@ -355,6 +371,21 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
             for kwargs, (_, _, rng) in zip(inputs, forwards, strict=True)
         ]
 
+    def _smoothed_batches(self, loss: SmoothedLoss, capture: BatchCapture) -> list[MicroBatch]:
+        """The step's micro-batches as compute_loss received them, each weighted as
+        ``training_step`` weights its label-smoothed loss."""
+        assert self._trainer is not None
+        calls, self._loss_calls = self._loss_calls, []
+        return [
+            MicroBatch(
+                inputs,
+                loss.weight(self._trainer, inputs[COUNT], self._loss_scale),
+                rng,
+                capture.autocast,
+            )
+            for inputs, rng in calls
+        ]
+
     def _model_loss(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         """`model_loss`, whose error says how the Trainer computes its loss otherwise."""
         try:
@@ -364,7 +395,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                 raise
             raise LossError(
                 f"{error} (the Trainer computes its training loss otherwise: "
-                f"{', '.join(self._differences)}; pass GradWatch(loss_fn=...))"
+                f"{', '.join(self._differences)}; pass GradWatch(trainer=trainer) to check the "
+                "Trainer's label-smoothed loss, or GradWatch(loss_fn=...))"
             ) from error
 
     def on_train_end(
@@ -398,7 +430,15 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         ]
         trainer = self._trainer
         differences: list[str] = []
-        if args.label_smoothing_factor > 0:  # the Trainer's label_smoother
+        self._smoothed = (
+            SmoothedLoss(trainer) if trainer and smoothing_applies(trainer, user) else None
+        )
+        if self._smoothed is not None:
+            notes[0] = (
+                f"J = the Trainer's label-smoothed loss (label_smoother, epsilon "
+                f"{args.label_smoothing_factor:g}) on the inputs compute_loss received"
+            )
+        elif args.label_smoothing_factor > 0:  # the Trainer's label_smoother
             differences.append(f"label smoothing {args.label_smoothing_factor:g}")
         if trainer is None:
             notes.append(

@@ -21,7 +21,7 @@ from gradwatch.integrations._draws import SAMPLERS  # noqa: E402
 from gradwatch.integrations._shadow import RngState  # noqa: E402
 from gradwatch.integrations._shadow_mode import ShadowMode  # noqa: E402
 from gradwatch.integrations._step import MicroBatch, compare_step  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.hf_setups import SETUPS  # noqa: E402
@@ -97,7 +97,7 @@ class AlphaNet(nn.Module):
         self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 1)
         self.drop = nn.AlphaDropout(0.3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.second(self.drop(torch.selu(self.first(x))))
 
 
@@ -107,7 +107,7 @@ def test_a_draw_it_cannot_replay_leaves_the_step_unjudged() -> None:
     torch.manual_seed(0)
     model, x = AlphaNet(), torch.randn(16, 4)
 
-    def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def loss_fn(m: nn.Module, batch: Tensor) -> Tensor:
         return m(batch).square().mean()
 
     state = torch.get_rng_state()
