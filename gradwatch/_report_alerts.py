@@ -106,6 +106,9 @@ def _backprop_alert(result: CheckResult, where: str) -> Alert:
             f"; worst component {component.name}: analytic {component.analytic:.6g}, "
             f"numeric {component.numeric:.6g}"
         )
+    if result.localization is not None and result.localization.suspects:
+        # Module-local checks name where the bug is; the tensor above is a measurement.
+        message += "; the bug is in " + result.localization.suspects[0].describe()
     return Alert(
         step=result.step,
         ratio=result.ratio,

@@ -20,9 +20,11 @@ from gradwatch._reading import (
     notable_notes,
     ranked_tensors,
     screened_only,
+    step_of,
     threshold,
     worst_check,
 )
+from gradwatch._report_alerts import only_the_step_failed
 from gradwatch._report_models import RunSummary
 from gradwatch.report import Report, RunRecord
 from gradwatch.result import CheckResult, Component
@@ -102,10 +104,26 @@ def _summary(report: Report, listed: _Listed) -> list[str]:
     if found is not None:
         lines += _worst_check(found, listed)
     lines += _notes(report, listed.notes)
-    advice = next_step(report, directory)
+    advice = _suspect_step(report, directory) or next_step(report, directory)
     if advice is not None:
         lines.append(advice)
     return _fit(lines)
+
+
+def _suspect_step(report: Report, directory: str) -> str | None:
+    """``next:`` naming the module where the first failing check's bug is, when that check
+    searched its modules (module-local checks); None otherwise (`next_step` speaks)."""
+    failed = [check for check in completed(report) if check.status == "fail"]
+    if not failed or failed[0].localization is None or only_the_step_failed(failed[0]):
+        return None
+    first = failed[0]
+    suspects = first.localization.suspects if first.localization else []
+    if not suspects:
+        return None
+    named = suspects[0].describe()
+    if len(suspects) > 1:
+        named += f" (and {len(suspects) - 1} more suspect module calls: --json)"
+    return f"next: read {named}; then gradwatch worst {directory} --step {step_of(first)}"
 
 
 def printable(line: str) -> str:
