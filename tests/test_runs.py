@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,10 +138,10 @@ def test_unreadable_directory_says_permission_denied(
     bug_then_fix(tmp_path)
     listing = os.scandir
 
-    def denied(path: object = ".") -> object:
-        if Path(str(path)) == tmp_path:
+    def denied(path: str | os.PathLike[str] = ".") -> Any:
+        if Path(path) == tmp_path:
             raise PermissionError(13, "Permission denied", str(path))
-        return listing(path)  # type: ignore[arg-type]
+        return listing(path)
 
     monkeypatch.setattr(os, "scandir", denied)
     code, _, err = run_cli(capsys, "show", str(tmp_path))

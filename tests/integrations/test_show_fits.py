@@ -8,14 +8,16 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from gradwatch.integrations.transformers import GradWatch  # noqa: E402
+import torch
+import transformers
+from gradwatch.integrations.transformers import GradWatch
 
-from examples import hf_trainer  # noqa: E402
-from gradwatch.cli import main  # noqa: E402
+from examples import hf_trainer
+from gradwatch.cli import main
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 

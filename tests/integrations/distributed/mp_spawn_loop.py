@@ -16,9 +16,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from gradwatch.integrations.torch import after_backward
 from torch import nn
+from torch.multiprocessing.spawn import spawn
 
 import gradwatch
 
@@ -67,7 +67,7 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(worker, args=(2, args.report, port), nprocs=2, join=True)
+    spawn(worker, args=(2, args.report, port), nprocs=2, join=True)
 
 
 if __name__ == "__main__":
