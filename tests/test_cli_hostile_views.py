@@ -64,3 +64,18 @@ def test_a_step_outside_int64_is_a_clear_error(
     for command in (["trend"], ["html", "-o", str(tmp_path / "p.html")]):
         assert main([command[0], str(tmp_path / "report"), *command[1:]]) == 2
         assert "line 3: expected a step from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_a_check_without_tensors_is_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing check whose tensors were removed (found by the fuzzer) is shown, exit 1."""
+    hostile_report(tmp_path / "report")
+    path = tmp_path / "report" / "checks.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = re.sub(r'"ratio":[^,]*', '"ratio":0.5', lines[2], count=1)
+    lines[2] = re.sub(r'"status":"ok"', '"status":"fail"', lines[2], count=1)
+    lines[2] = re.sub(r'"tensors":\{.*?\}\},', '"tensors":{},', lines[2], count=1)
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["show", str(tmp_path / "report")]) == 1
+    assert "tensors: none recorded in this check" in capsys.readouterr().out
