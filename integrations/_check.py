@@ -21,6 +21,7 @@ from gradwatch.integrations._objective import (
     _Objective,
     _penalty_items,
     _ShadowGradients,
+    untouched_model,
 )
 from gradwatch.integrations._shadow import (
     GENERATORS,
@@ -316,7 +317,7 @@ class _ShadowCheck:
             notes.extend(grad_notes)
         notes.extend(_precision_notes(shadow))
         loss = _BatchedObjective(objective, largest) if self.batched else objective
-        with self.mode, torch.inference_mode():
+        with untouched_model(self.model), self.mode, torch.inference_mode():
             result, grads = self._check_until_trusted(objective, loss, grads, notes)
             self.penalty_values = objective.penalty_values()
         notes.extend(_mode_notes(self.mode, shadow))

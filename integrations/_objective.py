@@ -9,6 +9,7 @@ autograd gradient of that J, streamed to the check one tensor at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,52 @@ from torch import nn
 
 from gradwatch.errors import LossError, OptionError
 
-__all__ = ["LossFn", "Penalties", "Penalty"]
+__all__ = ["NOT_THE_MODEL_GIVEN", "LossFn", "Penalties", "Penalty", "untouched_model"]
+
+NOT_THE_MODEL_GIVEN = (
+    "loss_fn(model, batch): expected a loss computed with the model it is given (gradwatch's "
+    "copy), received one that did not use it"
+)
+"""Why nothing could be checked when J does not depend on the copy's parameters."""
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """``loss_fn(model, batch) -> scalar tensor``: the data part of J."""
 Penalty = Callable[[nn.Module], torch.Tensor]
 """``penalty(model) -> scalar tensor``: a regularization term of J, on both sides."""
 Penalties = Sequence[Penalty] | Mapping[str, Penalty]
+
+
+@contextmanager
+def untouched_model(model: nn.Module) -> Iterator[None]:
+    """While a check runs, the real ``model`` cannot be run or trained through by J.
+
+    A ``loss_fn`` that closes over the real model (``lambda m, b: loss(model(b))``) would
+    run it (BatchNorm statistics move) and backpropagate into its ``.grad``, while J on
+    the copy stays flat: a check of nothing that reads ``ok``. Here any call of one of
+    the model's modules raises `LossError` before it runs, and its parameters stop
+    requiring gradients (so J through them has none, and `_ShadowGradients` says so);
+    everything is put back on exit.
+    """
+    modules = {id(module) for module in model.modules()}
+
+    def refuse(module: nn.Module, args: Any) -> None:
+        if id(module) in modules:
+            raise LossError(
+                f"{NOT_THE_MODEL_GIVEN}: it called the trained model's {type(module).__name__} "
+                "(a loss_fn that closes over the model instead of using its argument?)"
+            )
+
+    handles = [module.register_forward_pre_hook(refuse) for module in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        for handle in handles:
+            handle.remove()
 
 
 def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
@@ -279,7 +319,7 @@ class _ShadowGradients:
             hand_over(name, torch.zeros(shadow.params[name].shape, dtype=shadow.dtype))
         if self.visits == 0:
             if not total.requires_grad:
-                self.notes.append("J does not depend on any trainable parameter through autograd")
+                raise LossError(NOT_THE_MODEL_GIVEN)
             elif missing:
                 self.notes.append(missing_gradients_note(missing))
         self.visits += 1

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from gradwatch.integrations._distributed import Ranks, unwrap_data_parallel
-from gradwatch.integrations._objective import LossFn, _scalar
+from gradwatch.integrations._objective import LossFn, _scalar, untouched_model
 from gradwatch.integrations._shadow import (
     RngState,
     _map_tensors,
@@ -115,7 +115,7 @@ def _compare_step(
         shadow = _Shadow(model, "float64")
         without_checkpointing(shadow.module)
         mode = ShadowMode(torch.float64, training_dtype=shadow.native_dtype)
-        with mode, torch.enable_grad():
+        with untouched_model(model), mode, torch.enable_grad():
             total: torch.Tensor | None = None
             for micro in micro_batches:
                 if micro.rng is not None:
