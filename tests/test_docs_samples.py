@@ -6,6 +6,8 @@ one test, run in a fresh working directory. A block followed by a line ``prints`
 then a ```text block must print exactly that text. A ```py block is a fragment (a line
 or two out of a larger program): highlighted, not run. A sample that imports torch is marked
 ``torch``; one that trains with the Hugging Face Trainer or Lightning is also ``slow``.
+A real output shown under a ``<!-- sample: NAME -->`` marker must be README.md's sample
+of that name, which tests/test_readme_samples.py regenerates from a real run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+README = DOCS.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 FRAMEWORKS = ("transformers", "lightning")
 HOW_TO_FIX = (
@@ -60,7 +63,7 @@ def starts_a_sample(block: Block) -> bool:
 
 def sample_params() -> list[object]:
     """One test per sample, named by page and line, marked by what its code imports."""
-    params = []
+    params: list[object] = []
     for page in sorted(DOCS.glob("*.md")):
         sample: list[Block] = []
         for block in [*blocks(page), None]:
@@ -77,6 +80,24 @@ def sample_params() -> list[object]:
             if block is not None:
                 sample.append(block)
     return params
+
+
+README_SAMPLE = re.compile(
+    r"^<!-- sample: (?P<name>[\w-]+) -->\n```\w*\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL
+)
+
+
+def test_docs_copies_of_readme_samples_match_the_readme() -> None:
+    """A real output the docs show under a README sample marker is the README's, kept true there."""
+    readme = {m["name"]: m["body"] for m in README_SAMPLE.finditer(README.read_text())}
+    copies = [
+        (page.name, match["name"], match["body"])
+        for page in sorted(DOCS.glob("*.md"))
+        for match in README_SAMPLE.finditer(page.read_text())
+    ]
+    assert copies, "no docs page shows a README sample"
+    for page, name, body in copies:
+        assert body == readme.get(name), f"docs/{page}: sample {name!r} differs from README.md's"
 
 
 def test_the_docs_have_code_to_run() -> None:
