@@ -28,7 +28,7 @@ pytestmark = pytest.mark.torch
 CAUSE = "did not use it"
 
 
-def batchnorm_net() -> nn.Module:
+def batchnorm_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
 
