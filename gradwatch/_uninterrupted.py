@@ -116,24 +116,41 @@ def _deliver_pending() -> None:
 
 
 def _install() -> bool:
-    """Stand in for the callable SIGINT/SIGTERM handlers; False where signals cannot be set."""
+    """Stand in for the callable SIGINT/SIGTERM handlers; False where signals cannot be set.
+
+    A signal arriving halfway (``signal.signal`` is Python code) leaves nothing behind.
+    """
+    installed: list[int] = []
     try:
         for signum in _SIGNALS:
             current = signal.getsignal(signum)
             if current is _on_signal or not callable(current):
                 continue  # SIG_DFL ends the process and SIG_IGN nothing: nothing to restore for
             _state.previous[signum] = current
+            installed.append(signum)  # before: the signal may land inside signal.signal
             signal.signal(signum, _on_signal)
     except (ValueError, OSError):  # not the main interpreter's main thread
+        _put_back_handlers(installed)
         return False
+    except BaseException:
+        _put_back_handlers(installed)
+        raise
     return True
 
 
 def _uninstall() -> None:
-    for signum, handler in _state.previous.items():
+    try:
+        _put_back_handlers(list(_state.previous))
+    except BaseException:  # a signal halfway: finish before its exception goes on
+        _put_back_handlers(list(_state.previous))
+        raise
+
+
+def _put_back_handlers(signums: list[int]) -> None:
+    for signum in signums:
         try:
             if signal.getsignal(signum) is _on_signal:
-                signal.signal(signum, handler)
+                signal.signal(signum, _state.previous[signum])
         except (ValueError, OSError):
             continue
 
