@@ -70,7 +70,9 @@ def test_check_module_refuses_a_loss_that_reads_the_real_weights() -> None:
     x, y = data()
     F.mse_loss(model(x), y).backward()
     before = snapshot(model)
+
     first = model[0]
+    assert isinstance(first, nn.Linear)
 
     def loss_fn(m: nn.Module, batch: Any) -> Tensor:
         return F.linear(batch[0], first.weight).square().mean()
