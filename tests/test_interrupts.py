@@ -114,3 +114,28 @@ def test_snapshot_sees_a_single_bit() -> None:
     b = a.copy()
     b.view(np.int64)[1] ^= 1
     assert snapshot(a) != snapshot(b)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_every_call_of_a_region_leaves_no_handler_behind(signum: int) -> None:
+    """Installing and removing the handler (Python code in the signal module) can be interrupted
+    anywhere: theta comes back and the handlers are the ones from before, every time."""
+    theta = np.zeros(3)
+
+    def move_and_evaluate() -> None:
+        with restoring(lambda: theta.fill(0.0)) as region:
+            theta[0] = 1.0
+            region.run(float, theta.sum())
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        before = snapshot(theta)
+        outcome = sweep(Scenario("region", move_and_evaluate, lambda: snapshot(theta), signum))
+        assert outcome.tried > 20
+        assert outcome.restored == outcome.tried
+        assert snapshot(theta) == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
