@@ -4,6 +4,7 @@
     python -m benchmarks.architectures --only gpt2,llama --steps 16 --every 5
     python -m benchmarks.architectures --bug                 # the planted bugs
     python -m benchmarks.architectures --json sweep.json
+    python -m benchmarks.architectures --set 2              # the second sweep (setups)
 
 Each architecture of `benchmarks.hf_models` (a tiny config built in code, synthetic
 data, dropout at the config's defaults) is trained by the real ``transformers.Trainer``
@@ -24,6 +25,13 @@ over the checks; ``evals`` the mean loss evaluations per check (``CheckResult.lo
 ``crash`` row; the sweep goes on. ``note``: the crash message, else the first failing
 (or erroring) check's alert, else the first note a check added to the run's notes.
 
+With ``--set 2`` the rows are `benchmarks.hf_setups.SETUPS` instead: models and training
+setups chosen for what stresses a float64 replay (drop path, layerdrop, router jitter,
+gradient checkpointing, label smoothing, bf16 autocast, LoRA, CTC, BatchNorm, Mamba),
+each trained with its own `TrainingArguments` on top of these, ``GradWatch(every=1,
+trainer=trainer)`` (the trainer passed so that label smoothing is checked as the
+Trainer computes it), 4 steps by default.
+
 With ``--bug`` each entry of `benchmarks.hf_bugs.BUGS` is swept instead: ``caught``
 when the step-0 check fails, ``named`` is the tensor the step-0 alert names and
 ``local`` whether it lies under the module where the bug was planted.
@@ -40,6 +48,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")  # tiny models: threads only add overhead
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -65,7 +74,13 @@ from transformers import (  # noqa: E402
 )
 
 from benchmarks.hf_bugs import BUGS, PlantedBug, under  # noqa: E402
-from benchmarks.hf_models import ARCHITECTURES, Examples, parameter_count  # noqa: E402
+from benchmarks.hf_models import (  # noqa: E402
+    ARCHITECTURES,
+    Architecture,
+    Examples,
+    parameter_count,
+)
+from benchmarks.hf_setups import SETUPS, Setup  # noqa: E402
 from gradwatch.result import CheckResult  # noqa: E402
 
 ALERTING = ("fail", "error")
@@ -134,18 +149,24 @@ def train(
     *,
     steps: int,
     seed: int,
-    callback: TrainerCallback | None = None,
+    callback: TrainerCallback | Callable[[Trainer], TrainerCallback] | None = None,
+    arguments: dict[str, Any] | None = None,
 ) -> Run:
-    """Train with the real Trainer; an exception is caught and returned as ``crash``."""
+    """Train with the real Trainer; an exception is caught and returned as ``crash``.
+
+    ``callback`` may be a factory taking the Trainer; ``arguments`` are set on top of
+    `training_arguments`.
+    """
     timer = StepTimer()
     crash = None
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = Trainer(
-            model=model, args=training_arguments(output_dir, steps, seed), train_dataset=data
-        )
+        args = dataclasses.replace(training_arguments(output_dir, steps, seed), **(arguments or {}))
+        trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.remove_callback(PrinterCallback)  # the table reports; no metric dicts
         trainer.add_callback(timer)
         if callback is not None:
+            if not isinstance(callback, TrainerCallback):
+                callback = callback(trainer)
             trainer.add_callback(callback)
         try:
             trainer.train()
@@ -241,16 +262,28 @@ def sweep_one(
     every: int,
     seed: int,
     bug: PlantedBug | None = None,
+    setup: Setup | None = None,
 ) -> Row:
-    """Train plain then watched; measure the checks against the plain steps."""
+    """Train plain then watched; measure the checks against the plain steps.
+
+    With a ``setup`` (the second sweep) its training arguments apply to both runs and
+    the watch is given the trainer.
+    """
     started = time.perf_counter()
     model, data = build()
-    architecture = ARCHITECTURES[bug.architecture if bug else name]
-    row = Row(name, architecture.model_class, architecture.task, parameter_count(model))
-    plain = train(model, data, steps=steps, seed=seed)
+    entry: Architecture | Setup = setup or ARCHITECTURES[bug.architecture if bug else name]
+    row = Row(name, entry.model_class, entry.task, parameter_count(model))
+    arguments = setup.arguments if setup is not None else None
+    plain = train(model, data, steps=steps, seed=seed, arguments=arguments)
     model, data = build()
-    watch = GradWatch(every=every)
-    watched = train(model, data, steps=steps, seed=seed, callback=watch)
+    watches: list[GradWatch] = []
+
+    def watch_for(trainer: Trainer) -> GradWatch:
+        watches.append(GradWatch(every=every, trainer=trainer if setup is not None else None))
+        return watches[-1]
+
+    watched = train(model, data, steps=steps, seed=seed, callback=watch_for, arguments=arguments)
+    watch = watches[0]
     unchecked = [s for step, s in plain.timer.seconds.items() if step > 0] or list(
         plain.timer.seconds.values()
     )
@@ -358,8 +391,9 @@ def summary(rows: Sequence[Row], bugs: bool, elapsed: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture (or bug) names")
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
-    parser.add_argument("--every", type=int, default=5, help="GradWatch(every=...)")
+    parser.add_argument("--set", type=int, choices=(1, 2), default=1, help="which sweep")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (16; set 2: 4)")
+    parser.add_argument("--every", type=int, help="GradWatch(every=...) (5; set 2: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bug", action="store_true", help="sweep the planted bugs instead")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -367,13 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="keep gradwatch's log events")
     parser.add_argument("--list", action="store_true", help="list names and parameters, exit")
     options = parser.parse_args(argv)
+    second = options.set == 2 and not options.bug
+    if options.steps is None:
+        options.steps = 4 if second else 16
+    if options.every is None:
+        options.every = 1 if second else 5
     torch.set_num_threads(options.threads)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     warnings.filterwarnings("ignore")
     if not options.verbose:
         logging.getLogger("gradwatch").disabled = True  # the table says it all
 
-    catalogue: dict[str, Any] = BUGS if options.bug else ARCHITECTURES
+    catalogue: dict[str, Any] = BUGS if options.bug else SETUPS if second else ARCHITECTURES
     names = list(catalogue)
     if options.only:
         wanted = {n.strip() for n in options.only.split(",") if n.strip()}
@@ -402,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 every=options.every,
                 seed=options.seed,
                 bug=entry if options.bug else None,
+                setup=entry if second else None,
             )
         )
         row = rows[-1]
@@ -413,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json:
         document = {
             "command": " ".join(["python -m benchmarks.architectures", *(argv or sys.argv[1:])]),
+            "set": options.set,
             "steps": options.steps,
             "every": options.every,
             "seconds": elapsed,
