@@ -74,7 +74,7 @@ def localize_failure(result: CheckResult, run: FailedRun) -> CheckResult:
         )
     try:
         objective = _Objective(run.shadow, run.loss_fn, run.batch, run.penalties, run.rng)
-        found = _localize(run.shadow, objective, "search", 0, LOCAL_THRESHOLD)
+        found = _localize(run.shadow, objective, "search", 0, LOCAL_THRESHOLD, failing=True)
     except Exception as error:
         note = f"module-local search could not run: {type(error).__name__}: {error}"
         return result.model_copy(update={"notes": [*result.notes, note[:300]]})
@@ -195,7 +195,12 @@ def _cotangents(
 
 
 def _localize(
-    shadow: _Shadow, objective: _Objective, scope: Scope, seed: int, threshold: float
+    shadow: _Shadow,
+    objective: _Objective,
+    scope: Scope,
+    seed: int,
+    threshold: float,
+    failing: bool = False,
 ) -> Localization:
     """Capture J's module calls on ``shadow``, then search (or check all of) them."""
     started = time.perf_counter()
@@ -216,9 +221,18 @@ def _localize(
             for p in shadow.module.parameters():
                 p.grad = None
         checker = LocalChecker(mode, threshold, seed)
-        found, verdicts, notes = search(tops, checker, MAX_CHECKS, every=scope == "all")
+        found, verdicts, notes = search(
+            tops, checker, MAX_CHECKS, every=scope == "all", failing=failing
+        )
         suspects = [_suspect(call, verdict, mode) for call, verdict in found]
-    if not found and scope == "search" and any(v.status == "ok" for v in verdicts):
+    top_paths = {top.path for top in tops}
+    top_verdicts = [v for v in verdicts if v.module in top_paths]
+    if (
+        not found
+        and scope == "search"
+        and top_verdicts
+        and all(v.status == "ok" for v in top_verdicts)
+    ):
         suspects = [
             ModuleSuspect(module="", class_name="loss_fn", kind="outside", ratio=0.0, side="input")
         ]
@@ -239,31 +253,45 @@ def search(
     max_checks: int = MAX_CHECKS,
     *,
     every: bool = False,
+    failing: bool = False,
 ) -> tuple[list[tuple[ModuleCall, ModuleVerdict]], list[ModuleVerdict], list[str]]:
     """Descend from ``tops`` into failing calls only (``every``: into all calls); the
     suspects are failing calls whose children all pass. Returns the suspects, every
-    verdict in the order checked, and notes."""
+    verdict in the order checked, and notes.
+
+    ``failing``: J's gradient is known to be wrong (the whole-model check failed), so a
+    single top call (the model) is not checked first, only when none of its children
+    fails: its own check costs as much as J's."""
     verdicts: list[ModuleVerdict] = []
     suspects: list[tuple[ModuleCall, ModuleVerdict]] = []
     notes: list[str] = []
 
-    def visit(call: ModuleCall) -> bool:
+    def check(call: ModuleCall) -> ModuleVerdict | None:
         if checker.checked >= max_checks:
             if not notes:
                 notes.append(f"module search stopped after {max_checks} module calls")
-            return False
+            return None
         verdict = checker.verdict(call)
         verdicts.append(verdict)
-        failed = verdict.status == "fail"
-        if verdict.status in ("ok", "unreached") and not every:
+        return verdict
+
+    def visit(call: ModuleCall, known: bool = False) -> bool:
+        verdict = None if known else check(call)
+        if verdict is None and not known:
+            return False
+        if verdict is not None and verdict.status in ("ok", "unreached") and not every:
             return False  # an unchecked call's children may still be checked on their own
         children = [visit(child) for child in call.children]
-        if failed and not any(children):
+        if known and not any(children):
+            verdict = check(call)  # no child fails: the call's own code, or outside it
+        if verdict is None or verdict.status != "fail":
+            return False
+        if not any(children):
             suspects.append((call, verdict))
-        return failed
+        return True
 
     for top in tops:
-        visit(top)
+        visit(top, known=failing and len(tops) == 1)
     return suspects, verdicts, notes
 
 

@@ -183,3 +183,16 @@ def test_bad_scope_is_refused() -> None:
     """An unknown scope is an OptionError naming what was expected."""
     with pytest.raises(OptionError, match="scope: expected 'search' or 'all'"):
         check_modules(nn.Linear(2, 2), _loss, torch.randn(1, 2), scope="everything")  # type: ignore[arg-type]
+
+
+def test_a_wrong_loss_outside_every_module_is_named_as_such() -> None:
+    """A hand-written loss backward outside the model: every module passes, the loss is named."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def loss_fn(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return WrongSquare.apply(module(x)).sum()  # type: ignore[no-any-return]
+
+    result = check_module(model, loss_fn, torch.randn(6, 4))
+    assert result.status == "fail" and result.localization is not None
+    assert [s.kind for s in result.localization.suspects] == ["outside"]
+    assert "loss function's own code" in result.localization.suspects[0].describe()
