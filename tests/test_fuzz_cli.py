@@ -11,6 +11,7 @@ N cases (BENCHMARKS.md, "CLI fuzz over mutated reports", has a long run's figure
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -101,7 +102,7 @@ def mutate_json(text: str, rng: random.Random) -> str:
         paths = list(leaves(document))
         path = rng.choice(paths)
         drop = bool(path) and rng.random() < 0.2
-        document = replaced(document, path, rng.choice(HOSTILE), drop)
+        document = replaced(document, path, copy.deepcopy(rng.choice(HOSTILE)), drop)
     return json.dumps(document)
 
 
