@@ -187,6 +187,8 @@ class Row:
     statuses: list[str] = field(default_factory=list)
     steps_checked: list[int] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    step_ratios: list[float] = field(default_factory=list)
+    """Each check's step-link ratio (checks without a step link left out)."""
     loss_evals: list[int] = field(default_factory=list)
     result_seconds: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -291,6 +293,7 @@ def sweep_one(
     row.statuses = [r.status for r in results]
     row.steps_checked = [r.step if r.step is not None else -1 for r in results]
     row.ratios = [r.ratio for r in results]
+    row.step_ratios = [r.step_link.ratio for r in results if r.step_link is not None]
     row.loss_evals = [r.loss_evals for r in results]
     row.result_seconds = [r.seconds for r in results]
     for result in results:
@@ -330,7 +333,8 @@ def _number(value: float | None, spec: str) -> str:
 
 def table(rows: Sequence[Row], bugs: bool) -> str:
     """A fixed-width text table, one row per architecture (or planted bug)."""
-    header = ["architecture", "params", "statuses", "max ratio", "evals", "check s", "step ms"]
+    header = ["architecture", "params", "statuses", "max ratio", "step link", "evals"]
+    header += ["check s", "step ms"]
     header += ["cost", "same"]
     header += ["caught", "local", "named"] if bugs else []
     header += ["note"]
@@ -343,6 +347,7 @@ def table(rows: Sequence[Row], bugs: bool) -> str:
             str(row.params),
             ",".join(row.statuses) or "-",
             _number(row.max_ratio, ".1e"),
+            _number(max(row.step_ratios) if row.step_ratios else None, ".1e"),
             _number(statistics.mean(row.loss_evals) if row.loss_evals else None, ".0f"),
             _number(row.check_seconds, ".2f"),
             _number(None if row.step_seconds is None else 1e3 * row.step_seconds, ".1f"),
@@ -358,7 +363,7 @@ def table(rows: Sequence[Row], bugs: bool) -> str:
         cells.append(row.note[:110])
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header[:-1])]
-    right = {"params", "max ratio", "evals", "check s", "step ms", "cost"}
+    right = {"params", "max ratio", "step link", "evals", "check s", "step ms", "cost"}
 
     def render(cells: Sequence[str]) -> str:
         parts = [

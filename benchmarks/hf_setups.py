@@ -31,9 +31,9 @@ from benchmarks.hf_models import (
     EXAMPLES,
     IMAGE_SIZE,
     NUM_LABELS,
-    SEQ2SEQ,
     Examples,
     causal_lm_examples,
+    classification_examples,
     image_examples,
     masked_lm_examples,
     seq2seq_examples,
@@ -101,6 +101,10 @@ def _causal(config: Any, seed: int) -> Examples:
 
 def _masked(config: Any, seed: int) -> Examples:
     return masked_lm_examples(config.pad_token_id or 0, seed)
+
+
+def _classify(config: Any, seed: int) -> Examples:
+    return classification_examples(config.pad_token_id or 0, seed)
 
 
 def _seq2seq(config: Any, seed: int) -> Examples:
@@ -437,12 +441,12 @@ _ALL = [
         stresses="selective scan (the slow path on the CPU)",
     ),
     Setup(
-        "bart-seq2seq-smoothing",
-        "BartForConditionalGeneration",
-        "seq2seq",
-        _model("BartForConditionalGeneration", _seq2seq, **SEQ2SEQ, max_position_embeddings=16),
+        "bert-cls-smoothing",
+        "BertForSequenceClassification",
+        "classifier",
+        _model("BertForSequenceClassification", _classify, **ENCODER, num_labels=NUM_LABELS),
         {"label_smoothing_factor": 0.1},
-        "label smoothing on a seq2seq model (labels not shifted)",
+        "label smoothing on a classifier (labels not shifted), dropout",
     ),
 ]
 SETUPS: dict[str, Setup] = {setup.name: setup for setup in _ALL}
