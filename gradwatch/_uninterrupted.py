@@ -17,8 +17,9 @@ by the outermost region, on the main thread only):
   `Region.opened`) the signal's own handler runs at once, as without gradwatch; if it
   raises, every open region's restore runs first, innermost first, then the exception
   goes on (the handlers are put back: the check is over). Regions exiting after that
-  restore again (the same values; a swallowed interrupt lets the check go on), except
-  one a generator holds that is closed late (`Region.abandon`).
+  restore again (the same values), except one a generator holds that is closed late
+  (`Region.abandon`); one that the interrupt passed without ending (code inside caught
+  it, or turned it into another error) raises it again: a Ctrl-C always ends the check.
 
 Off the main thread no signal handler runs (Python runs them on the main thread only),
 so a region there only restores on exit. The cost is about 2 us per region inside
