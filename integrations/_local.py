@@ -53,6 +53,12 @@ KINK = 1e-6
 than this times its slope (plus roundoff), is not smooth along the step: left out of the
 test (`_Call.kinks`). A smooth entry's scale to about h^2 relative (1e-12)."""
 
+SURE_RATIO = 1e-2
+"""A trial whose every output entry is smooth along the step (none left out) and whose
+ratio reaches this fails the side without a second trial: a kink inside the module that
+no output entry shows at `KINK` cannot move <g, f> by this much (the error it could hide
+is at most about KINK x sqrt(output entries) relative)."""
+
 MOST_LEFT_OUT = 0.5
 """A trial whose kinks take more than this share of |g| out judges nothing."""
 
@@ -337,6 +343,8 @@ class LocalChecker:
             ratios.append(ratio)
             if passed:
                 return SideResult(ratio=min(ratios), failed=False)
+            if left_out == 0 and ratio >= SURE_RATIO:
+                return SideResult(ratio=ratio, failed=True)
         if conclusive < len(STEPS):
             return SideResult(ratio=min(ratios) if ratios else float("nan"), failed=None)
         return SideResult(ratio=min(ratios), failed=True)

@@ -190,7 +190,7 @@ def test_a_wrong_loss_outside_every_module_is_named_as_such() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
     def loss_fn(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return WrongSquare.apply(module(x)).sum()  # type: ignore[no-any-return]
+        return WrongSquare.apply(module(x)).sum()
 
     result = check_module(model, loss_fn, torch.randn(6, 4))
     assert result.status == "fail" and result.localization is not None
