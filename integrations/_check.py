@@ -41,7 +41,13 @@ from gradwatch.integrations._sharded import check_sharded, is_sharded
 from torch import nn
 
 import gradwatch
-from gradwatch.errors import GradwatchError, OptionError, ParameterError, ProcessGroupError
+from gradwatch.errors import (
+    GradwatchError,
+    LossError,
+    OptionError,
+    ParameterError,
+    ProcessGroupError,
+)
 from gradwatch.result import CheckResult
 
 __all__ = ["Analytic", "check_module", "weight_decay_notes"]
@@ -319,6 +325,8 @@ class _ShadowCheck:
         loss = _BatchedObjective(objective, largest) if self.batched else objective
         with untouched_model(self.model), self.mode, torch.inference_mode():
             result, grads = self._check_until_trusted(objective, loss, grads, notes)
+            if isinstance(grads, _ShadowGradients):
+                _refuse_a_flat_objective(grads, result)
             self.penalty_values = objective.penalty_values()
         notes.extend(_mode_notes(self.mode, shadow))
         if isinstance(grads, _ShadowGradients):
@@ -400,6 +408,18 @@ class _ShadowCheck:
                 "would read its rounding as a bug"
             )
         return None
+
+
+def _refuse_a_flat_objective(grads: _ShadowGradients, result: CheckResult) -> None:
+    """Zeros against zeros check nothing: J that does not move as the parameters move,
+    with a gradient exactly zero, is an error, never ``ok``."""
+    flat = not grads.nonzero and not any(c.numeric for c in result.worst)
+    if grads.first_visit_complete and flat:
+        raise LossError(
+            "loss_fn(model, batch): expected a J that moves with the parameters of the model "
+            "it is given, received one that does not move and whose gradient is exactly zero "
+            "(a loss_fn using another model than its argument?): nothing was checked"
+        )
 
 
 def _rounded_to(value: float, dtype: torch.dtype) -> bool:

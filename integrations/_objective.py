@@ -269,6 +269,10 @@ class _ShadowGradients:
         self.visits = 0
         self.arrived_in_parts: str | None = None
         """The first tensor whose gradient arrived in parts (streamed visits only)."""
+        self.nonzero = False
+        """Whether the first visit's gradient had any nonzero entry."""
+        self.first_visit_complete = False
+        """Whether the first visit covered every trainable tensor of the shadow."""
 
     def visit(
         self, names: Sequence[str], consume: Callable[[str, npt.NDArray[np.floating]], None]
@@ -281,6 +285,8 @@ class _ShadowGradients:
         def hand_over(name: str, gradient: torch.Tensor) -> None:
             array = _to_numpy(gradient).astype(dtype, copy=False)
             self.largest[name] = _largest_entry(array)
+            if self.visits == 0 and not self.nonzero:
+                self.nonzero = bool(array.reshape(-1)[self.largest[name]] != 0)
             delivered.add(name)
             consume(name, array)
 
@@ -318,6 +324,7 @@ class _ShadowGradients:
         for name in missing:
             hand_over(name, torch.zeros(shadow.params[name].shape, dtype=shadow.dtype))
         if self.visits == 0:
+            self.first_visit_complete = set(names) >= set(shadow.params)
             if not total.requires_grad:
                 raise LossError(NOT_THE_MODEL_GIVEN)
             elif missing:

@@ -162,3 +162,12 @@ def test_lightning_slip_is_an_error(tmp_path: Path) -> None:
     assert all(CAUSE in (r.error or "") for r in results)
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_flat_objective_is_never_ok() -> None:
+    """J that does not move with the parameters and has a zero gradient (the loss times 0)
+    checked nothing: an error saying so, not ok with ratio 0."""
+    model = batchnorm_net()
+    x, y = data()
+    with pytest.raises(LossError, match="nothing was checked"):
+        check_module(model, lambda m, b: F.mse_loss(m(b[0]), b[1]) * 0, (x, y))
