@@ -242,7 +242,9 @@ def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: fl
     residual = total_opt - 2 * scale * sum(sums.dot.values())
     residual += scale * scale * sum(sums.objective.values())
     off_direction = math.sqrt(max(residual, 0.0)) / max(math.sqrt(total_opt), 1e-300)
-    if off_direction < threshold and math.isfinite(scale):
+    # A factor is named only where it is one: a scale within the threshold of 1 is the
+    # precision's noise (bf16 routing ties, say), not a loss divided twice.
+    if off_direction < threshold and math.isfinite(scale) and abs(scale - 1) >= threshold:
         power = math.log2(abs(scale)) if scale != 0 else 0.0
         if scale >= 16 and abs(power - round(power)) < 1e-3:
             hint = "an AMP loss scale left in .grad (GradScaler.unscale_ missing before this?)"

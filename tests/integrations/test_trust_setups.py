@@ -99,3 +99,29 @@ def test_bf16_mixed_under_lightning_sets_the_step_tolerances(tmp_path: Path) -> 
         assert link is not None
         assert (link.warn, link.threshold) == STEP_TOLERANCES[torch.bfloat16]
         assert result.status == "ok", result.notes
+
+
+def test_a_scale_of_one_is_never_blamed_on_accumulation() -> None:
+    """A step link whose optimizer gradient is 0.998x J's (bf16 noise) and one tensor off is
+    explained by that tensor, not by a loss divided twice."""
+    from gradwatch.integrations._step import _link, _Sums
+
+    optimizer, objective = {"a": [0.998, 0.0], "b": [0.02]}, {"a": [1.0, 0.0], "b": [0.01]}
+
+    def total(f: Any) -> dict[str, float]:
+        return {
+            k: sum(f(x, y) for x, y in zip(optimizer[k], objective[k], strict=True))
+            for k in optimizer
+        }
+
+    sums = _Sums(
+        difference=total(lambda x, y: (x - y) ** 2),
+        optimizer=total(lambda x, y: x * x),
+        objective=total(lambda x, y: y * y),
+        dot=total(lambda x, y: x * y),
+    )
+    warn, threshold = STEP_TOLERANCES[torch.bfloat16]
+    link = _link(sums, warn, threshold, 1, 1.0)
+    assert link.status == "fail"
+    assert "divided" not in link.explanation and "accumulation" not in link.explanation
+    assert "differs in b only" in link.explanation
