@@ -349,9 +349,10 @@ class Report(BaseModel):
         for check in reversed(self.checks):  # the latest run's, when a resume repeated it
             if check.step == step:
                 return check
+        run = "" if self.run is None else f" (run {self.run}; --run all reads every run)"
         raise ReportError(
-            f"no check at step {step} in {self.directory}; expected one of the checked steps "
-            f"{_list_steps(self.steps)}"
+            f"no check at step {step} in {self.directory}{run}; expected one of the checked "
+            f"steps {_list_steps(self.steps)}"
         )
 
 

@@ -162,3 +162,13 @@ def test_version_and_python_m(tmp_path: Path) -> None:
         text=True,
     )
     assert shown.returncode == 1 and "alerts: 2" in shown.stdout
+
+
+def test_worst_step_missing_from_the_run_names_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """worst --step 20 of a run that never checked step 20 says which run it looked in."""
+    bug_then_fix(tmp_path)
+    code, _, err = run_cli(capsys, "worst", str(tmp_path), "--step", "20", "--run", "1")
+    assert code == 2
+    assert "no check at step 20" in err and "(run 1; --run all reads every run)" in err
