@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, TypeVar
 
-__all__ = ["Region", "restoring", "watching"]
+__all__ = ["Region", "restored_after", "restoring", "watching"]
 
 T = TypeVar("T")
 
@@ -320,3 +320,23 @@ def watching() -> Iterator[None]:
     """
     with restoring(_nothing) as region, region.opened():
         yield
+
+
+@contextmanager
+def restored_after(
+    restore: Callable[[], None], finish: Callable[[], None] | None = None
+) -> Iterator[Region]:
+    """For a generator-based context manager that changes something and puts it back.
+
+    Use as ``with restored_after(put_back): yield``: the body is interruptible as
+    usual, ``put_back`` runs on exit and before any interrupt goes on, also one landing
+    between the body's end and the generator's resumption (where a ``try/finally``
+    around the ``yield`` never runs), and not again when the generator is closed late.
+    """
+    with restoring(restore, finish) as region:
+        try:
+            with region.opened():
+                yield region
+        except GeneratorExit:  # closed when collected: an interrupt restored long ago
+            region.abandon()
+            raise

@@ -25,7 +25,7 @@ import torch
 from gradwatch.integrations._shadow_mode import HeldRow, ShadowMode
 from torch import nn
 
-from gradwatch._uninterrupted import restoring
+from gradwatch._uninterrupted import restored_after
 from gradwatch.errors import OptionError, ParameterError
 
 __all__ = [
@@ -254,13 +254,8 @@ def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
         ):
             torch._C._pop_torch_function_stack()
 
-    with restoring(restore, finish) as region:
-        try:
-            with region.opened():
-                yield rng
-        except GeneratorExit:  # closed when collected: an interrupt restored long ago
-            region.abandon()
-            raise
+    with restored_after(restore, finish):
+        yield rng
 
 
 # --------------------------------------------------------------------------- the shadow
