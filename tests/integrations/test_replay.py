@@ -118,3 +118,41 @@ def test_a_draw_it_cannot_replay_leaves_the_step_unjudged() -> None:
     assert link.status == "nondeterministic"
     assert "alpha dropout" in link.explanation
     assert "accumulation" not in link.explanation
+
+
+SAMPLER_CALLS: dict[str, Callable[[Tensor], Any]] = {
+    "rand": lambda x: torch.rand(5),
+    "randn dtype=": lambda x: torch.randn(5, dtype=x.dtype),
+    "rand_like": lambda x: torch.rand_like(x),
+    "randn_like": lambda x: torch.randn_like(x),
+    "randint dtype=": lambda x: torch.randint(0, 9, (5,), dtype=x.dtype),
+    "normal(float, float, size)": lambda x: torch.normal(0.0, 2.0, (5,)),
+    "normal(tensor, tensor)": lambda x: torch.normal(x, x.abs() + 1),
+    "bernoulli": lambda x: torch.bernoulli(x.sigmoid()),
+    "multinomial": lambda x: torch.multinomial(x.sigmoid(), 3, replacement=True),
+    "poisson": lambda x: torch.poisson(x.abs()),
+    "uniform_": lambda x: torch.empty_like(x).uniform_(-1, 1),
+    "normal_": lambda x: torch.empty_like(x).normal_(),
+    "exponential_": lambda x: torch.empty_like(x).exponential_(),
+    "bernoulli_(tensor)": lambda x: torch.empty_like(x).bernoulli_(x.sigmoid()),
+    "cauchy_": lambda x: torch.empty_like(x).cauchy_(),
+    "log_normal_": lambda x: torch.empty_like(x).log_normal_(),
+    "geometric_": lambda x: torch.empty_like(x).geometric_(0.3),
+    "random_": lambda x: torch.empty_like(x).random_(0, 9),
+    "dropout": lambda x: torch.nn.functional.dropout(x, 0.4, True),
+    "dropout2d": lambda x: torch.nn.functional.dropout2d(x.reshape(1, 20, 1), 0.4, True),
+}
+
+
+@pytest.mark.parametrize("call", list(SAMPLER_CALLS))
+def test_each_sampler_draws_as_in_float32(call: str) -> None:
+    """Every sampler called on float64 shadow tensors gives the float32 training's values."""
+    x = torch.linspace(-2, 2, 20)
+    state = torch.get_rng_state()
+    want = SAMPLER_CALLS[call](x)
+    want = want.to(torch.float64) if want.is_floating_point() else want
+    torch.set_rng_state(state)
+    with ShadowMode(torch.float64, training_dtype=torch.float32):
+        got = SAMPLER_CALLS[call](x.double())
+    assert got.dtype == want.dtype
+    assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=0), (got, want)
