@@ -32,10 +32,13 @@ object gives (metrics through ``trainer.log``, an overridden ``compute_loss`` or
 ``compute_loss`` received). Without it the metrics are appended to
 ``state.log_history`` (the report holds them either way).
 
-What J is: the model's own ``loss`` output on the captured inputs. Where the
-Trainer computes its training loss otherwise (label smoothing,
-``compute_loss_func``, an overridden ``compute_loss``) the report says so; pass
-``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
+What J is: the model's own ``loss`` output on the captured inputs. Under label
+smoothing (``label_smoothing_factor > 0``) with the ``trainer`` passed, J is the
+Trainer's own ``label_smoother`` on the inputs ``compute_loss`` received, labels
+included, step link too (without the trainer the labels are out of reach: such a
+check is an ``error`` that says to pass it). Where the Trainer computes its training
+loss otherwise (``compute_loss_func``, an overridden ``compute_loss``) the report says
+so; pass ``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
 the finite-difference check covers the step's last micro-batch (the report says so);
 the step link (``result.step_link``) compares the optimizer's ``.grad`` with the
 float64 gradient of J over every micro-batch of the step, J being the model's loss
