@@ -25,7 +25,9 @@ from gradwatch.integrations._shadow import (
     missing_gradients_note,
 )
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from gradwatch._uninterrupted import restored_after
 from gradwatch.errors import LossError, OptionError
 
 __all__ = ["NOT_THE_MODEL_GIVEN", "LossFn", "Penalties", "Penalty", "untouched_model"]
@@ -63,17 +65,22 @@ def untouched_model(model: nn.Module) -> Iterator[None]:
                 "(a loss_fn that closes over the model instead of using its argument?)"
             )
 
-    handles = [module.register_forward_pre_hook(refuse) for module in model.modules()]
+    handles: list[RemovableHandle] = []
     trainable = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for parameter in trainable:
-            parameter.requires_grad_(False)
-        yield
-    finally:
+
+    def put_back() -> None:
         for parameter in trainable:
             parameter.requires_grad_(True)
         for handle in handles:
             handle.remove()
+
+    # Put back even when an interrupt lands between the body's end and this generator's
+    # resumption, where a try/finally around the yield would never run.
+    with restored_after(put_back):
+        handles.extend(module.register_forward_pre_hook(refuse) for module in model.modules())
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        yield
 
 
 def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
