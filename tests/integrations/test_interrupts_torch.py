@@ -43,12 +43,6 @@ def _our_context_exits(frame: FrameType, event: str) -> bool:
     return code is not None and "/site-packages/" not in code.co_filename.replace("\\", "/")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integrations/_objective.py untouched_model restores in a try/finally around its "
-    "yield, which an interrupt before the generator resumes skips (issue 27): route it "
-    "through gradwatch._uninterrupted.restored_after",
-)
 def test_an_interrupt_as_any_context_of_the_check_exits_leaves_the_model_as_it_was() -> None:
     """A SIGINT at the exit of each context manager a check opens (the gap before its restore)
     leaves the real model's hooks and requires_grad, and the RNG, as they were."""
