@@ -7,7 +7,8 @@
 ``cost``: a GPT-2 of about 10M parameters (vocabulary 8192, width 256, 10 layers, 4
 heads, batch 4 x 128 tokens, float32, one thread) whose layer-4 GELU backward forgets
 the product rule (`benchmarks.hf_bugs.BuggyTanhGELU`). One training step (forward,
-backward, AdamW) is timed plainly (median of 5); then, in training steps of time:
+backward, AdamW) is timed plainly (median of 5, CPU time); then, in training steps of
+CPU time:
 
 * ``search``: the module-local search alone (`check_modules`: a float64 copy, one
   captured forward+backward, the adjoint tests of the calls on the failing path);
@@ -64,25 +65,26 @@ def gpt2(layers: int, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]
 
 
 def step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], steps: int = 5) -> float:
-    """Median wall time of a training step (forward, backward, AdamW) on a copy."""
+    """Median CPU time of a training step (forward, backward, AdamW) on a copy."""
     import copy
 
     trained = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
     times = []
     for _ in range(steps + 1):
-        started = time.perf_counter()
+        started = time.process_time()
         optimizer.zero_grad()
         model_loss(trained, batch).backward()
         optimizer.step()
-        times.append(time.perf_counter() - started)
+        times.append(time.process_time() - started)
     return statistics.median(times[1:])
 
 
 def timed(run: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
+    """CPU seconds of ``run()`` (one thread: steady on a shared machine), and its value."""
+    started = time.process_time()
     value = run()
-    return time.perf_counter() - started, value
+    return time.process_time() - started, value
 
 
 def cost(layers: int, full: bool) -> None:
@@ -107,7 +109,12 @@ def cost(layers: int, full: bool) -> None:
         )
         local = result.localization
         named = [s.module for s in local.suspects] if local else None
-        search = f"{local.seconds:.2f} s of it the search" if local else "no search"
+        search = (
+            f"the search {local.seconds:.2f} s wall, {local.checks} calls, "
+            f"{local.evaluations} module evaluations"
+            if local
+            else "no search"
+        )
         print(
             f"{label}: {result.status}, {seconds:.1f} s = {seconds / step:.0f} steps, "
             f"{result.loss_evals} loss evaluations, {search}; suspects {named}"
