@@ -222,7 +222,11 @@ def blamed_tensor(watch: GradWatch, result: CheckResult) -> str | None:
     for alert in watch.watch.alerts:
         if alert.step == result.step and alert.tensor is not None:
             return str(alert.tensor)
-    failing = [(t.ratio, n) for n, t in result.tensors.items() if t.status in ALERTING]
+    failing = [
+        (t.ratio, n)
+        for n, t in result.tensors.items()
+        if t.status in ALERTING and t.ratio is not None
+    ]
     if failing:
         return max(failing)[1]
     return result.worst[0].tensor if result.worst else None

@@ -62,8 +62,11 @@ def step_of(check: CheckResult) -> int:
     return -1 if check.step is None else check.step
 
 
-def nan_last(value: float) -> float:
-    """Sort key that ranks NaN as the largest ratio (an unknown ratio is suspicious)."""
+def nan_last(value: float | None) -> float:
+    """Sort key that ranks NaN as the largest ratio (a NaN ratio is suspicious) and None,
+    a tensor screened together with the others (no ratio of its own), as the smallest."""
+    if value is None:
+        return -math.inf
     return math.inf if math.isnan(value) else value
 
 

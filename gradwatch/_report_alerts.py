@@ -139,7 +139,11 @@ def _global_rule_message(
 
 def _alert_tensor(result: CheckResult) -> tuple[str | None, float | None]:
     """The tensor an alert names, and its ratio (see `alert_for`)."""
-    failing = {name: t.ratio for name, t in result.tensors.items() if t.status == "fail"}
+    failing = {
+        name: t.ratio
+        for name, t in result.tensors.items()
+        if t.status == "fail" and t.ratio is not None
+    }
     if failing:
         tensor = max(failing, key=lambda name: ratio_sort_key(failing[name]))
         tied = {name for name, ratio in failing.items() if ratio >= TIE * failing[tensor]}

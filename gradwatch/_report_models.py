@@ -370,7 +370,7 @@ class TensorColumns:
 
     def add(self, position: int, check: CheckResult) -> None:
         for name, tensor in check.tensors.items():
-            if not tensor.checked:  # screened together with the others: no ratio of its own
+            if tensor.ratio is None or not tensor.checked:  # screened together: no own ratio
                 continue
             if name not in self._at:
                 self._at[name], self._ratios[name] = array("q"), array("d")
@@ -442,7 +442,11 @@ def step_record(result: CheckResult) -> StepRecord:
         size=result.size,
         loss=result.loss,
         seconds=result.seconds,
-        tensors={name: tensor.ratio for name, tensor in result.tensors.items()},
+        tensors={
+            name: tensor.ratio
+            for name, tensor in result.tensors.items()
+            if tensor.ratio is not None
+        },
         tensor_status={name: tensor.status for name, tensor in result.tensors.items()},
         worst=list(result.worst),
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gradwatch._reading import (
     completed,
     format_ratio,
+    nan_last,
     next_step,
     notable_notes,
     ranked_tensors,
@@ -338,7 +339,7 @@ def tensor_lines(check: CheckResult, listed: int = LISTED_TENSORS) -> list[str]:
     if rest:
         folded = Counter(tensor.status for _, tensor in rest)
         folded_kinds = ", ".join(f"{count} {status}" for status, count in folded.most_common())
-        top = format_ratio(max(tensor.ratio for _, tensor in rest))
+        top = format_ratio(max((tensor.ratio for _, tensor in rest), key=nan_last))
         lines.append(f"    ... and {len(rest)} more ({folded_kinds}; ratio at most {top})")
     return lines
 

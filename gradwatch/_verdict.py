@@ -53,7 +53,8 @@ def explain_verdict(
             ratio,
         )
     flagged = sorted(
-        ((t, r.ratio) for t, r in per_tensor.items() if r.status == status), key=lambda x: -x[1]
+        ((t, r.ratio) for t, r in per_tensor.items() if r.status == status and r.ratio is not None),
+        key=lambda x: -x[1],
     )
     listed = ", ".join(f"{t} (ratio {r:.3g})" for t, r in flagged[:3])
     more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""

@@ -397,7 +397,7 @@ def _screen(run: _Check) -> _Measured | None:
         screened = status_for(ratio, run.warn, run.threshold)
     per_tensor = {
         name: TensorResult(
-            ratio=ratio,
+            ratio=None,  # screened together: no ratio of its own was measured
             checked=0,
             size=run.tensors.params[name].size,
             max_abs_error=0.0,
@@ -438,7 +438,7 @@ def _per_tensor(run: _Check, auto: bool, localize_evaluations: int) -> _Measured
     failing = [name for name, verdict in per_tensor.items() if verdict.status == "fail"]
     if auto and failing:
         # Most suspicious first: the worst per-tensor ratio is localized first.
-        failing.sort(key=lambda name: -per_tensor[name].ratio)
+        failing.sort(key=lambda name: -(per_tensor[name].ratio or 0.0))  # all measured here
         localized, worst = _localize(run, failing, localize_evaluations)
         checked += localized
     return _Measured(

@@ -54,7 +54,9 @@ class TensorResult(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    ratio: float
+    ratio: float | None
+    """The tensor's own ratio; None when it was not checked on its own (the joint screen
+    of ``"auto"`` moved every tensor together: only the check's ``ratio`` was measured)."""
     checked: int
     size: int
     max_abs_error: float

@@ -499,4 +499,6 @@ def _full_index(index: Sequence[int], start_row: int, shape: tuple[int, ...]) ->
 def _severity(verdict: CheckResult | TensorResult) -> tuple[int, float]:
     """Worse status first, then the larger ratio (NaN the largest)."""
     order = STATUS_ORDER.get(verdict.status, len(STATUS_ORDER))
+    if verdict.ratio is None:  # screened together: no ratio of its own
+        return order, -math.inf
     return order, verdict.ratio if math.isfinite(verdict.ratio) else math.inf

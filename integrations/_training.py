@@ -252,7 +252,7 @@ def result_metrics(result: CheckResult) -> dict[str, float]:
         "gradwatch/seconds": float(result.seconds),
     }
     for name, tensor in result.tensors.items():
-        if tensor.status == "fail":
+        if tensor.status == "fail" and tensor.ratio is not None:
             metrics[f"gradwatch/tensor/{name}"] = float(tensor.ratio)
     link = result.step_link
     if link is not None:

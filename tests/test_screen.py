@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -193,3 +195,24 @@ def test_a_split_theta_is_refused_outside_the_auto_screen() -> None:
     split = _OneProcessSplit(lambda: float(np.sum(w**2)), {"w": 3})
     with pytest.raises(gradwatch.OptionError, match="'auto' screen only, received 2"):
         gradwatch.check(split, {"w": w}, {"w": 2 * w}, sample=2)
+
+
+def test_a_clean_screen_gives_no_tensor_a_ratio_it_did_not_measure(tmp_path: Path) -> None:
+    """A clean screen moves every tensor together: each tensor's ratio is null (not the
+    global one) in the result and in checks.jsonl, and the report's series skip them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(6000)
+    params = {"W": rng.standard_normal(6000), "b": np.array(0.3)}
+
+    def loss() -> float:
+        return float(np.sum(np.tanh(params["W"] * x)) + params["b"] ** 2)
+
+    grads = {"W": (1 - np.tanh(params["W"] * x) ** 2) * x, "b": np.array(2 * params["b"])}
+    result = gradwatch.check(loss, params, grads, sample="auto")
+    assert result.mode == "directional" and result.status == "ok"
+    assert all(t.ratio is None and t.checked == 0 for t in result.tensors.values())
+    with gradwatch.GradWatch(every=1, report_dir=tmp_path) as watch:
+        watch.after_backward(0, loss=loss, params=params, grads=grads)
+    line = json.loads((tmp_path / "checks.jsonl").read_text().splitlines()[-1])
+    assert {t["ratio"] for t in line["tensors"].values()} == {None}
+    assert gradwatch.load_report(tmp_path).checks[0].tensors["W"].ratio is None
