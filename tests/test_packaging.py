@@ -182,3 +182,29 @@ def test_wheel_contains_the_package_typed_and_mapped(wheel: BuiltWheel, tmp_path
         env_path=str(site),
     )
     assert out == "True ok"
+
+
+DOCS_PAGES = (
+    "index",
+    "check",
+    "verdict",
+    "torch",
+    "distributed",
+    "reports",
+    "runs",
+    "cli",
+    "benchmarks",
+    "design",
+    "architecture",
+    "api",
+)
+"""The docs pages the README's front door names (the site's nav, less the figures page)."""
+
+
+def test_readme_is_a_front_door_naming_the_docs() -> None:
+    """README.md has at most 200 lines, names the docs pages, and each page it names exists."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert [page for page in DOCS_PAGES if f"`docs/{page}.md`" not in readme] == []
+    named = re.findall(r"docs/([\w-]+)\.md", readme)
+    assert [page for page in named if not (ROOT / "docs" / f"{page}.md").is_file()] == []
