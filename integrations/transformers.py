@@ -35,10 +35,12 @@ object gives (metrics through ``trainer.log``, an overridden ``compute_loss`` or
 What J is: the model's own ``loss`` output on the captured inputs. Under label
 smoothing (``label_smoothing_factor > 0``) with the ``trainer`` passed, J is the
 Trainer's own ``label_smoother`` on the inputs ``compute_loss`` received, labels
-included, step link too (without the trainer the labels are out of reach: such a
-check is an ``error`` that says to pass it). Where the Trainer computes its training
-loss otherwise (``compute_loss_func``, an overridden ``compute_loss``) the report says
-so; pass ``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
+included, step link too. Without the trainer the labels never reach the model: J is
+then a fixed projection of the model's logits (`projected_logits`), which checks the
+backprop of every parameter that reaches them but not the loss function, the step link
+is not judged, and the notes say so. Where the Trainer computes its training loss
+otherwise (``compute_loss_func``, an overridden ``compute_loss``) the report says so;
+pass ``loss_fn(model, inputs)`` to check that loss instead. With gradient accumulation
 the finite-difference check covers the step's last micro-batch (the report says so);
 the step link (``result.step_link``) compares the optimizer's ``.grad`` with the
 float64 gradient of J over every micro-batch of the step, J being the model's loss
@@ -98,10 +100,16 @@ def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
     ``inputs`` is the dict of keyword arguments the Trainer passed to ``model.forward``
     (or ``(args, kwargs)`` when positional arguments were captured too).
     """
+    return _loss_output(_forward(model, inputs))
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
-        outputs = model(*inputs[0], **inputs[1])
-    else:
-        outputs = model(**inputs)
+        return model(*inputs[0], **inputs[1])
+    return model(**inputs)
+
+
+def _loss_output(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, Mapping):
         loss = outputs.get("loss")
         if loss is None:
@@ -117,6 +125,33 @@ def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
         f"model output: expected a ModelOutput with `loss` or a tuple whose first item is "
         f"the loss, received {type(outputs).__name__}; pass GradWatch(loss_fn=...)"
     )
+
+
+PROJECTION_NOTE = (
+    "where the model computes no loss (the Trainer popped the labels for its own loss), J is "
+    "a fixed projection of the model's logits: every parameter that reaches them is checked, "
+    "the Trainer's loss function is not"
+)
+
+
+def projected_logits(outputs: Any) -> torch.Tensor | None:
+    """J when the model computes no loss and the Trainer's own loss is out of reach:
+    the mean of the logits weighted by a fixed, well spread vector (cosines of multiples
+    of the golden angle; no random number generator, so nothing to replay or restore).
+    J is smooth and deterministic in theta, so backprop through the whole model is
+    checked against it exactly as against a loss. None when no floating output exists."""
+    if isinstance(outputs, Mapping):
+        values = [outputs["logits"]] if "logits" in outputs else list(outputs.values())
+    elif isinstance(outputs, (tuple, list)):
+        values = list(outputs)
+    else:
+        values = [outputs]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            index = torch.arange(value.numel(), device=value.device, dtype=value.dtype)
+            weights = torch.cos(index * 2.399963229728653).reshape(value.shape)
+            return (value * weights).mean()
+    return None
 
 
 class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
@@ -390,12 +425,18 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         ]
 
     def _model_loss(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        """`model_loss`, whose error says how the Trainer computes its loss otherwise."""
+        """`model_loss`; where the Trainer computes its loss otherwise and the model gives
+        none (labels popped), the `projected_logits` J, which still checks the model's
+        backprop."""
+        outputs = _forward(model, inputs)
         try:
-            return model_loss(model, inputs)
+            return _loss_output(outputs)
         except LossError as error:
             if not self._differences:
                 raise
+            projection = projected_logits(outputs)
+            if projection is not None:
+                return projection
             raise LossError(
                 f"{error} (the Trainer computes its training loss otherwise: "
                 f"{', '.join(self._differences)}; pass GradWatch(trainer=trainer) to check the "
@@ -465,6 +506,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
                     "the Trainer's; pass loss_fn to check the Trainer's loss"
                 )
             )
+            if not user:
+                notes.append(PROJECTION_NOTE)
         return notes
 
 
