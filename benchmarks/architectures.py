@@ -269,11 +269,13 @@ def sweep_one(
     seed: int,
     bug: PlantedBug | None = None,
     setup: Setup | None = None,
+    pass_trainer: bool = True,
 ) -> Row:
     """Train plain then watched; measure the checks against the plain steps.
 
     With a ``setup`` (the second sweep) its training arguments apply to both runs and
-    the watch is given the trainer.
+    the watch is given the trainer (unless ``pass_trainer`` is False: the one-line
+    ``add_callback(GradWatch(every=...))`` a user writes first).
     """
     started = time.perf_counter()
     model, data = build()
@@ -285,7 +287,8 @@ def sweep_one(
     watches: list[GradWatch] = []
 
     def watch_for(trainer: Trainer) -> GradWatch:
-        watches.append(GradWatch(every=every, trainer=trainer if setup is not None else None))
+        given = trainer if setup is not None and pass_trainer else None
+        watches.append(GradWatch(every=every, trainer=given))
         return watches[-1]
 
     watched = train(model, data, steps=steps, seed=seed, callback=watch_for, arguments=arguments)
@@ -404,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (16; set 2: 4)")
     parser.add_argument("--every", type=int, help="GradWatch(every=...) (5; set 2: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-trainer", action="store_true", help="set 2: GradWatch(every=...) alone, no trainer="
+    )
     parser.add_argument("--bug", action="store_true", help="sweep the planted bugs instead")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -451,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=options.seed,
                 bug=entry if options.bug else None,
                 setup=entry if second else None,
+                pass_trainer=not options.no_trainer,
             )
         )
         row = rows[-1]
