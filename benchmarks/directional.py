@@ -5,7 +5,7 @@
 A deep narrow torch MLP (``BLOCKS`` blocks, 4 tensors each, plus a head): blocks
 alternate Linear -> LayerNorm -> tanh and Linear -> BatchNorm1d -> tanh, so every
 other Linear bias sits right before a BatchNorm and has a true gradient of about 0
-(DESIGN.md §8: it must not alarm). ``--bug`` plants a wrong backward in one layer: a
+(docs/design.md#near-zero: it must not alarm). ``--bug`` plants a wrong backward in one layer: a
 custom ``autograd.Function`` whose weight gradient is off in one entry.
 
 For the correct and the planted model it prints, per mode (``"directional"``,

@@ -7,7 +7,7 @@ Each trial draws a random layout of theta (2 to 40 tensors, sizes log-uniform fr
 gradient scales log-uniform over 1e-2..1e2) for the separable objective
 J = sum_t sum_j c_tj sin(theta_tj), plants an error of relative size r in one or two
 tensors (relative to max(||g_t||, NEAR_ZERO_FLOOR ||g||): a tensor whose gradient is
-about 0 is judged against the whole gradient's scale, DESIGN.md section 8), and runs
+about 0 is judged against the whole gradient's scale, docs/design.md#near-zero), and runs
 ``gradwatch.check(..., sample="auto")`` with a fresh seed. A miss is a check whose
 status is ``"ok"``. Placements of the error (``e_t``: the error of
 tensor t's gradient g_t, ``||e_t|| = r ||g_t||``):
@@ -68,8 +68,8 @@ def plant(
 ) -> list[str]:
     """Add an error of relative size ``r`` to one or two tensors; returns their names."""
     names = list(grads)
-    # Relative to the tensor's gradient, floored like every per-tensor verdict (DESIGN.md
-    # section 8): an error far below the whole gradient's scale is noise by design.
+    # Relative to the tensor's gradient, floored like every per-tensor verdict
+    # (docs/design.md#near-zero): an error far below the whole gradient's scale is noise.
     whole = float(np.sqrt(sum(np.sum(g * g) for g in grads.values())))
     count = 2 if placement.startswith("two") else 1
     chosen = [names[k] for k in rng.choice(len(names), size=count, replace=False)]

@@ -2,7 +2,7 @@
 
 A `Comparison` holds the numeric and analytic derivatives of the checked components
 (or of the per-tensor directions) in theta order and judges them: the global ratio,
-each tensor's ratio with its denominator floored (DESIGN.md section 8), the worst
+each tensor's ratio with its denominator floored (docs/design.md#near-zero), the worst
 components.
 """
 

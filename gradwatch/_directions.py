@@ -16,7 +16,7 @@ nothing). Measured by ``benchmarks.screen_miss_rate`` over random layouts of 2-4
 tensors (0-d to 5,000 entries): no miss in 3,000 trials for each of an error scaling
 one tensor, in one entry, spread at random, scaling two tensors with the same sign, and
 issue 12's two scalars next to a 2,500-entry tensor (BENCHMARKS.md). Below the floor, a
-tensor's error is judged against the whole gradient (DESIGN.md section 8).
+tensor's error is judged against the whole gradient (docs/design.md#near-zero).
 """
 
 from __future__ import annotations

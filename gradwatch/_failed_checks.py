@@ -1,6 +1,6 @@
 """The results recorded for checks that could not compare anything.
 
-A check that raised (DESIGN.md section 10: recorded with status ``"error"``, training
+A check that raised (docs/design.md#never-kills: recorded with status ``"error"``, training
 goes on) and a check whose theta, gradient or J(theta) is not finite (a failed check
 with an alert: the run's own numbers went bad).
 """

@@ -1,6 +1,6 @@
 """The report files of a watch, written so that trouble never reaches training.
 
-DESIGN.md section 10: writing never raises. A failed write is logged once per kind of
+docs/design.md#never-kills: writing never raises. A failed write is logged once per kind of
 failure (``report_write_failed``), the check stays in memory and is appended, in order,
 once writing works again; closing says what stayed unwritten (``report_incomplete``).
 """
@@ -146,7 +146,7 @@ class ReportOutput:
         """Run `write`; on failure log ``report_write_failed`` (once per kind) and return False."""
         try:
             write()
-        except Exception as error:  # reporting trouble never kills training (DESIGN.md §10)
+        except Exception as error:  # never kills training: docs/design.md#never-kills
             kind = error_kind(error)
             count = self._write_failures.get((path.name, kind), 0)
             self._write_failures[(path.name, kind)] = count + 1
@@ -245,7 +245,7 @@ class ReportedWatch:
             return
         try:
             self.open(self._requested_dir)
-        except ReportError as error:  # a check never dies of its report (DESIGN.md §10)
+        except ReportError as error:  # never dies of its report: docs/design.md#never-kills
             if not self._open_failed:
                 self._open_failed = True
                 self._log.event(

@@ -259,7 +259,7 @@ def _acquire_lock(path: Path) -> int | None:
     Raises:
         ReportInUseError: another writer holds it.
     """
-    if sys.platform == "win32":  # pragma: no cover - no flock; the README says so
+    if sys.platform == "win32":  # pragma: no cover - no flock; docs/reports.md says so
         return None
     for _ in range(_LOCK_ATTEMPTS):
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)

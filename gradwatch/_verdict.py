@@ -24,7 +24,7 @@ def explain_verdict(
 
     The global rule judges ``ratio`` over every checked component; the per-tensor rule
     judges each tensor's own ratio, its denominator floored at ``NEAR_ZERO_FLOOR`` of
-    the whole gradient's scale (DESIGN.md section 8). The status is the worse of the two.
+    the whole gradient's scale (docs/design.md#near-zero). The status is the worse of the two.
     Both denominators are floored at J's resolution (``NOISE_UNITS``).
     """
     resolved = (

@@ -14,7 +14,7 @@ and configure it with `GradWatch.set_context` / `GradWatch.note` (what the repor
 say about the run), `GradWatch.open` (a report directory known only at train begin) and
 ``write=False`` (ranks other than 0 write no files).
 
-A check never kills training (DESIGN.md §10): `GradWatch.run_check` records an exception
+A check never kills training (docs/design.md#never-kills): `run_check` records an exception
 inside the check as a check with status ``"error"`` and returns (unless
 ``on_error="raise"``), and reporting trouble (full disk, read-only directory) is logged,
 never raised, with every check kept in memory.
@@ -416,7 +416,7 @@ class GradWatch(ReportedWatch):
     ) -> CheckResult:
         """Stamp `step` on `result`, log it, write it to the report and fire the alert.
 
-        The order keeps both promises of DESIGN.md §10: the report is written before
+        The order keeps both promises of docs/design.md#never-kills: the report is written before
         the alert is delivered (so ``on_alert="raise"`` leaves the failing check on
         disk), and writing never raises (trouble is logged as ``report_write_failed``
         once per kind; the check stays in `results` and is appended once writing works

@@ -499,7 +499,7 @@ def _components(run: _Check, plan: Plan) -> tuple[Comparison, list[Component]]:
     return comparison, worst
 
 
-# `gradwatch.check` is the function above (DESIGN.md fixes that name), which hides this
+# `gradwatch.check` is the function above (docs/design.md#public-api), which hides this
 # module from attribute access on the package; the function carries the module's public
 # constants and cost functions, so `gradwatch.check.TOLERANCE_SCALE` works as cited.
 check.__dict__.update({name: globals()[name] for name in __all__ if name != "check"})

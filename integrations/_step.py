@@ -213,7 +213,7 @@ def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -
     ratio = _ratio(sum(sums.difference.values()), total_opt, total_j)
     scale = sum(sums.dot.values()) / total_j if total_j > 0 else math.nan
     # A tensor whose gradient is about 0 is judged against the whole gradient (1e-3 of
-    # it), never noise over noise (DESIGN §8).
+    # it), never noise over noise (docs/design.md#near-zero).
     floor = 1e-3 * (math.sqrt(total_opt) + math.sqrt(total_j))
     tensors = {
         name: _ratio(sums.difference[name], sums.optimizer[name], sums.objective[name], floor)

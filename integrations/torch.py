@@ -145,7 +145,7 @@ def after_backward(
     check is collective (J is the mean of the ranks' losses), every rank gets the same
     result, and only rank 0 writes the report. ``model`` may be a
     ``DistributedDataParallel`` or an FSDP2 ``fully_shard`` model (checked in place,
-    shard by shard; no step link); see the README's "Distributed training".
+    shard by shard; no step link); see docs/distributed.md.
     """
     join_ranks(watch)
     if not watch.due(step):

@@ -211,7 +211,7 @@ def test_status_tiers_follow_warn_and_threshold() -> None:
 
 
 def test_near_zero_tensor_is_judged_against_the_whole_gradient() -> None:
-    """A tensor whose true gradient is ~0 is not failed on rounding noise (DESIGN section 8)."""
+    """A tensor whose true gradient is ~0 is not failed on noise (docs/design.md#near-zero)."""
     w = np.linspace(0.5, 2.0, 20)
     unused = np.array([0.3, -0.2])  # J does not depend on it: its gradient is exactly 0
 
@@ -352,7 +352,7 @@ def test_auto_screens_a_clean_large_model_in_six_evaluations() -> None:
     """Above the full-check size a correct model costs the probe plus two joint directions."""
     rng = np.random.default_rng(5)
     params = {f"t{i}": rng.standard_normal(100) for i in range(40)}
-    params["unused"] = rng.standard_normal(50)  # true gradient exactly 0 (DESIGN section 8)
+    params["unused"] = rng.standard_normal(50)  # true gradient exactly 0 (docs/design.md#near-zero)
     grads = {name: 2 * value for name, value in params.items()}
     grads["unused"] = np.zeros(50)
 

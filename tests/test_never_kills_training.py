@@ -1,4 +1,4 @@
-"""A check never kills training (DESIGN.md §10): errors inside checks and reporting trouble."""
+"""A check never kills training (docs/design.md#never-kills): check errors, report trouble."""
 
 from __future__ import annotations
 
