@@ -192,7 +192,7 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
         raise OptionError(
             f"model: expected a module, a DistributedDataParallel or an FSDP2 fully_shard "
             f"module, received {type(model).__name__} with {unsupported}, which "
-            "gradwatch cannot check (see the README's 'Distributed training' table)"
+            "gradwatch cannot check (see the 'Distributed training' table in docs/distributed.md)"
         )
     return model
 
