@@ -56,14 +56,21 @@ def run_job(command: Sequence[str], *, timeout: float = 180, clean_env: bool = F
     return Launch(job.returncode, stdout + stderr, results)
 
 
-def torchrun(script: str, *args: str, ranks: int = 2, timeout: float = 180) -> Launch:
-    """``torchrun --standalone --nproc_per_node ranks script args`` (see `run_job`)."""
+def torchrun(
+    script: str,
+    *args: str,
+    ranks: int = 2,
+    timeout: float = 180,
+    launcher: Sequence[str] = (),
+) -> Launch:
+    """``torchrun --standalone --nproc_per_node ranks [launcher] script args`` (see `run_job`)."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={ranks}",
+        *launcher,
         str(SCRIPTS / script),
         *args,
     ]
