@@ -28,7 +28,7 @@ from gradwatch._reading import (
     worst_check,
 )
 from gradwatch.report import Report
-from gradwatch.result import CheckResult
+from gradwatch.result import CheckResult, Localization
 
 __all__ = ["DETAILED_CHECKS", "HEATMAP_COLUMNS", "detailed_steps", "report_html"]
 
@@ -73,6 +73,7 @@ tr:nth-child(even){background:#f6f6f6}code,.mono{font-family:ui-monospace,monosp
 #filter{font-size:1em;padding:.3em;width:22em}
 .next{background:#fff4e5;padding:.5em;border-left:4px solid #b26a00}
 details{margin:.3em 0}summary{cursor:pointer}.note{color:#444}.legend span{margin-right:1em}
+.modules tr.suspect{background:#fde7e4;font-weight:600}
 """
 
 _SCRIPT = """
@@ -515,6 +516,8 @@ def _check_details(check: CheckResult) -> str:
         parts.append(
             "<ul>" + "".join(f"<li class='note'>{escape(n)}</li>" for n in check.notes) + "</ul>"
         )
+    if check.localization is not None:
+        parts.append(_module_tree(check.localization))
     if check.tensors:
         parts.append(_tensor_table(check))
     if check.worst:
@@ -530,6 +533,34 @@ def _check_details(check: CheckResult) -> str:
         )
     parts.append("</details>")
     return "".join(parts)
+
+
+def _module_tree(localization: Localization) -> str:
+    """The module-local search: the suspect in words, then every module call it checked,
+    indented by depth in the model, with its verdict and each side's local ratio."""
+    suspects = "".join(
+        f"<p><b>where the bug is</b>: <span class='mono'>{escape(s.describe())}</span></p>"
+        for s in localization.suspects
+    )
+    named = {(s.module, s.call) for s in localization.suspects}
+    rows = "".join(
+        ("<tr class='suspect'>" if (m.module, m.call) in named else "<tr>")
+        + f"<td class='mono' style='padding-left:{0.3 + 1.2 * _depth(m.module):.1f}em'>"
+        f"{escape(m.module or '(the model)')}"
+        f"{f' (call {m.call + 1} of {m.calls})' if m.calls > 1 else ''}</td>"
+        f"<td>{escape(m.class_name)}</td><td>{m.status}</td>"
+        f"<td>{format_ratio(m.input_ratio)}</td><td>{format_ratio(m.parameter_ratio)}</td></tr>"
+        for m in sorted(localization.modules, key=lambda m: (m.module.split("."), m.call))
+    )
+    header = (
+        "<table class='modules'><tr><th>module (checked by the search)</th><th>class</th>"
+        "<th>local verdict</th><th>input side</th><th>parameter side</th></tr>"
+    )
+    return suspects + header + rows + "</table>"
+
+
+def _depth(module: str) -> int:
+    return module.count(".") + 1 if module else 0
 
 
 def _tensor_table(check: CheckResult) -> str:

@@ -39,3 +39,25 @@ def test_alert_report_and_show_name_the_planted_module(tmp_path: Path) -> None:
     assert "its input gradient differs" in advice
     # parameter order would point at a sandwich norm registered after the MLP
     assert "pre_feedforward_layernorm" not in advice
+
+
+def test_html_shows_the_module_tree_with_the_suspect_marked(tmp_path: Path) -> None:
+    """gradwatch html lists every module call the search checked, by depth, the planted one
+    marked as the suspect and described in words."""
+    from gradwatch._html import report_html
+
+    bug = LOCAL_BUGS["gemma2-gelu"]
+    model, batch = bug.build()
+    with gradwatch.GradWatch(every=1, report_dir=tmp_path) as watch:
+        model_loss(model, batch).backward()
+        after_backward(watch, 0, model, model_loss, batch)
+    report = gradwatch.load_report(tmp_path)
+    localization = report.checks[0].localization
+    assert localization is not None
+    page = report_html(report)
+    assert "module (checked by the search)" in page
+    marked = page.split("<tr class='suspect'>")
+    assert len(marked) == 2 and bug.expected in marked[1].split("</tr>")[0]
+    assert f"the backward of {bug.expected}" in page
+    for verdict in localization.modules:  # every checked call has its row
+        assert f">{verdict.module or '(the model)'}" in page
