@@ -47,6 +47,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.hf_bugs import BuggyTanhGELU  # noqa: E402
 from benchmarks.hf_models import ARCHITECTURES  # noqa: E402
+from benchmarks.hf_setups import SETUPS  # noqa: E402
 from benchmarks.local_bugs import LOCAL_BUGS, batch_of, model_loss  # noqa: E402
 
 BUG_LAYER = 4
@@ -121,10 +122,12 @@ def cost(layers: int, full: bool) -> None:
         )
 
 
-def sweep() -> None:
+def sweep(second: bool = False) -> None:
+    """Every module call of every model of the first (or, ``second``, the second) sweep."""
     false_suspects = 0
     calls = 0
-    for name, architecture in ARCHITECTURES.items():
+    catalogue: dict[str, Any] = dict(SETUPS if second else ARCHITECTURES)
+    for name, architecture in catalogue.items():
         model, data = architecture.build()
         found = check_modules(model.train(), model_loss, batch_of(data), scope="all")
         bad = [v for v in found.modules if v.status not in ("ok", "unreached")]
@@ -138,7 +141,7 @@ def sweep() -> None:
             f"{name:16s} {len(found.modules):3d} calls  largest local ratio {worst:.1e}  "
             f"not ok: {[(v.module, v.status, v.note) for v in bad] or 0}"
         )
-    print(f"sweep: {calls} module calls in {len(ARCHITECTURES)} models, {false_suspects} not ok")
+    print(f"sweep: {calls} module calls in {len(catalogue)} models, {false_suspects} not ok")
 
 
 def bugs() -> None:
@@ -164,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["cost", "sweep", "bugs", "all"], default="all")
     parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--set", type=int, choices=(1, 2), default=1, help="sweep: which one")
     parser.add_argument("--no-full", action="store_true", help="skip today's full auto check")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -171,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("gradwatch").disabled = True
     if options.part in ("sweep", "all"):
-        sweep()
+        sweep(second=options.set == 2)
     if options.part in ("bugs", "all"):
         bugs()
     if options.part in ("cost", "all"):
