@@ -31,6 +31,7 @@ from benchmarks.hf_models import (
     EXAMPLES,
     IMAGE_SIZE,
     NUM_LABELS,
+    Architecture,
     Examples,
     causal_lm_examples,
     classification_examples,
@@ -47,20 +48,12 @@ CTC_VOCAB = 20
 
 
 @dataclass(frozen=True)
-class Setup:
-    """One row of the second sweep: a model, its data, and how the Trainer trains it."""
+class Setup(Architecture):
+    """One row of the second sweep: an `Architecture` and how the Trainer trains it."""
 
-    name: str
-    model_class: str
-    task: str
-    make: Callable[[int], tuple[nn.Module, Examples]]
     arguments: dict[str, Any] = field(default_factory=dict)
     """`TrainingArguments` fields set on top of the sweep's (bf16, label smoothing...)."""
     stresses: str = ""
-
-    def build(self, seed: int = 0) -> tuple[nn.Module, Examples]:
-        """The model (weights drawn from ``seed``) and its synthetic examples."""
-        return self.make(seed)
 
 
 def _model(model_class: str, data: Callable[[Any, int], Examples], **options: Any) -> Any:
