@@ -320,11 +320,11 @@ def _median_seconds(run: Run, repeats: int) -> float:
 @contextmanager
 def _unguarded() -> Iterator[None]:
     """The restore sites with plain regions (restore on exit, no signal handling)."""
-    from gradwatch._uninterrupted import _Unguarded
+    from gradwatch.engine.uninterrupted import _Unguarded
 
     sites = [
-        ("gradwatch._directions", "restoring", _Unguarded),
-        ("gradwatch._bisection", "restoring", _Unguarded),
+        ("gradwatch.engine.directions", "restoring", _Unguarded),
+        ("gradwatch.engine.bisection", "restoring", _Unguarded),
         ("gradwatch.check", "watching", nullcontext),
     ]
     kept = [(name, attr, getattr(sys.modules[name], attr)) for name, attr, _ in sites]

@@ -30,12 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._budget import Budget, BudgetPlan
-from gradwatch._events import (
-    SKIP_EVENT,
-)
-from gradwatch._failed_checks import error_result, non_finite_result
-from gradwatch._options import (
+from gradwatch.errors import GradientCheckError, NonFiniteError, ProcessGroupError
+from gradwatch.options import (
     OnAlert,
     OnError,
     Sample,
@@ -45,9 +41,6 @@ from gradwatch._options import (
     validate_sample,
     validate_watch_options,
 )
-from gradwatch._recording import ReportDir, ReportedWatch, WatchState
-from gradwatch._report_writer import probe_writable
-from gradwatch.errors import GradientCheckError, NonFiniteError, ProcessGroupError
 from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.report import (
@@ -59,6 +52,13 @@ from gradwatch.report import (
     current_environment,
 )
 from gradwatch.result import CheckResult
+from gradwatch.store.writer import probe_writable
+from gradwatch.watch.budget import Budget, BudgetPlan
+from gradwatch.watch.events import (
+    SKIP_EVENT,
+)
+from gradwatch.watch.failed_checks import error_result, non_finite_result
+from gradwatch.watch.recording import ReportDir, ReportedWatch, WatchState
 
 __all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample", "WatchState"]
 

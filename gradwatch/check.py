@@ -6,10 +6,10 @@ For each checked component i of theta::
     ratio     = ||numeric - analytic|| / (||numeric|| + ||analytic||)
 
 `check` is a pipeline: validate the options and arrays -> probe J(theta) twice ->
-plan what to evaluate (`gradwatch._sampling`) -> compare numeric with analytic
-(component-wise differences in `gradwatch._differences`, random directions in
-`gradwatch._directions`) -> diagnose the worst components (`gradwatch._diagnosis`)
--> verdict (`gradwatch._verdict`). The caller's arrays are perturbed in place and
+plan what to evaluate (`gradwatch.engine.sampling`) -> compare numeric with analytic
+(component-wise differences in `gradwatch.engine.differences`, random directions in
+`gradwatch.engine.directions`) -> diagnose the worst components (`gradwatch.engine.diagnosis`)
+-> verdict (`gradwatch.engine.verdict`). The caller's arrays are perturbed in place and
 restored bit for bit, also when ``loss`` raises. A full check costs 2n evaluations
 of J plus a handful: two to probe for nondeterminism, two per diagnosed worst
 component.
@@ -30,20 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, status_for
-from gradwatch._diagnosis import label_worst
-from gradwatch._differences import ROUNDING_STEP_ULPS, componentwise
-from gradwatch._directions import BLOCK_CACHE_ENTRIES, per_tensor_directions, screen
-from gradwatch._objective import THETA, Evaluator, coarsest_dtype
-from gradwatch._options import (
-    Sample,
-    plain_int,
-    validate_check_options,
-    validate_sample,
-    validate_step,
-    validate_terms,
-)
-from gradwatch._sampling import (
+from gradwatch.engine.comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, status_for
+from gradwatch.engine.diagnosis import label_worst
+from gradwatch.engine.differences import ROUNDING_STEP_ULPS, componentwise
+from gradwatch.engine.directions import BLOCK_CACHE_ENTRIES, per_tensor_directions, screen
+from gradwatch.engine.objective import THETA, Evaluator, coarsest_dtype
+from gradwatch.engine.sampling import (
     AUTO_FULL_MAX_SIZE,
     AUTO_LOCALIZE_EVALUATIONS,
     SCREEN_DIRECTIONS,
@@ -56,9 +48,17 @@ from gradwatch._sampling import (
     sample_plan,
     screen_directions,
 )
-from gradwatch._uninterrupted import watching
-from gradwatch._verdict import explain_verdict, resolution_notes, worst_status
+from gradwatch.engine.uninterrupted import watching
+from gradwatch.engine.verdict import explain_verdict, resolution_notes, worst_status
 from gradwatch.errors import OptionError
+from gradwatch.options import (
+    Sample,
+    plain_int,
+    validate_check_options,
+    validate_sample,
+    validate_step,
+    validate_terms,
+)
 from gradwatch.params import GradientSource, NamedTensors, named_tensors
 from gradwatch.regularization import RegularizationTerm
 from gradwatch.result import CheckResult, Component, Mode, Status, TensorResult

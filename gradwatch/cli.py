@@ -23,21 +23,21 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch import __version__
-from gradwatch._html import detailed_steps, report_html
-from gradwatch._plot import write_plot
-from gradwatch._reading import completed as _completed
-from gradwatch._reading import format_ratio as _g
-from gradwatch._reading import nan_last as _nan_last
-from gradwatch._reading import next_step, notable_notes, screened_only
-from gradwatch._reading import step_of as _step
-from gradwatch._reading import threshold as _threshold
-from gradwatch._reading import worst_check as _worst_check
-from gradwatch._report_models import RunSelection
-from gradwatch._report_reader import locate_report
-from gradwatch._show import error_text, printable, show_lines, steps_text
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report, TruncatedReportWarning, load_report
 from gradwatch.result import CheckResult
+from gradwatch.store.models import RunSelection
+from gradwatch.store.reader import locate_report
+from gradwatch.views.html import detailed_steps, report_html
+from gradwatch.views.plot import write_plot
+from gradwatch.views.reading import completed as _completed
+from gradwatch.views.reading import format_ratio as _g
+from gradwatch.views.reading import nan_last as _nan_last
+from gradwatch.views.reading import next_step, notable_notes, screened_only
+from gradwatch.views.reading import step_of as _step
+from gradwatch.views.reading import threshold as _threshold
+from gradwatch.views.reading import worst_check as _worst_check
+from gradwatch.views.show import error_text, printable, show_lines, steps_text
 
 __all__ = ["main"]
 

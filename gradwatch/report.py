@@ -24,18 +24,19 @@ order. A truncated last line of ``checks.jsonl`` (a killed run) loads with a
 `TruncatedReportWarning`; any other corruption raises `ReportError` naming file and line.
 Reports written by schema version 1 (``report.json`` with the whole ``series``) load too.
 
-The work is done in private modules, one job each: `gradwatch._report_models` (the
-pydantic models and file names), `gradwatch._report_alerts` (`alert_for`),
-`gradwatch._report_reader` (`load_report`, hostile-file checks) and
-`gradwatch._report_writer` (`ReportWriter`, the lock, fsync, file modes). This module is
+The work is done in private modules, one job each: `gradwatch.store.models` (the
+pydantic models and file names), `gradwatch.store.alerts` (`alert_for`),
+`gradwatch.store.reader` (`load_report`, hostile-file checks) and
+`gradwatch.store.writer` (`ReportWriter`, the lock, fsync, file modes). This module is
 their public face.
 """
 
 from __future__ import annotations
 
-from gradwatch._report_alerts import TIE as TIE
-from gradwatch._report_alerts import alert_for
-from gradwatch._report_models import (
+from gradwatch.errors import ReportError as ReportError
+from gradwatch.store.alerts import TIE as TIE
+from gradwatch.store.alerts import alert_for
+from gradwatch.store.models import (
     CHECKS_FILE,
     LOCK_FILE,
     MAX_LISTED,
@@ -50,13 +51,12 @@ from gradwatch._report_models import (
     SkippedCheck,
     StepRecord,
 )
-from gradwatch._report_models import current_environment as current_environment
-from gradwatch._report_models import step_record as step_record
-from gradwatch._report_reader import MAX_LINE_BYTES as MAX_LINE_BYTES
-from gradwatch._report_reader import MAX_SUMMARY_BYTES as MAX_SUMMARY_BYTES
-from gradwatch._report_reader import TruncatedReportWarning, load_report
-from gradwatch._report_writer import ReportInUseError, ReportWriter
-from gradwatch.errors import ReportError as ReportError
+from gradwatch.store.models import current_environment as current_environment
+from gradwatch.store.models import step_record as step_record
+from gradwatch.store.reader import MAX_LINE_BYTES as MAX_LINE_BYTES
+from gradwatch.store.reader import MAX_SUMMARY_BYTES as MAX_SUMMARY_BYTES
+from gradwatch.store.reader import TruncatedReportWarning, load_report
+from gradwatch.store.writer import ReportInUseError, ReportWriter
 
 __all__ = [
     "CHECKS_FILE",

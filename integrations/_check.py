@@ -10,20 +10,12 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._batched import _BatchedObjective
-from gradwatch.integrations._distributed import PeerCheckError, Ranks, unwrap_data_parallel
-from gradwatch.integrations._local_search import localize_failure
-from gradwatch.integrations._objective import (
-    LossFn,
-    Penalties,
-    Penalty,
-    _largest_entry,
-    _Objective,
-    _penalty_items,
-    _ShadowGradients,
-    untouched_model,
-)
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._local.search import localize_failure
+from gradwatch.integrations._parallel.ranks import PeerCheckError, Ranks, unwrap_data_parallel
+from gradwatch.integrations._parallel.sharded import check_sharded, is_sharded
+from gradwatch.integrations._shadow.batched import _BatchedObjective
+from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
+from gradwatch.integrations._shadow.model import (
     GENERATORS,
     NATIVE_DTYPES,
     Precision,
@@ -36,8 +28,16 @@ from gradwatch.integrations._shadow import (
     module_gradients,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow_mode import ShadowMode, without_checkpointing
-from gradwatch.integrations._sharded import check_sharded, is_sharded
+from gradwatch.integrations._shadow.objective import (
+    LossFn,
+    Penalties,
+    Penalty,
+    _largest_entry,
+    _Objective,
+    _penalty_items,
+    _ShadowGradients,
+    untouched_model,
+)
 from torch import nn
 
 import gradwatch

@@ -20,19 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gradwatch.integrations._distributed import Ranks, unwrap_data_parallel
-from gradwatch.integrations._objective import LossFn, _scalar, untouched_model
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._parallel.ranks import Ranks, unwrap_data_parallel
+from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
+from gradwatch.integrations._shadow.model import (
     RngState,
     _map_tensors,
     _Shadow,
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow_mode import ShadowMode, without_checkpointing
+from gradwatch.integrations._shadow.objective import LossFn, _scalar, untouched_model
 from torch import nn
 
-from gradwatch._comparison import status_for
+from gradwatch.engine.comparison import status_for
 from gradwatch.errors import OptionError
 from gradwatch.result import CheckResult, StepLink
 

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from gradwatch.integrations._check import check_module
-from gradwatch.integrations._distributed import Ranks
-from gradwatch.integrations._objective import LossFn, Penalties, _penalty_items
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._parallel.ranks import Ranks
+from gradwatch.integrations._parallel.sharded import is_sharded
+from gradwatch.integrations._shadow.model import (
     Precision,
     RngState,
     check_precision,
     trainable_parameters,
 )
-from gradwatch.integrations._sharded import is_sharded
+from gradwatch.integrations._shadow.objective import LossFn, Penalties, _penalty_items
 from gradwatch.integrations._step import MicroBatch, compare_step, with_step_link
 from torch import nn
 from torch.utils.hooks import RemovableHandle

@@ -20,7 +20,7 @@ report says so. Training is not changed: a run with the callback ends with
 bit-identical weights and losses.
 
 Under ``strategy="ddp"`` (launched by Lightning or by ``torchrun``) a check is
-collective (`gradwatch.integrations._distributed`): every rank checks at every due
+collective (`gradwatch.integrations._parallel.ranks`): every rank checks at every due
 step, on its own batch, with J the mean over the ranks of their ``training_step``
 losses, so every rank reaches the same verdict and names the same tensors; only global
 rank zero writes the report. The check runs on the LightningModule, not on
@@ -50,8 +50,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from gradwatch.integrations._objective import LossFn
-from gradwatch.integrations._shadow import RngState
+from gradwatch.integrations._shadow.model import RngState
+from gradwatch.integrations._shadow.objective import LossFn
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import TrainingWatch, check_step_notes, result_metrics
 from lightning.pytorch.callbacks import Callback

@@ -59,10 +59,9 @@ except ImportError as missing:
 from typing import TYPE_CHECKING, Any
 
 from gradwatch.integrations._check import Analytic, check_module, weight_decay_notes
-from gradwatch.integrations._local import LOCAL_THRESHOLD
-from gradwatch.integrations._local_search import check_local, check_modules
-from gradwatch.integrations._objective import LossFn, Penalties, Penalty
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD
+from gradwatch.integrations._local.search import check_local, check_modules
+from gradwatch.integrations._shadow.model import (
     NATIVE_DTYPES,
     Precision,
     RngState,
@@ -70,6 +69,7 @@ from gradwatch.integrations._shadow import (
     module_gradients,
     trainable_parameters,
 )
+from gradwatch.integrations._shadow.objective import LossFn, Penalties, Penalty
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import (
     STATUS_CODES,

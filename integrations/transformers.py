@@ -21,7 +21,7 @@ end. Training is not changed: a run with the callback ends with bit-identical we
 and losses.
 
 Distributed (``torchrun`` or ``accelerate launch``, the Trainer wrapping the model in
-DDP): a check is collective (`gradwatch.integrations._distributed`), so every rank
+DDP): a check is collective (`gradwatch.integrations._parallel.ranks`), so every rank
 checks at the same due steps, J being the mean of the ranks' losses, and every rank
 reaches the same verdict; only the world process zero writes the report.
 
@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 from gradwatch.integrations._hf_loss import COUNT, SmoothedLoss, smoothing_applies
-from gradwatch.integrations._shadow import RngState
+from gradwatch.integrations._shadow.model import RngState
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import (
     BatchCapture,

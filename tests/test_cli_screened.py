@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import gradwatch
-from gradwatch._plot import plot_figure
 from gradwatch.cli import main
+from gradwatch.views.plot import plot_figure
 from tests.test_screen import scalars_next_to_a_large_tensor
 
 

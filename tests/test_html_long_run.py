@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 import gradwatch
-from gradwatch._html import DETAILED_CHECKS, report_html
 from gradwatch.cli import main
 from gradwatch.result import CheckResult
+from gradwatch.views.html import DETAILED_CHECKS, report_html
 
 
 def _record(directory: Path, checks: int, tensors: int) -> None:

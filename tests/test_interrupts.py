@@ -15,7 +15,7 @@ import pytest
 
 import gradwatch
 from benchmarks.interrupts import Scenario, numpy_scenarios, snapshot, sweep
-from gradwatch._uninterrupted import restoring
+from gradwatch.engine.uninterrupted import restoring
 
 POINTS = 120
 """Injection points per scenario here (evenly spaced; the benchmark tries all of them)."""

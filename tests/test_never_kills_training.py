@@ -370,7 +370,7 @@ def test_close_never_raises_when_report_json_cannot_be_replaced(
 
     watch = GradWatch(every=1, report_dir=tmp_path)
     train(watch, 3)
-    monkeypatch.setattr("gradwatch._report_writer.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("gradwatch.store.writer.tempfile.mkstemp", refuse)
     with capture_logs() as events:
         watch.close()
         watch.close()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gradwatch import CheckResult, Component, GradWatch, TensorResult, load_report
-from gradwatch._reading import suspect
-from gradwatch._show import HEIGHT, WIDTH
 from gradwatch.cli import main
+from gradwatch.views.reading import suspect
+from gradwatch.views.show import HEIGHT, WIDTH
 
 TENSORS = 400
 BUGGY = "model.layers.57.mlp.down_proj.weight"
@@ -274,7 +274,7 @@ def test_plot_of_400_tensors_keeps_its_axes(large_report: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from gradwatch._plot import HIGHLIGHTED, plot_figure
+    from gradwatch.views.plot import HIGHLIGHTED, plot_figure
 
     figure = plot_figure(load_report(large_report))
     FigureCanvasAgg(figure).draw()
@@ -296,7 +296,7 @@ def test_plot_of_one_check_of_one_tensor_has_integer_steps(tmp_path: Path) -> No
     pytest.importorskip("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from gradwatch._plot import plot_figure
+    from gradwatch.views.plot import plot_figure
 
     result = large_result(failing=False)
     result = result.model_copy(update={"tensors": {BUGGY: result.tensors[BUGGY]}})

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch import GradWatch, _report_reader, load_report
-from gradwatch._show import show_lines
+from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
+from gradwatch.store import reader
+from gradwatch.views.show import show_lines
 from tests.test_cli import make_result
 
 
@@ -99,11 +100,11 @@ def test_huge_report_json_and_huge_line_are_refused(
     resumed_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A report.json or a checks.jsonl line over the size limit is refused, never read whole."""
-    monkeypatch.setattr(_report_reader, "MAX_SUMMARY_BYTES", 100)
+    monkeypatch.setattr(reader, "MAX_SUMMARY_BYTES", 100)
     code, _, err = run(capsys, "show", str(resumed_run))
     assert code == 2 and "larger than" in err
     monkeypatch.undo()
-    monkeypatch.setattr(_report_reader, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(reader, "MAX_LINE_BYTES", 100)
     code, _, err = run(capsys, "show", str(resumed_run))
     assert code == 2 and "line 1" in err and "longer than" in err
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import gradwatch
 from benchmarks.screen_miss_rate import PLACEMENTS, trial
-from gradwatch._bisection import bisect, bisection_cost
 from gradwatch.check import AUTO_LOCALIZE_EVALUATIONS
+from gradwatch.engine.bisection import bisect, bisection_cost
 
 F64Params = dict[str, npt.NDArray[np.float64]]
 

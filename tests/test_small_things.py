@@ -51,7 +51,7 @@ def test_one_array_under_two_names_is_a_clear_error() -> None:
 
 def test_a_nan_ratio_is_never_ok() -> None:
     """A gradient so large that the ratio overflows to NaN fails instead of passing as ok."""
-    from gradwatch._comparison import status_for
+    from gradwatch.engine.comparison import status_for
 
     assert status_for(float("nan"), 1e-5, 1e-3) == "fail"
     assert status_for(1e-9, 1e-5, 1e-3) == "ok"

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 else:
     torch = pytest.importorskip("torch")
-import gradwatch.integrations._batched as batched_evaluation
+import gradwatch.integrations._shadow.batched as batched_evaluation
 from gradwatch.integrations.torch import check_module
 from torch import nn
 

@@ -13,7 +13,7 @@ from gradwatch.integrations.torch import after_backward
 
 import gradwatch
 from benchmarks.local_bugs import LOCAL_BUGS, model_loss
-from gradwatch._show import show_lines
+from gradwatch.views.show import show_lines
 
 pytestmark = pytest.mark.torch
 
@@ -44,7 +44,7 @@ def test_alert_report_and_show_name_the_planted_module(tmp_path: Path) -> None:
 def test_html_shows_the_module_tree_with_the_suspect_marked(tmp_path: Path) -> None:
     """gradwatch html lists every module call the search checked, by depth, the planted one
     marked as the suspect and described in words."""
-    from gradwatch._html import report_html
+    from gradwatch.views.html import report_html
 
     bug = LOCAL_BUGS["gemma2-gelu"]
     model, batch = bug.build()

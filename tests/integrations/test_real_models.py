@@ -18,7 +18,7 @@ else:
     torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gradwatch.integrations._shadow_mode import ShadowMode, grouped_mm_by_groups
+from gradwatch.integrations._shadow.mode import ShadowMode, grouped_mm_by_groups
 from gradwatch.integrations.torch import check_due, check_module, is_shadow
 from gradwatch.integrations.transformers import model_loss
 

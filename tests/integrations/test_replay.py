@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gradwatch.integrations._draws import SAMPLERS  # noqa: E402
-from gradwatch.integrations._shadow import RngState  # noqa: E402
-from gradwatch.integrations._shadow_mode import ShadowMode  # noqa: E402
+from gradwatch.integrations._shadow.draws import SAMPLERS  # noqa: E402
+from gradwatch.integrations._shadow.mode import ShadowMode  # noqa: E402
+from gradwatch.integrations._shadow.model import RngState  # noqa: E402
 from gradwatch.integrations._step import MicroBatch, compare_step  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402

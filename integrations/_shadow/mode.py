@@ -15,7 +15,7 @@ active while a check evaluates J (and during its autograd pass) that
   where one is known, else in float32 with its outputs cast back;
 - makes tensors created without a dtype in the shadow's dtype (the default dtype);
 - makes every random draw in the dtype the training drew it in, then upcasts it
-  (`gradwatch.integrations._draws`), so a replay draws the training's numbers;
+  (`gradwatch.integrations._shadow.draws`), so a replay draws the training's numbers;
 - records every op that still turned a shadow-dtype tensor into a coarser one (`coarse_ops`), so
   the check can say J is coarser than the shadow instead of reporting a bug;
 - holds each ``nn.Embedding`` padding row constant *inside the lookup only*: torch
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gradwatch.integrations._draws import SAMPLERS, Draws
+from gradwatch.integrations._shadow.draws import SAMPLERS, Draws
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 

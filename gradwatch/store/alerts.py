@@ -7,8 +7,8 @@ the per-tensor rule.
 
 from __future__ import annotations
 
-from gradwatch._report_models import Alert
 from gradwatch.result import CheckResult, Rule, StepLink
+from gradwatch.store.models import Alert
 
 __all__ = ["TIE", "alert_for", "only_the_step_failed", "ratio_sort_key"]
 

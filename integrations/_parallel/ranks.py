@@ -181,7 +181,7 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
     ``DistributedDataParallel`` (and ``DataParallel``) replicate the module, so the
     check runs on the replica and makes J collective itself. Wrappers that shard the
     parameters need a check that never gathers them: FSDP2's ``fully_shard`` has one
-    (`gradwatch.integrations._sharded`); FSDP1, DeepSpeed and tensor parallelism
+    (`gradwatch.integrations._parallel.sharded`); FSDP1, DeepSpeed and tensor parallelism
     (DTensor parameters outside ``fully_shard``) are refused with a clear error, which
     a due check records as status ``"error"`` while training goes on.
     """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradwatch._comparison import Comparison
-from gradwatch._differences import Moves, central_differences
-from gradwatch._objective import Evaluator, split_terms
+from gradwatch.engine.comparison import Comparison
+from gradwatch.engine.differences import Moves, central_differences
+from gradwatch.engine.objective import Evaluator, split_terms
 from gradwatch.params import NamedTensors
 from gradwatch.result import Component, Diagnosis
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, status_for
+from gradwatch.engine.comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, status_for
 from gradwatch.result import Rule, Status, TensorResult
 
 __all__ = ["STATUS_ORDER", "explain_verdict", "resolution_notes", "worst_status"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from gradwatch.integrations._shadow import RngState
+from gradwatch.integrations._shadow.model import RngState
 from torch import nn
 
 __all__ = ["ModuleCall", "capture_calls", "fresh_arguments", "tensor_leaves"]

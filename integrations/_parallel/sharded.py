@@ -11,7 +11,7 @@ J is the mean of the ranks' losses, and every evaluation of J is collective (the
 forward all-gathers the shards). With ``sample="auto"`` every rank first runs the core
 at once over its own shards (`_joint_screen`): each moves its shards along its part of
 one random direction, so J sees the whole direction, and the screen's sums and maxima
-are reduced over the ranks (`gradwatch._objective.SplitObjective`). A clean screen is
+are reduced over the ranks (`gradwatch.engine.objective.SplitObjective`). A clean screen is
 the whole check, at a cost that does not grow with the ranks. When it fires (or for
 another ``sample``) the core runs on one rank at a time, over that rank's shards, while
 the other ranks hold theirs still and join every evaluation (`_serve`); the rank whose
@@ -34,19 +34,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._distributed import Ranks
-from gradwatch.integrations._objective import LossFn, Penalty, _is_immutable, j_terms
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._parallel.ranks import Ranks
+from gradwatch.integrations._shadow.model import (
     GENERATORS,
     NATIVE_DTYPES,
     RngState,
     _untouched_globals,
     trainable_parameters,
 )
+from gradwatch.integrations._shadow.objective import LossFn, Penalty, _is_immutable, j_terms
 from torch import nn
 
 import gradwatch
-from gradwatch._verdict import STATUS_ORDER
+from gradwatch.engine.verdict import STATUS_ORDER
 from gradwatch.errors import OptionError, ProcessGroupError
 from gradwatch.params import component_name
 from gradwatch.result import CheckResult, Component, TensorResult
@@ -151,7 +151,7 @@ def check_sharded(
 class _SplitJ:
     """J for the joint screen: every rank checks its own shards at once, J collective.
 
-    A `gradwatch._objective.SplitObjective`: every rank moves its shards along its part of
+    A `gradwatch.engine.objective.SplitObjective`: every rank moves its shards along its part of
     one direction, so J sees the whole direction; the screen's sums and maxima are taken
     over the ranks. Its gradient (`visit`) is one collective FSDP backward.
     """

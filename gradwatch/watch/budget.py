@@ -5,7 +5,7 @@ beside it: the allowance at a due step is ``share`` times the training time so f
 minus what checks have cost, and the check that runs is the configured one when its
 estimated cost fits, else the largest cheaper one that fits (a budget-sized sample,
 then ``"directional"``), else none. Costs are estimated from the checks so far with
-the evaluation counts of `gradwatch._sampling` (the same module that plans them).
+the evaluation counts of `gradwatch.engine.sampling` (the same module that plans them).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Literal
 
 import numpy as np
 
-from gradwatch._options import Sample
-from gradwatch._sampling import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
+from gradwatch.engine.sampling import AUTO_FULL_MAX_SIZE, checked_components, planned_evaluations
+from gradwatch.options import Sample
 from gradwatch.report import SkippedCheck
 
 __all__ = ["COST_HISTORY", "MIN_SAMPLED_SHARE", "Budget", "BudgetPlan", "describe_sample"]

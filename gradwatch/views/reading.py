@@ -11,9 +11,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from gradwatch._report_alerts import only_the_step_failed
 from gradwatch.report import Report
 from gradwatch.result import CheckResult, TensorResult
+from gradwatch.store.alerts import only_the_step_failed
 
 __all__ = [
     "ROUTINE_NOTES",

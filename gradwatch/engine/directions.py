@@ -26,9 +26,9 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, norm_ratio
-from gradwatch._objective import Evaluator
-from gradwatch._uninterrupted import restoring
+from gradwatch.engine.comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, Comparison, norm_ratio
+from gradwatch.engine.objective import Evaluator
+from gradwatch.engine.uninterrupted import restoring
 from gradwatch.params import NamedTensors
 
 __all__ = [

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._comparison import NOISE_UNITS, Comparison
-from gradwatch._objective import BatchedObjective, Evaluator, split_terms
+from gradwatch.engine.comparison import NOISE_UNITS, Comparison
+from gradwatch.engine.objective import BatchedObjective, Evaluator, split_terms
 from gradwatch.errors import LossError
 from gradwatch.params import NamedTensors
 from gradwatch.regularization import RegularizationTerm

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._distributed import Ranks
-from gradwatch.integrations._shadow import (
+from gradwatch.integrations._parallel.ranks import Ranks
+from gradwatch.integrations._shadow.model import (
     Generator,
     RngState,
     _map_tensors,
@@ -27,7 +27,7 @@ from gradwatch.integrations._shadow import (
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradwatch._uninterrupted import restored_after
+from gradwatch.engine.uninterrupted import restored_after
 from gradwatch.errors import LossError, OptionError
 
 __all__ = ["NOT_THE_MODEL_GIVEN", "LossFn", "Penalties", "Penalty", "untouched_model"]

@@ -16,7 +16,9 @@ from html import escape
 
 import numpy as np
 
-from gradwatch._reading import (
+from gradwatch.report import Report
+from gradwatch.result import CheckResult, Localization
+from gradwatch.views.reading import (
     completed,
     format_ratio,
     nan_last,
@@ -27,8 +29,6 @@ from gradwatch._reading import (
     threshold,
     worst_check,
 )
-from gradwatch.report import Report
-from gradwatch.result import CheckResult, Localization
 
 __all__ = ["DETAILED_CHECKS", "HEATMAP_COLUMNS", "detailed_steps", "report_html"]
 

@@ -13,7 +13,11 @@ import textwrap
 from collections import Counter
 from dataclasses import dataclass
 
-from gradwatch._reading import (
+from gradwatch.report import Report, RunRecord
+from gradwatch.result import CheckResult, Component
+from gradwatch.store.alerts import only_the_step_failed
+from gradwatch.store.models import RunSummary
+from gradwatch.views.reading import (
     completed,
     format_ratio,
     nan_last,
@@ -25,10 +29,6 @@ from gradwatch._reading import (
     threshold,
     worst_check,
 )
-from gradwatch._report_alerts import only_the_step_failed
-from gradwatch._report_models import RunSummary
-from gradwatch.report import Report, RunRecord
-from gradwatch.result import CheckResult, Component
 
 __all__ = [
     "HEIGHT",

@@ -17,16 +17,22 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 import torch
-from gradwatch.integrations._local import LOCAL_THRESHOLD, LocalChecker, custom_functions
-from gradwatch.integrations._local_capture import (
+from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD, LocalChecker, custom_functions
+from gradwatch.integrations._local.capture import (
     ModuleCall,
     capture_calls,
     fresh_arguments,
     tensor_leaves,
 )
-from gradwatch.integrations._objective import LossFn, Penalties, Penalty, _Objective, _penalty_items
-from gradwatch.integrations._shadow import RngState, _Shadow, _untouched_globals
-from gradwatch.integrations._shadow_mode import ShadowMode
+from gradwatch.integrations._shadow.mode import ShadowMode
+from gradwatch.integrations._shadow.model import RngState, _Shadow, _untouched_globals
+from gradwatch.integrations._shadow.objective import (
+    LossFn,
+    Penalties,
+    Penalty,
+    _Objective,
+    _penalty_items,
+)
 from torch import nn
 
 from gradwatch.errors import OptionError

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._uninterrupted import restoring
+from gradwatch.engine.uninterrupted import restoring
 
 __all__ = ["bisect", "bisection_cost"]
 

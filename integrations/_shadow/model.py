@@ -22,10 +22,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._shadow_mode import HeldRow, ShadowMode
+from gradwatch.integrations._shadow.mode import HeldRow, ShadowMode
 from torch import nn
 
-from gradwatch._uninterrupted import restored_after
+from gradwatch.engine.uninterrupted import restored_after
 from gradwatch.errors import OptionError, ParameterError
 
 __all__ = [
@@ -232,7 +232,7 @@ def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
 
     The body is interruptible as usual; a signal whose handler raises (Ctrl-C, a SIGTERM
     handled as SystemExit) finds everything put back first, and no signal splits the
-    restore itself (`gradwatch._uninterrupted`).
+    restore itself (`gradwatch.engine.uninterrupted`).
     """
     rng = RngState.capture()
     settings = _capture_settings()

@@ -20,19 +20,19 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gradwatch._events import (
+from gradwatch.errors import OptionError, ReportError
+from gradwatch.options import checked_step
+from gradwatch.report import ReportSummary, ReportWriter
+from gradwatch.result import CheckResult
+from gradwatch.store.models import run_numbers
+from gradwatch.watch.events import (
     LOGGER_NAME,
     REPORT_CONTINUED_EVENT,
     REPORT_INCOMPLETE_EVENT,
     REPORT_WRITE_FAILED_EVENT,
     Events,
 )
-from gradwatch._failed_checks import error_kind, error_text
-from gradwatch._options import checked_step
-from gradwatch._report_models import run_numbers
-from gradwatch.errors import OptionError, ReportError
-from gradwatch.report import ReportSummary, ReportWriter
-from gradwatch.result import CheckResult
+from gradwatch.watch.failed_checks import error_kind, error_text
 
 __all__ = [
     "ReportDir",

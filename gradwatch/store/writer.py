@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradwatch._report_models import (
+from gradwatch.errors import ReportError
+from gradwatch.result import CheckResult
+from gradwatch.store.models import (
     CHECKS_FILE,
     LOCK_FILE,
     MAX_LISTED,
@@ -29,9 +31,7 @@ from gradwatch._report_models import (
     now,
     step_record,
 )
-from gradwatch._report_reader import NOFOLLOW, file_kind, read_summary, shorten
-from gradwatch.errors import ReportError
-from gradwatch.result import CheckResult
+from gradwatch.store.reader import NOFOLLOW, file_kind, read_summary, shorten
 
 if sys.platform != "win32":
     import fcntl

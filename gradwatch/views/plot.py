@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._reading import completed, nan_last, screened_only, step_of, threshold
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report
+from gradwatch.views.reading import completed, nan_last, screened_only, step_of, threshold
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

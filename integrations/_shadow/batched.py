@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._objective import _Objective
+from gradwatch.integrations._shadow.objective import _Objective
 from torch import nn
 
 __all__ = ["ACTIVATION_BUDGET", "MAX_CHUNK", "MIN_BATCH", "PERTURBATION_BUDGET"]

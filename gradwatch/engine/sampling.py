@@ -11,10 +11,10 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch._bisection import bisect, bisection_cost
-from gradwatch._directions import largest_magnitude, random_block
-from gradwatch._objective import Evaluator
-from gradwatch._options import Sample
+from gradwatch.engine.bisection import bisect, bisection_cost
+from gradwatch.engine.directions import largest_magnitude, random_block
+from gradwatch.engine.objective import Evaluator
+from gradwatch.options import Sample
 from gradwatch.params import NamedTensors
 
 __all__ = [
@@ -136,7 +136,7 @@ def sample_plan(tensors: NamedTensors, sample: int | float | None, seed: int) ->
     total = tensors.size
     if sample is None:
         return {name: np.arange(size) for name, size in sizes.items()}
-    # Validated by gradwatch._options: a fraction in (0, 1] or an int in [1, total].
+    # Validated by gradwatch.options: a fraction in (0, 1] or an int in [1, total].
     count = max(1, round(sample * total)) if isinstance(sample, float) else sample
     if count >= total:
         return {name: np.arange(size) for name, size in sizes.items()}

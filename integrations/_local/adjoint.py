@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gradwatch.integrations._local_capture import ModuleCall, fresh_arguments, tensor_leaves
+from gradwatch.integrations._local.capture import ModuleCall, fresh_arguments, tensor_leaves
 from torch import nn
 
 from gradwatch.result import ModuleVerdict

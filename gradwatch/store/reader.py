@@ -19,8 +19,10 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from gradwatch._report_alerts import alert_for, ratio_sort_key
-from gradwatch._report_models import (
+from gradwatch.errors import ReportError
+from gradwatch.result import CheckResult
+from gradwatch.store.alerts import alert_for, ratio_sort_key
+from gradwatch.store.models import (
     CHECKS_FILE,
     SCHEMA_VERSION,
     SUMMARY_FILE,
@@ -33,8 +35,6 @@ from gradwatch._report_models import (
     TensorColumns,
     run_numbers,
 )
-from gradwatch.errors import ReportError
-from gradwatch.result import CheckResult
 
 __all__ = [
     "MAX_LINE_BYTES",
