@@ -261,7 +261,7 @@ def test_console_script_exit_codes_without_traceback(buggy_run: Path, tmp_path: 
 
 def test_example_with_bug_ends_with_an_alert_naming_b2(tmp_path: Path) -> None:
     """examples/numpy_mlp.py --bug passes at step 0 and alerts on b2 later; without it, clean."""
-    example = Path(__file__).parents[1] / "examples" / "numpy_mlp.py"
+    example = Path(__file__).parents[2] / "examples" / "numpy_mlp.py"
     command = Path(sys.executable).with_name("gradwatch")
     for bug, expected in ((True, 1), (False, 0)):
         directory = tmp_path / ("bug" if bug else "clean")

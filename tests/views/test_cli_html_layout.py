@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.test_cli import make_result
+from tests.views.test_cli import make_result
 
 
 def test_alerts_wrap_and_heatmap_columns_name_their_steps(tmp_path: Path) -> None:

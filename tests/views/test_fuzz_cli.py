@@ -25,7 +25,7 @@ import pytest
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.test_cli import make_result
+from tests.views.test_cli import make_result
 
 CASES = int(os.environ.get("GRADWATCH_FUZZ_CASES", "24"))
 SEED = int(os.environ.get("GRADWATCH_FUZZ_SEED", "0"))

@@ -15,7 +15,7 @@ from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
 from gradwatch.store import reader
 from gradwatch.views.show import show_lines
-from tests.test_cli import make_result
+from tests.views.test_cli import make_result
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

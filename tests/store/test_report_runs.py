@@ -10,25 +10,20 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
-
-if TYPE_CHECKING:  # mypy sees tests/ as the package ``tests``; pytest puts tests/ on sys.path
-    from tests.test_report import make_result
-else:
-    from test_report import make_result
 
 import gradwatch
 from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
 from gradwatch.report import LOCK_FILE, MAX_LISTED, ReportError, ReportInUseError
+from tests.store.test_report import make_result
 
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from test_report import make_result
+    sys.path.insert(0, {root!r})
+    from tests.store.test_report import make_result
     from gradwatch import GradWatch
     watch = GradWatch(every=1, report_dir={directory!r})
     for step in range({checks}):
@@ -53,7 +48,7 @@ def current_umask() -> int:
 def killed_run(directory: Path, checks: int) -> None:
     """A separate process records `checks` checks (steps 0..checks-1), then is SIGKILLed."""
     code = KILLED_RUN.format(
-        tests=str(Path(__file__).parent), directory=str(directory), checks=checks, hold=False
+        root=str(Path(__file__).parents[2]), directory=str(directory), checks=checks, hold=False
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert completed.returncode == -signal.SIGKILL, completed.stderr.decode()
@@ -158,7 +153,7 @@ def test_second_writer_is_refused_naming_the_first(tmp_path: Path) -> None:
 def test_writer_in_another_process_blocks_the_directory(tmp_path: Path) -> None:
     """While another process writes the directory, a GradWatch here is refused with its pid."""
     code = KILLED_RUN.format(
-        tests=str(Path(__file__).parent), directory=str(tmp_path), checks=2, hold=True
+        root=str(Path(__file__).parents[2]), directory=str(tmp_path), checks=2, hold=True
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE

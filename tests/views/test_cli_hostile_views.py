@@ -9,7 +9,7 @@ import pytest
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.test_cli import make_result
+from tests.views.test_cli import make_result
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

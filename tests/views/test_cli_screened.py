@@ -12,7 +12,7 @@ import pytest
 import gradwatch
 from gradwatch.cli import main
 from gradwatch.views.plot import plot_figure
-from tests.test_screen import scalars_next_to_a_large_tensor
+from tests.engine.test_screen import scalars_next_to_a_large_tensor
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import gradwatch
 from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
 from gradwatch.report import ReportError
-from tests.test_cli import make_result
+from tests.views.test_cli import make_result
 
 
 def bug_then_fix(directory: Path) -> None:

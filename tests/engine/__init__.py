@@ -1,0 +1,1 @@
+"""Tests of gradwatch.engine and gradwatch.check: the check itself, against independent oracles."""

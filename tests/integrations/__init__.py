@@ -1,0 +1,1 @@
+"""Tests of gradwatch.integrations: torch, transformers, Lightning, distributed runs."""

@@ -1,0 +1,1 @@
+"""Scripts that torchrun and mp.spawn launch for the distributed tests."""

@@ -1,0 +1,1 @@
+"""Tests of gradwatch.watch and GradWatch: schedule, budget, alerts, training never killed."""
