@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch.engine.finish import finish
 from gradwatch.errors import GradientCheckError, NonFiniteError, ProcessGroupError
 from gradwatch.options import (
     OnAlert,
@@ -448,12 +449,11 @@ class GradWatch(ReportedWatch):
         self._refuse_when_closed(step)
         step = checked_step(step)
         recording_started = self._clock()
-        update: dict[str, Any] = {"step": int(step)}
         plan = self._pending
         self._pending = None
-        if plan is not None and plan.step == step and plan.action == "reduced":
-            update["notes"] = [*result.notes, plan.note(self.sample)]
-        stamped = result.model_copy(update=update)
+        reduced = plan is not None and plan.step == step and plan.action == "reduced"
+        notes = [plan.note(self.sample)] if plan is not None and reduced else []
+        stamped = finish(result, notes=notes, step=step)
         self._open_at_first_write()  # before the check joins the results it writes
         self._results.append(stamped)
         cost = stamped.seconds if seconds is None else seconds

@@ -49,7 +49,7 @@ from gradwatch.engine.sampling import (
     screen_directions,
 )
 from gradwatch.engine.uninterrupted import watching
-from gradwatch.engine.verdict import explain_verdict, resolution_notes, worst_status
+from gradwatch.engine.verdict import decide, resolution_notes
 from gradwatch.errors import OptionError
 from gradwatch.options import (
     Sample,
@@ -270,14 +270,17 @@ def _result(run: _Check, measured: _Measured, seconds: float) -> CheckResult:
     notes = run.notes + resolution_notes(
         measured.rounding_step, below, per_tensor, run.warn, run.dtype
     )
-    status = worst_status(measured.ratio, per_tensor, run.warn, run.threshold, run.nondeterministic)
-    verdict, rule, rule_ratio = explain_verdict(
-        status, measured.ratio, per_tensor, run.warn, run.threshold, below
+    verdict = decide(
+        measured.ratio,
+        per_tensor,
+        run.warn,
+        run.threshold,
+        nondeterministic=run.nondeterministic,
+        below=below,
     )
     terms = run.objective.terms
     return CheckResult(
         ratio=measured.ratio,
-        status=status,
         tensors=per_tensor,
         worst=measured.worst,
         eps=run.base_step,
@@ -294,9 +297,7 @@ def _result(run: _Check, measured: _Measured, seconds: float) -> CheckResult:
         threshold=run.threshold,
         seed=run.seed,
         notes=notes,
-        verdict=verdict,
-        rule=rule,
-        rule_ratio=rule_ratio,
+        **verdict.fields(),
         below_resolution=below is not None,
         resolution=None if below is None else below[1],
         rounding_step=measured.rounding_step,

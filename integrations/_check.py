@@ -41,6 +41,7 @@ from gradwatch.integrations._shadow.objective import (
 from torch import nn
 
 import gradwatch
+from gradwatch.engine.finish import finish
 from gradwatch.errors import (
     GradwatchError,
     LossError,
@@ -155,7 +156,7 @@ def check_module(
             )
         result = check_sharded(model, loss_fn, batch, penalties, dict(check_options))
         extra = [*notes, *(weight_decay_notes(optimizer) if optimizer is not None else [])]
-        return result.model_copy(update={"notes": [*result.notes, *extra]})
+        return finish(result, notes=extra)
     ranks = Ranks.current()
     with _across(ranks), _untouched_globals(model) as rng:
         run = _ShadowCheck(
@@ -170,12 +171,7 @@ def check_module(
         run.notes.append("penalties in J (both sides): " + ", ".join(penalty_values))
     else:
         run.notes.append("penalties in J: none")
-    return result.model_copy(
-        update={
-            "regularization": {**result.regularization, **penalty_values},
-            "notes": [*result.notes, *notes, *run.notes],
-        }
-    )
+    return finish(result, notes=[*notes, *run.notes], regularization=penalty_values)
 
 
 def _across(ranks: Ranks | None) -> contextlib.AbstractContextManager[None]:

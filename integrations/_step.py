@@ -34,9 +34,9 @@ from torch import nn
 
 from gradwatch.engine.comparison import status_for
 from gradwatch.errors import OptionError
-from gradwatch.result import CheckResult, StepLink
+from gradwatch.result import StepLink
 
-__all__ = ["STEP_TOLERANCES", "MicroBatch", "compare_step", "with_step_link"]
+__all__ = ["STEP_TOLERANCES", "MicroBatch", "compare_step"]
 
 STEP_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-8, 1e-5),
@@ -139,17 +139,7 @@ def _compare_step(
         if clip_factor is None:
             clip_factor = _measured_clip(sources, shadow.params)
         sums = _compare(sources, shadow.params, clip_factor)
-    link = _link(sums, warn, threshold, len(micro_batches), clip_factor)
-    if mode.draws.unreplayed:
-        # Other draws than the training's: a difference would be the draws', not the step's.
-        return link.model_copy(
-            update={
-                "status": "nondeterministic",
-                "explanation": "not judged: the replay could not draw its random numbers as "
-                f"the training did ({', '.join(mode.draws.unreplayed)})",
-            }
-        )
-    return link
+    return _link(sums, warn, threshold, len(micro_batches), clip_factor, mode.draws.unreplayed)
 
 
 def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parameter]) -> float:
@@ -208,7 +198,14 @@ def _ratio(difference: float, first: float, second: float, floor: float = 0.0) -
     return math.sqrt(difference) / denominator if denominator > 0 else 0.0
 
 
-def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -> StepLink:
+def _link(
+    sums: _Sums,
+    warn: float,
+    threshold: float,
+    count: int,
+    clip: float,
+    unreplayed: Sequence[str] = (),
+) -> StepLink:
     total_opt, total_j = sum(sums.optimizer.values()), sum(sums.objective.values())
     ratio = _ratio(sum(sums.difference.values()), total_opt, total_j)
     scale = sum(sums.dot.values()) / total_j if total_j > 0 else math.nan
@@ -222,6 +219,13 @@ def _link(sums: _Sums, warn: float, threshold: float, count: int, clip: float) -
     worst = max(tensors, key=tensors.__getitem__) if tensors else None
     status = status_for(max(ratio, tensors[worst] if worst else 0.0), warn, threshold)
     explanation = "" if status == "ok" else _explain(sums, tensors, scale, threshold)
+    if unreplayed:
+        # Other draws than the training's: a difference would be the draws', not the step's.
+        status = "nondeterministic"
+        explanation = (
+            "not judged: the replay could not draw its random numbers as the training did "
+            f"({', '.join(unreplayed)})"
+        )
     return StepLink(
         ratio=ratio,
         status=status,
@@ -267,24 +271,4 @@ def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: fl
         "it differs across tensors, not by one factor: the micro-batches weighted otherwise "
         "than in the step's loss (accumulation normalized per micro-batch, not per token?), "
         "or gradients kept from an earlier step (a missing zero_grad?)"
-    )
-
-
-def with_step_link(result: CheckResult, link: StepLink) -> CheckResult:
-    """``result`` with the step link attached; a failing link fails the check."""
-    status = result.status
-    if link.status == "fail" and status not in ("error", "nondeterministic"):
-        status = "fail"
-    elif link.status == "warn" and status == "ok":
-        status = "warn"
-    note = (
-        f"step link: the optimizer's gradient against the float64 gradient of J over "
-        f"{link.micro_batches} micro-batch(es): ratio {link.ratio:.3g} ({link.status})"
-    )
-    if link.clip_factor != 1.0:
-        note += f", clipping by {link.clip_factor:.4g} undone"
-    if link.explanation:
-        note += f"; {link.explanation}"
-    return result.model_copy(
-        update={"step_link": link, "status": status, "notes": [*result.notes, note]}
     )

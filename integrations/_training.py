@@ -19,10 +19,11 @@ from gradwatch.integrations._shadow.model import (
     trainable_parameters,
 )
 from gradwatch.integrations._shadow.objective import LossFn, Penalties, _penalty_items
-from gradwatch.integrations._step import MicroBatch, compare_step, with_step_link
+from gradwatch.integrations._step import MicroBatch, compare_step
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.engine.finish import finish
 from gradwatch.errors import OptionError
 from gradwatch.result import CheckResult
 
@@ -204,12 +205,12 @@ def check_due(
         result = check_module(model, loss_fn, batch, **module_options, **watch.check_options())
         if step_batches and is_sharded(model):
             note = "step link: not run on an FSDP2 model (it would need the full float64 gradient)"
-            return result.model_copy(update={"notes": [*result.notes, note]})
+            return finish(result, notes=[note])
         if step_batches:
             link = compare_step(
                 model, step_loss_fn or loss_fn, step_batches, clip_factor=clip_factor
             )
-            result = with_step_link(result, link)
+            return finish(result, step_link=link)
         return result
 
     return watch.run_check(

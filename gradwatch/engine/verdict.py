@@ -3,13 +3,100 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from gradwatch.engine.comparison import NEAR_ZERO_FLOOR, NOISE_UNITS, status_for
-from gradwatch.result import Rule, Status, TensorResult
+from gradwatch.result import CheckResult, Rule, Status, StepLink, TensorResult
 
-__all__ = ["STATUS_ORDER", "explain_verdict", "resolution_notes", "worst_status"]
+__all__ = [
+    "STATUS_ORDER",
+    "Verdict",
+    "decide",
+    "explain_verdict",
+    "judge_step_link",
+    "resolution_notes",
+    "step_link_note",
+    "worst_status",
+]
 
 STATUS_ORDER: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2, "nondeterministic": 3}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A check's status, the rule that set it (as data and as a sentence) and its number."""
+
+    status: Status
+    sentence: str | None
+    rule: Rule | None
+    rule_ratio: float | None
+
+    @classmethod
+    def of(cls, result: CheckResult) -> Verdict:
+        """The verdict ``result`` carries."""
+        return cls(result.status, result.verdict, result.rule, result.rule_ratio)
+
+    def fields(self) -> dict[str, Any]:
+        """The `CheckResult` fields this verdict sets."""
+        return {
+            "status": self.status,
+            "verdict": self.sentence,
+            "rule": self.rule,
+            "rule_ratio": self.rule_ratio,
+        }
+
+
+def decide(
+    ratio: float,
+    per_tensor: Mapping[str, TensorResult],
+    warn: float,
+    threshold: float,
+    *,
+    nondeterministic: bool,
+    below: tuple[float, float] | None = None,
+) -> Verdict:
+    """Backprop's verdict on what the core measured: `worst_status` and `explain_verdict`."""
+    status = worst_status(ratio, per_tensor, warn, threshold, nondeterministic)
+    sentence, rule, rule_ratio = explain_verdict(status, ratio, per_tensor, warn, threshold, below)
+    return Verdict(status, sentence, rule, rule_ratio)
+
+
+def judge_step_link(backprop: Verdict, link: StepLink) -> Verdict:
+    """The check's verdict once the training step's link is known.
+
+    A failing link fails the check and a warning one warns, unless backprop already
+    reached that status (its rule then stands: the bug may be in backprop itself) or the
+    check has no verdict to raise (``error``, ``nondeterministic``). A link that sets the
+    status gets the rule ``"step"``, its own number, and a sentence that still says what
+    backprop's verdict was.
+    """
+    if backprop.status in ("error", "nondeterministic") or link.status not in ("warn", "fail"):
+        return backprop
+    if STATUS_ORDER[link.status] <= STATUS_ORDER[backprop.status]:
+        return backprop
+    name, value = ("threshold", link.threshold) if link.status == "fail" else ("warn", link.warn)
+    worst = link.tensors.get(link.worst_tensor, 0.0) if link.worst_tensor else 0.0
+    rule_ratio = max(link.ratio, worst)
+    sentence = (
+        f"{link.status} by the step link (the optimizer's gradient against the gradient of "
+        f"the step's loss): ratio {rule_ratio:.3g} >= {name} {value:g}; backprop: "
+        f"{backprop.sentence or 'not judged'}"
+    )
+    return Verdict(link.status, sentence, "step", rule_ratio)
+
+
+def step_link_note(link: StepLink) -> str:
+    """The note every check with a step link carries: what was compared, and the outcome."""
+    note = (
+        f"step link: the optimizer's gradient against the float64 gradient of J over "
+        f"{link.micro_batches} micro-batch(es): ratio {link.ratio:.3g} ({link.status})"
+    )
+    if link.clip_factor != 1.0:
+        note += f", clipping by {link.clip_factor:.4g} undone"
+    if link.explanation:
+        note += f"; {link.explanation}"
+    return note
 
 
 def explain_verdict(

@@ -39,10 +39,17 @@ def alert_for(result: CheckResult) -> Alert | None:
 
 
 def only_the_step_failed(result: CheckResult) -> StepLink | None:
-    """The failing step link of a check whose backprop passed (its own alert), else None."""
+    """The failing step link of a check whose backprop passed (its own alert), else None.
+
+    The verdict says so (``rule == "step"``, `gradwatch.engine.verdict.judge_step_link`).
+    Reports written before the verdict took the link in: a failed check whose rule is
+    ``"none"`` was failed by the link alone; one without a rule is judged on its ratios.
+    """
     link = result.step_link
-    if link is None or link.status != "fail":
+    if link is None or link.status != "fail" or result.status != "fail":
         return None
+    if result.rule is not None:
+        return link if result.rule in ("step", "none") else None
     backprop_failed = ratio_sort_key(result.ratio) >= result.threshold or any(
         t.status == "fail" for t in result.tensors.values()
     )

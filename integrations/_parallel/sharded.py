@@ -46,6 +46,7 @@ from gradwatch.integrations._shadow.objective import LossFn, Penalty, _is_immuta
 from torch import nn
 
 import gradwatch
+from gradwatch.engine.finish import finish
 from gradwatch.engine.verdict import STATUS_ORDER
 from gradwatch.errors import OptionError, ProcessGroupError
 from gradwatch.params import component_name
@@ -145,7 +146,7 @@ def check_sharded(
             else f"the joint screen over every rank's shards fired (ratio {screened.ratio:.3g}); "
             "each rank's shards checked in turn to localize"
         )
-        return merged.model_copy(update={"notes": [*merged.notes, note]})
+        return finish(merged, notes=[note])
 
 
 class _SplitJ:
