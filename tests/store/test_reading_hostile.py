@@ -15,13 +15,7 @@ from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
 from gradwatch.store import reader
 from gradwatch.views.show import show_lines
-from tests.views.test_cli import make_result
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.reports import result_of_tensors, run_cli
 
 
 @pytest.fixture
@@ -30,10 +24,10 @@ def resumed_run(tmp_path: Path) -> Path:
     directory = tmp_path / "run"
     with GradWatch(every=1, report_dir=directory) as watch:
         for step, bad in ((0, 1e-9), (1, 0.5), (2, 1e-8), (3, 0.5)):
-            watch.record(make_result({"W1": 1e-9 * (step + 1), "b1": bad}), step)
+            watch.record(result_of_tensors({"W1": 1e-9 * (step + 1), "b1": bad}), step)
     with GradWatch(every=1, report_dir=directory) as watch:
         for step, bad in ((2, 0.5), (3, 2e-3), (4, float("nan"))):
-            watch.record(make_result({"W1": 3e-9, "b1": bad, f"x{step}": 1e-9}), step)
+            watch.record(result_of_tensors({"W1": 3e-9, "b1": bad, f"x{step}": 1e-9}), step)
     return directory
 
 
@@ -60,9 +54,9 @@ def test_compact_report_keeps_the_steps_asked_for(resumed_run: Path) -> None:
 def test_show_reads_a_long_report_in_bounded_memory(tmp_path: Path) -> None:
     """`gradwatch show` on a 2,000-check, 100-tensor report grows memory by less than the file."""
     names = [f"layers.{i}.weight" for i in range(100)]
-    line = make_result(dict.fromkeys(names, 1e-8)).model_dump()
+    line = result_of_tensors(dict.fromkeys(names, 1e-8)).model_dump()
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result({"W": 1e-9}), 0)
+        watch.record(result_of_tensors({"W": 1e-9}), 0)
     with (tmp_path / "checks.jsonl").open("w") as file:
         for step in range(2_000):
             line["step"] = step
@@ -89,7 +83,7 @@ def test_deeply_nested_report_json_exits_2(
 ) -> None:
     """A report.json nested 100,000 deep is a one-line error with exit 2, not a RecursionError."""
     (resumed_run / "report.json").write_text("[" * 100_000 + "]" * 100_000)
-    code, out, err = run(capsys, "show", str(resumed_run))
+    code, out, err = run_cli(capsys, "show", str(resumed_run))
     assert code == 2
     assert out == ""
     assert err.startswith("gradwatch: error: ") and err.count("\n") == 1
@@ -101,11 +95,11 @@ def test_huge_report_json_and_huge_line_are_refused(
 ) -> None:
     """A report.json or a checks.jsonl line over the size limit is refused, never read whole."""
     monkeypatch.setattr(reader, "MAX_SUMMARY_BYTES", 100)
-    code, _, err = run(capsys, "show", str(resumed_run))
+    code, _, err = run_cli(capsys, "show", str(resumed_run))
     assert code == 2 and "larger than" in err
     monkeypatch.undo()
     monkeypatch.setattr(reader, "MAX_LINE_BYTES", 100)
-    code, _, err = run(capsys, "show", str(resumed_run))
+    code, _, err = run_cli(capsys, "show", str(resumed_run))
     assert code == 2 and "line 1" in err and "longer than" in err
 
 
@@ -133,7 +127,7 @@ def test_symlinked_checks_jsonl_is_refused_and_not_quoted(
     report_dir = tmp_path / "report"
     report_dir.mkdir()
     (report_dir / "checks.jsonl").symlink_to(secret)
-    code, out, err = run(capsys, "show", str(report_dir))
+    code, out, err = run_cli(capsys, "show", str(report_dir))
     assert code == 2
     assert "symlink" in err
     assert "hunter2" not in out + err
@@ -144,15 +138,15 @@ def test_escape_sequences_in_names_never_reach_the_terminal(
 ) -> None:
     """Escapes and newlines in tensor names, notes and errors are printed as '?' by every view."""
     hostile = "w\x1b[2J\x1b]0;owned\x07\nalerts: none\r\u202e"
-    result = make_result({hostile: 0.5, "b": 1e-9})
+    result = result_of_tensors({hostile: 0.5, "b": 1e-9})
     result.notes = [f"note {hostile}"]
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.record(result, 0)
     for argv in (("show",), ("trend",), ("worst",), ("worst", "--step", "0")):
-        _, out, err = run(capsys, *argv, str(tmp_path))
+        _, out, err = run_cli(capsys, *argv, str(tmp_path))
         assert not any(c in out + err for c in "\x1b\x07\r\u202e"), argv
         assert "alerts: none" not in out.splitlines(), argv
-    _, out, _ = run(capsys, "show", "--json", str(tmp_path))
+    _, out, _ = run_cli(capsys, "show", "--json", str(tmp_path))
     assert "\x1b" not in out and json.loads(out)["exit_code"] == 1
 
 
@@ -188,7 +182,7 @@ def test_plot_refuses_a_path_that_is_not_an_image(
     """`plot -o out.txt` and `plot -o dir/` exit 2 with a one-line message, nothing written."""
     pytest.importorskip("matplotlib")
     (tmp_path / "folder").mkdir()
-    code, _, err = run(capsys, "plot", str(resumed_run), "-o", str(tmp_path / name))
+    code, _, err = run_cli(capsys, "plot", str(resumed_run), "-o", str(tmp_path / name))
     assert code == 2
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out.txt").exists() and not (tmp_path / "folder.png").exists()
@@ -199,7 +193,7 @@ def test_plot_without_suffix_names_the_file_it_wrote(
 ) -> None:
     """`plot -o noext` writes noext.png and says so."""
     pytest.importorskip("matplotlib")
-    code, out, _ = run(capsys, "plot", str(resumed_run), "-o", str(tmp_path / "noext"))
+    code, out, _ = run_cli(capsys, "plot", str(resumed_run), "-o", str(tmp_path / "noext"))
     assert code == 0
     assert out.strip() == f"wrote {tmp_path / 'noext.png'}"
     assert (tmp_path / "noext.png").stat().st_size > 0

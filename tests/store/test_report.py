@@ -16,57 +16,15 @@ from pathlib import Path
 import pytest
 
 import gradwatch
-from gradwatch import CheckResult, Component, GradWatch, ReportError, TensorResult, load_report
-
-
-def make_result(ratio: float, *, tensor_ratios: dict[str, float] | None = None) -> CheckResult:
-    """A CheckResult as `gradwatch.check` would return it (no step yet)."""
-    tensor_ratios = tensor_ratios or {"W": ratio, "b": ratio / 10}
-    status = "fail" if ratio >= 1e-3 or math.isnan(ratio) else "ok"
-    tensors = {
-        name: TensorResult(
-            ratio=value,
-            checked=4,
-            size=4,
-            max_abs_error=value,
-            status="fail" if value >= 1e-3 or math.isnan(value) else "ok",
-        )
-        for name, value in tensor_ratios.items()
-    }
-    worst_tensor = max(tensor_ratios, key=lambda name: tensor_ratios[name])
-    worst = [
-        Component(
-            tensor=worst_tensor,
-            index=[1, 0],
-            name=f"{worst_tensor}[1, 0]",
-            analytic=0.5,
-            numeric=0.5 + ratio,
-            abs_error=ratio,
-            rel_error=ratio,
-            diagnosis="bug" if status == "fail" else None,
-        )
-    ]
-    return CheckResult(
-        ratio=ratio,
-        status=status,
-        tensors=tensors,
-        worst=worst,
-        eps=1e-7,
-        eps_policy="given",
-        checked=8,
-        size=8,
-        loss=0.25,
-        loss_evals=18,
-        seconds=0.001,
-        regularization={"L2(lambd=0.7)": 0.01},
-    )
+from gradwatch import GradWatch, ReportError, load_report
+from tests.reports import result_of_ratio
 
 
 def write_run(directory: Path, ratios: dict[int, float]) -> None:
     """Record one check per step with the given global ratios, then close."""
     with GradWatch(every=1, report_dir=directory) as watch:
         for step, ratio in ratios.items():
-            watch.record(make_result(ratio), step)
+            watch.record(result_of_ratio(ratio), step)
 
 
 def test_round_trip_lists_checks_in_step_order(tmp_path: Path) -> None:
@@ -100,7 +58,7 @@ def test_report_json_holds_configuration_environment_and_latest_check(tmp_path: 
     with GradWatch(every=7, sample=0.5, report_dir=tmp_path, threshold=1e-4, warn=1e-6) as watch:
         watch.set_context(framework="numpy")
         watch.note("gradient accumulation: the check covers the last micro-batch")
-        watch.record(make_result(2e-7), 0)
+        watch.record(result_of_ratio(2e-7), 0)
     summary = json.loads((tmp_path / "report.json").read_text())
     assert summary["schema_version"] == 2
     configuration = summary["configuration"]
@@ -201,10 +159,10 @@ def test_unwritable_report_dir_fails_at_construction(tmp_path: Path) -> None:
 def test_deferred_directory_writes_earlier_checks_when_opened(tmp_path: Path) -> None:
     """With report_dir=None, checks recorded before open() reach the files."""
     watch = GradWatch(every=1, report_dir=None)
-    watch.record(make_result(1e-9), 0)
+    watch.record(result_of_ratio(1e-9), 0)
     assert watch.report_dir is None
     watch.open(tmp_path / "late")
-    watch.record(make_result(5e-3), 1)
+    watch.record(result_of_ratio(5e-3), 1)
     watch.close()
     report = load_report(tmp_path / "late")
     assert report.steps == [0, 1]
@@ -214,7 +172,7 @@ def test_deferred_directory_writes_earlier_checks_when_opened(tmp_path: Path) ->
 def test_non_writer_writes_no_files(tmp_path: Path) -> None:
     """write=False (ranks other than 0) creates nothing but still records results."""
     with GradWatch(every=1, report_dir=tmp_path / "rank1", write=False) as watch:
-        stamped = watch.record(make_result(1e-9), 3)
+        stamped = watch.record(result_of_ratio(1e-9), 3)
     assert stamped.step == 3
     assert not (tmp_path / "rank1").exists()
     assert not watch.is_writer

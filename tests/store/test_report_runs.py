@@ -17,17 +17,17 @@ import gradwatch
 from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
 from gradwatch.report import LOCK_FILE, MAX_LISTED, ReportError, ReportInUseError
-from tests.store.test_report import make_result
+from tests.reports import result_of_ratio
 
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from tests.store.test_report import make_result
+    from tests.reports import result_of_ratio
     from gradwatch import GradWatch
     watch = GradWatch(every=1, report_dir={directory!r})
     for step in range({checks}):
-        watch.record(make_result(1e-9), step)
+        watch.record(result_of_ratio(1e-9), step)
     print("ready", flush=True)
     if {hold}:
         sys.stdin.readline()
@@ -59,7 +59,7 @@ def test_restarted_plain_loop_keeps_the_killed_runs_checks(tmp_path: Path) -> No
     killed_run(tmp_path, 37)
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         for step in range(37, 40):
-            watch.record(make_result(2e-9), step)
+            watch.record(result_of_ratio(2e-9), step)
     report = load_report(tmp_path)
     assert report.steps == list(range(40))
     assert report.check_runs == [0] * 37 + [1] * 3
@@ -73,11 +73,11 @@ def test_restarted_plain_loop_keeps_the_killed_runs_checks(tmp_path: Path) -> No
 def test_unfinished_line_of_a_killed_run_is_cut_off_before_appending(tmp_path: Path) -> None:
     """Half a line left by a kill is cut off, so the next run's first check loads cleanly."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 0)
+        watch.record(result_of_ratio(1e-9), 0)
     with (tmp_path / "checks.jsonl").open("a") as handle:
         handle.write('{"ratio": 1e-9, "status": "o')
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 1)
+        watch.record(result_of_ratio(1e-9), 1)
     report = load_report(tmp_path)
     assert report.steps == [0, 1] and not report.warnings
     assert any("unfinished last line" in note for note in report.runs[1].notes)
@@ -87,11 +87,11 @@ def test_resume_from_an_earlier_step_keeps_both_parts_in_step_order(tmp_path: Pa
     """Resuming at step 5 after checks 0..7 keeps all 11 checks; check_at gives the new one."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         for step in range(8):
-            watch.record(make_result(1e-9), step)
+            watch.record(result_of_ratio(1e-9), step)
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.resume(5, "my loop")
         for step in range(5, 8):
-            watch.record(make_result(3e-9), step)
+            watch.record(result_of_ratio(3e-9), step)
     report = load_report(tmp_path)
     assert report.steps == [0, 1, 2, 3, 4, 5, 5, 6, 6, 7, 7]
     assert report.check_runs == [0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1]
@@ -106,7 +106,7 @@ def test_show_says_the_report_was_restarted(
     killed_run(tmp_path, 3)
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.resume(3, "my loop")
-        watch.record(make_result(1e-9), 3)
+        watch.record(result_of_ratio(1e-9), 3)
     assert main(["show", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "processes: 2" in out
@@ -120,8 +120,8 @@ def test_show_says_the_report_was_restarted(
 def test_version_1_reports_load_and_continue(tmp_path: Path) -> None:
     """A report.json of schema 1 (with the whole series) loads, and a new run continues it."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 0)
-        watch.record(make_result(2e-2), 1)
+        watch.record(result_of_ratio(1e-9), 0)
+        watch.record(result_of_ratio(2e-2), 1)
     summary = json.loads((tmp_path / "report.json").read_text())
     legacy = {key: summary[key] for key in ("configuration", "environment", "alerts", "skipped")}
     legacy.update(schema_version=1, closed=True, updated="", series=[summary["last"]] * 2)
@@ -129,7 +129,7 @@ def test_version_1_reports_load_and_continue(tmp_path: Path) -> None:
     report = load_report(tmp_path)
     assert report.schema_version == 1 and report.steps == [0, 1] and len(report.alerts) == 1
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 2)
+        watch.record(result_of_ratio(1e-9), 2)
     report = load_report(tmp_path)
     assert report.steps == [0, 1, 2] and report.check_runs == [0, 0, 1]
     summary = json.loads((tmp_path / "report.json").read_text())
@@ -139,14 +139,14 @@ def test_version_1_reports_load_and_continue(tmp_path: Path) -> None:
 def test_second_writer_is_refused_naming_the_first(tmp_path: Path) -> None:
     """A second GradWatch on an open report directory fails at construction, naming pid and host."""
     first = GradWatch(every=1, report_dir=tmp_path)
-    first.record(make_result(1e-9), 0)
+    first.record(result_of_ratio(1e-9), 0)
     with pytest.raises(ReportInUseError, match=rf"held by pid {os.getpid()} on host "):
         GradWatch(every=1, report_dir=tmp_path)
-    first.record(make_result(1e-9), 1)
+    first.record(result_of_ratio(1e-9), 1)
     first.close()
     assert not (tmp_path / LOCK_FILE).exists()
     with GradWatch(every=1, report_dir=tmp_path) as second:  # free again once closed
-        second.record(make_result(1e-9), 2)
+        second.record(result_of_ratio(1e-9), 2)
     assert load_report(tmp_path).steps == [0, 1, 2]
 
 
@@ -165,7 +165,7 @@ def test_writer_in_another_process_blocks_the_directory(tmp_path: Path) -> None:
     finally:
         process.communicate(b"\n", timeout=60)
     with GradWatch(every=1, report_dir=tmp_path) as watch:  # the killed writer let go
-        watch.record(make_result(1e-9), 2)
+        watch.record(result_of_ratio(1e-9), 2)
     assert load_report(tmp_path).steps == [0, 1, 2]
 
 
@@ -185,7 +185,7 @@ def test_writer_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
 def test_report_json_is_as_readable_as_checks_jsonl(tmp_path: Path) -> None:
     """report.json gets the umask's permissions like checks.jsonl, not tempfile's 0600."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 0)
+        watch.record(result_of_ratio(1e-9), 0)
     checks, summary = (stat.S_IMODE((tmp_path / name).stat().st_mode) for name in FILES)
     assert summary == checks == 0o666 & ~current_umask()
 
@@ -195,7 +195,7 @@ def test_report_json_size_does_not_grow_with_the_checks(tmp_path: Path) -> None:
     sizes = {}
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         for step in range(300):
-            watch.record(make_result(2e-2), step)
+            watch.record(result_of_ratio(2e-2), step)
             if step + 1 in (150, 300):
                 sizes[step + 1] = (tmp_path / "report.json").stat().st_size
     assert abs(sizes[300] - sizes[150]) < 64  # digits of the counts and steps only
@@ -212,8 +212,8 @@ def test_report_json_size_does_not_grow_with_the_checks(tmp_path: Path) -> None:
 def test_state_dict_names_the_report(tmp_path: Path) -> None:
     """state_dict carries the report directory and the checks so far, and reads back."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(1e-9), 0)
-        watch.record(make_result(1e-9), 4)
+        watch.record(result_of_ratio(1e-9), 0)
+        watch.record(result_of_ratio(1e-9), 4)
         state = watch.state_dict()
     assert state == {"version": 1, "report_dir": str(tmp_path), "checks": 2, "last_step": 4}
     assert gradwatch.callback.WatchState.read(json.loads(json.dumps(state))).last_step == 4

@@ -13,25 +13,18 @@ import pytest
 
 import gradwatch
 from gradwatch import GradWatch, load_report
-from gradwatch.cli import main
 from gradwatch.report import ReportError
-from tests.views.test_cli import make_result
+from tests.reports import result_of_tensors, run_cli
 
 
 def bug_then_fix(directory: Path) -> None:
     """A run whose b1 is wrong (alerts at steps 0 and 10), then a fresh run after the fix."""
     with GradWatch(every=10, report_dir=directory) as buggy:
         for step in (0, 10):
-            buggy.record(make_result({"W1": 1e-9, "b1": 3e-2}), step)
+            buggy.record(result_of_tensors({"W1": 1e-9, "b1": 3e-2}), step)
     with GradWatch(every=10, report_dir=directory) as fixed:
         for step in (0, 10, 20):
-            fixed.record(make_result({"W1": 1e-9, "b1": 2e-9}), step)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+            fixed.record(result_of_tensors({"W1": 1e-9, "b1": 2e-9}), step)
 
 
 def test_rerun_after_the_fix_is_judged_clean(
@@ -89,12 +82,12 @@ def test_trend_plot_and_html_read_the_chosen_run(
 def test_resume_continues_the_run(tmp_path: Path) -> None:
     """A watch that says it resumed adds its checks to the last run, not a new one."""
     with GradWatch(every=10, report_dir=tmp_path) as first:
-        first.record(make_result({"W1": 1e-9}), 0)
+        first.record(result_of_tensors({"W1": 1e-9}), 0)
     with GradWatch(every=10, report_dir=tmp_path) as resumed:
         resumed.resume(10, "my loop's checkpoint")
-        resumed.record(make_result({"W1": 1e-9}), 10)
+        resumed.record(result_of_tensors({"W1": 1e-9}), 10)
     with GradWatch(every=10, report_dir=tmp_path) as fresh:
-        fresh.record(make_result({"W1": 1e-9}), 0)
+        fresh.record(result_of_tensors({"W1": 1e-9}), 0)
     report = load_report(tmp_path, run=1)
     assert report.steps == [0, 10] and report.check_runs == [0, 1]
     assert [summary.segments for summary in report.run_summaries] == [[0, 1], [2]]

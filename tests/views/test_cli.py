@@ -9,51 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch import CheckResult, Component, GradWatch, TensorResult
-from gradwatch.cli import main
-
-
-def make_result(ratios: dict[str, float]) -> CheckResult:
-    """A two-tensor check whose global ratio is the largest per-tensor ratio."""
-    tensors = {
-        name: TensorResult(
-            ratio=ratio,
-            checked=6,
-            size=6,
-            max_abs_error=ratio,
-            status="fail" if ratio >= 1e-3 else "ok",
-        )
-        for name, ratio in ratios.items()
-    }
-    worst = sorted(ratios, key=lambda name: -ratios[name])
-    components = [
-        Component(
-            tensor=name,
-            index=[position, 0],
-            name=f"{name}[{position}, 0]",
-            analytic=1.0 + ratios[name],
-            numeric=1.0,
-            abs_error=ratios[name],
-            rel_error=ratios[name] / 2,
-            diagnosis="bug" if ratios[name] >= 1e-3 else None,
-        )
-        for position, name in enumerate(worst)
-    ]
-    ratio = max(ratios.values())
-    return CheckResult(
-        ratio=ratio,
-        status="fail" if ratio >= 1e-3 else "ok",
-        tensors=tensors,
-        worst=components,
-        eps=1e-7,
-        eps_policy="given",
-        checked=12,
-        size=12,
-        loss=0.5,
-        loss_evals=26,
-        seconds=0.01,
-        regularization={},
-    )
+from gradwatch import GradWatch
+from tests.reports import result_of_tensors, run_cli
 
 
 @pytest.fixture
@@ -62,7 +19,7 @@ def clean_run(tmp_path: Path) -> Path:
     directory = tmp_path / "clean"
     with GradWatch(every=100, report_dir=directory) as watch:
         for step, ratio in ((0, 2e-9), (100, 4e-9), (200, 3e-9)):
-            watch.record(make_result({"W1": ratio, "b1": ratio / 2}), step)
+            watch.record(result_of_tensors({"W1": ratio, "b1": ratio / 2}), step)
     return directory
 
 
@@ -72,19 +29,13 @@ def buggy_run(tmp_path: Path) -> Path:
     directory = tmp_path / "buggy"
     with GradWatch(every=100, report_dir=directory) as watch:
         for step, b1 in ((0, 1e-9), (100, 2e-6), (200, 4e-3), (300, 2e-2)):
-            watch.record(make_result({"W1": 1e-9, "b1": b1}), step)
+            watch.record(result_of_tensors({"W1": 1e-9, "b1": b1}), step)
     return directory
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_show_clean_report_exits_0(clean_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A clean report shows steps and ratio first/last/max and exits 0."""
-    code, out, err = run(capsys, "show", str(clean_run))
+    code, out, err = run_cli(capsys, "show", str(clean_run))
     assert code == 0
     assert "steps checked: 3 (0, 100, 200)" in out
     assert "first 2.00e-09 (step 0), last 3.00e-09 (step 200), max 4.00e-09 (step 100)" in out
@@ -96,7 +47,7 @@ def test_show_alert_exits_1_and_names_the_tensor(
     buggy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A report with alerts exits 1 and names the first failing step and tensor."""
-    code, out, _ = run(capsys, "show", str(buggy_run))
+    code, out, _ = run_cli(capsys, "show", str(buggy_run))
     assert code == 1
     assert "alerts: 2, first at step 200" in out
     assert "step 200: ratio 4.00e-03, tensor b1 (4.00e-03), worst b1[0, 0]" in out
@@ -110,8 +61,8 @@ def test_show_lists_failing_tensors_and_folds_the_quiet_ones(
     ratios = {f"layer{i}.weight": 1e-9 * (i + 1) for i in range(40)}
     ratios["head.bias"] = 0.5
     with GradWatch(every=1, report_dir=tmp_path) as watch:
-        watch.record(make_result(ratios), 0)
-    _, out, _ = run(capsys, "show", str(tmp_path))
+        watch.record(result_of_tensors(ratios), 0)
+    _, out, _ = run_cli(capsys, "show", str(tmp_path))
     lines = out.splitlines()
     start = next(i for i, text in enumerate(lines) if text.strip().startswith("tensors:"))
     assert lines[start].strip() == "tensors: 41 (1 fail, 40 ok); worst first"
@@ -122,7 +73,7 @@ def test_show_lists_failing_tensors_and_folds_the_quiet_ones(
 
 def test_show_json_is_machine_readable(buggy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """show --json carries steps, ratio summary, alerts and the exit code."""
-    code, out, _ = run(capsys, "show", str(buggy_run), "--json")
+    code, out, _ = run_cli(capsys, "show", str(buggy_run), "--json")
     payload = json.loads(out)
     assert code == payload["exit_code"] == 1
     assert payload["steps"] == [0, 100, 200, 300]
@@ -135,7 +86,7 @@ def test_show_missing_report_exits_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A missing directory gives one stderr line, no traceback, exit 2."""
-    code, out, err = run(capsys, "show", str(tmp_path / "missing"))
+    code, out, err = run_cli(capsys, "show", str(tmp_path / "missing"))
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1
@@ -149,7 +100,7 @@ def test_show_corrupt_report_exits_2_naming_the_line(
     checks = clean_run / "checks.jsonl"
     lines = checks.read_text().splitlines(keepends=True)
     checks.write_text(lines[0] + "not json\n" + lines[2])
-    code, _, err = run(capsys, "show", str(clean_run))
+    code, _, err = run_cli(capsys, "show", str(clean_run))
     assert code == 2
     assert "checks.jsonl, line 2" in err
 
@@ -160,7 +111,7 @@ def test_show_truncated_report_warns_and_reads(
     """A killed run's truncated tail is a stderr warning; the finished checks still count."""
     checks = buggy_run / "checks.jsonl"
     checks.write_text(checks.read_text()[:-30])
-    code, out, err = run(capsys, "show", str(buggy_run))
+    code, out, err = run_cli(capsys, "show", str(buggy_run))
     assert code == 1
     assert "steps checked: 3 (0, 100, 200)" in out
     assert err.startswith("gradwatch: warning:") and "truncated" in err
@@ -170,7 +121,7 @@ def test_trend_draws_each_tensor_and_when_it_went_wrong(
     buggy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """trend has a row per tensor and says from which step it crossed the threshold."""
-    code, out, _ = run(capsys, "trend", str(buggy_run))
+    code, out, _ = run_cli(capsys, "trend", str(buggy_run))
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(rows) == {"global", "W1", "b1"}
@@ -181,7 +132,7 @@ def test_trend_draws_each_tensor_and_when_it_went_wrong(
 
 def test_trend_json_has_the_series(buggy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """trend --json gives every tensor's ratio per step."""
-    _, out, _ = run(capsys, "trend", str(buggy_run), "--json")
+    _, out, _ = run_cli(capsys, "trend", str(buggy_run), "--json")
     series = json.loads(out)["series"]
     assert [point["ratio"] for point in series["b1"]] == [1e-9, 2e-6, 4e-3, 2e-2]
     assert [point["step"] for point in series["global"]] == [0, 100, 200, 300]
@@ -191,7 +142,7 @@ def test_worst_defaults_to_the_highest_ratio_check(
     buggy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """worst without --step shows the check with the highest ratio, worst component first."""
-    code, out, _ = run(capsys, "worst", str(buggy_run), "--top", "1")
+    code, out, _ = run_cli(capsys, "worst", str(buggy_run), "--top", "1")
     assert code == 0
     assert out.startswith("step 300: ratio 2.00e-02 (fail)")
     component_lines = [line for line in out.splitlines() if line.startswith("  ")]
@@ -201,7 +152,7 @@ def test_worst_defaults_to_the_highest_ratio_check(
 
 def test_worst_step_json(buggy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """worst --step N --json gives that check's components."""
-    code, out, _ = run(capsys, "worst", str(buggy_run), "--step", "100", "--json")
+    code, out, _ = run_cli(capsys, "worst", str(buggy_run), "--step", "100", "--json")
     payload = json.loads(out)
     assert code == 0
     assert payload["step"] == 100
@@ -212,7 +163,7 @@ def test_worst_unknown_step_exits_2_listing_steps(
     buggy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An unchecked step is a clear error listing the checked steps."""
-    code, out, err = run(capsys, "worst", str(buggy_run), "--step", "150")
+    code, out, err = run_cli(capsys, "worst", str(buggy_run), "--step", "150")
     assert code == 2
     assert out == ""
     assert "no check at step 150" in err and "0, 100, 200, 300" in err
@@ -224,7 +175,7 @@ def test_plot_writes_a_png(
     """plot -o writes a PNG image."""
     pytest.importorskip("matplotlib")
     output = tmp_path / "ratio.png"
-    code, out, _ = run(capsys, "plot", str(buggy_run), "-o", str(output))
+    code, out, _ = run_cli(capsys, "plot", str(buggy_run), "-o", str(output))
     assert code == 0
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert output.stat().st_size > 10_000
@@ -240,7 +191,7 @@ def test_plot_without_matplotlib_exits_2(
     """Without matplotlib, plot says how to install it and exits 2."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    code, _, err = run(capsys, "plot", str(buggy_run), "-o", str(tmp_path / "x.png"))
+    code, _, err = run_cli(capsys, "plot", str(buggy_run), "-o", str(tmp_path / "x.png"))
     assert code == 2
     assert "pip install 'gradwatch[plot]'" in err
     assert not (tmp_path / "x.png").exists()

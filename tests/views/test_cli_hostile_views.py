@@ -9,7 +9,7 @@ import pytest
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.views.test_cli import make_result
+from tests.reports import result_of_tensors
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -18,7 +18,7 @@ def hostile_report(directory: Path) -> None:
     """Three checks of a tensor named with ESC and BEL; the second's ratio is 1e999."""
     with GradWatch(every=1, report_dir=directory) as watch:
         for step in range(3):
-            watch.record(make_result({"W1\x1b[2J\x07": 1e-9, "b1": 2e-9}), step)
+            watch.record(result_of_tensors({"W1\x1b[2J\x07": 1e-9, "b1": 2e-9}), step)
     lines = (directory / "checks.jsonl").read_text().splitlines()
     lines[1] = re.sub(r'"ratio":[^,]*', '"ratio":1e999', lines[1], count=1)
     (directory / "checks.jsonl").write_text("\n".join(lines) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.views.test_cli import make_result
+from tests.reports import result_of_tensors
 
 
 def test_alerts_wrap_and_heatmap_columns_name_their_steps(tmp_path: Path) -> None:
@@ -15,7 +15,7 @@ def test_alerts_wrap_and_heatmap_columns_name_their_steps(tmp_path: Path) -> Non
     long_name = "encoder.layer." + "deep." * 57 + "bias"
     with GradWatch(every=10, report_dir=tmp_path / "report") as watch:
         for step in range(0, 50, 10):
-            watch.record(make_result({"W1": 1e-9, long_name: 3e-2}), step)
+            watch.record(result_of_tensors({"W1": 1e-9, long_name: 3e-2}), step)
     page = tmp_path / "page.html"
     assert main(["html", str(tmp_path / "report"), "-o", str(page)]) == 0
     text = page.read_text()

@@ -13,6 +13,7 @@ import gradwatch
 from gradwatch.cli import main
 from gradwatch.views.plot import plot_figure
 from tests.engine.test_screen import scalars_next_to_a_large_tensor
+from tests.reports import run_cli
 
 
 @pytest.fixture
@@ -27,18 +28,13 @@ def screened_run(tmp_path: Path) -> Path:
     return tmp_path / "report"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out
-
-
 def test_trend_draws_no_tensor_row(screened_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """trend says the tensors were screened together and draws only the global row."""
-    code, out = run(capsys, "trend", str(screened_run))
+    code, out, _ = run_cli(capsys, "trend", str(screened_run))
     assert code == 0
     assert "tensors screened together at every check (steps 0, 1, 2)" in out
     assert not re.search(r"^(a|W|b) ", out, re.MULTILINE)
-    code, out = run(capsys, "trend", str(screened_run), "--json")
+    code, out, _ = run_cli(capsys, "trend", str(screened_run), "--json")
     assert list(json.loads(out)["series"]) == ["global"]
 
 
@@ -46,12 +42,12 @@ def test_worst_says_what_was_checked_and_why_no_component(
     screened_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """worst names the screen and why no component is listed; --json gives null ratios."""
-    code, out = run(capsys, "worst", str(screened_run))
+    code, out, _ = run_cli(capsys, "worst", str(screened_run))
     assert code == 0
     assert "tensors: 3, screened together:" in out and "none checked on its own" in out
     assert "no component listed: a screen below warn" in out
     assert "no components recorded" not in out
-    code, out = run(capsys, "worst", str(screened_run), "--json")
+    code, out, _ = run_cli(capsys, "worst", str(screened_run), "--json")
     assert {t["ratio"] for t in json.loads(out)["tensors"].values()} == {None}
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from gradwatch import GradWatch
 from gradwatch.cli import main
-from tests.views.test_cli import make_result
+from tests.reports import result_of_tensors
 
 CASES = int(os.environ.get("GRADWATCH_FUZZ_CASES", "24"))
 SEED = int(os.environ.get("GRADWATCH_FUZZ_SEED", "0"))
@@ -57,16 +57,16 @@ def base_report(directory: Path) -> None:
     with GradWatch(every=10, report_dir=directory) as buggy:
         buggy.note("gradient accumulation: the check covers every micro-batch of the step")
         for step in (0, 10, 20):
-            buggy.record(make_result({"W1": 1e-9, "b1": 3e-2 * (step + 1)}), step)
+            buggy.record(result_of_tensors({"W1": 1e-9, "b1": 3e-2 * (step + 1)}), step)
         buggy.record(
-            make_result({"W1": 1e-9}).model_copy(
+            result_of_tensors({"W1": 1e-9}).model_copy(
                 update={"status": "error", "error": "RuntimeError: boom", "ratio": float("nan")}
             ),
             30,
         )
     with GradWatch(every=10, report_dir=directory) as fixed:
         for step in (0, 10):
-            fixed.record(make_result({"W1": 1e-9, "b1": 2e-9}), step)
+            fixed.record(result_of_tensors({"W1": 1e-9, "b1": 2e-9}), step)
 
 
 def leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gradwatch import CheckResult, Component, GradWatch, TensorResult, load_report
-from gradwatch.cli import main
 from gradwatch.views.reading import suspect
 from gradwatch.views.show import HEIGHT, WIDTH
+from tests.reports import run_cli
 
 TENSORS = 400
 BUGGY = "model.layers.57.mlp.down_proj.weight"
@@ -112,16 +112,11 @@ def large_report(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out
-
-
 def test_show_fits_80_by_40_on_a_400_tensor_report(
     large_report: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """show of 400 tensors, 30 checks, alerts and an error fits 80x40 and keeps what matters."""
-    code, out = run(capsys, "show", str(large_report))
+    code, out, _ = run_cli(capsys, "show", str(large_report))
     lines = out.splitlines()
     assert code == 1
     assert len(lines) <= HEIGHT, out
@@ -145,7 +140,7 @@ def test_show_says_when_only_the_screen_ran(
     """A clean screen lists no tensor ratios it never measured, and ends without next steps."""
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         watch.record(large_result(failing=False, screened=True), 0)
-    code, out = run(capsys, "show", str(tmp_path))
+    code, out, _ = run_cli(capsys, "show", str(tmp_path))
     assert code == 0
     assert "tensors: 400, none checked on its own" in " ".join(out.split())
     assert "model.layers.0" not in out
@@ -207,7 +202,7 @@ def test_html_is_one_well_formed_file_with_no_network(
 ) -> None:
     """html writes a balanced page holding the alert, the filter, SVG charts, no URL at all."""
     output = tmp_path / "report.html"
-    code, out = run(capsys, "html", str(large_report), "-o", str(output))
+    code, out, _ = run_cli(capsys, "html", str(large_report), "-o", str(output))
     page = output.read_text(encoding="utf-8")
     checker = _Balance()
     checker.feed(page)
@@ -233,7 +228,7 @@ def test_html_loads_in_headless_chromium_without_console_errors(
 ) -> None:
     """Chromium renders the page with no console error, shows the alert, and filters rows."""
     output = tmp_path / "report.html"
-    assert run(capsys, "html", str(large_report), "-o", str(output))[0] == 0
+    assert run_cli(capsys, "html", str(large_report), "-o", str(output))[0] == 0
     browser = _chromium()
     assert browser is not None
     completed = subprocess.run(

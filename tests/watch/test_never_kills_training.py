@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 
 import gradwatch
 from gradwatch import CheckResult, GradientCheckError, GradWatch, OptionError, load_report
-from gradwatch.cli import main
 from gradwatch.report import ReportWriter
+from tests.reports import run_cli
 
 Array = np.ndarray[Any, np.dtype[np.float64]]
 
@@ -231,23 +231,18 @@ def test_on_error_option_is_validated_at_construction(tmp_path: Path) -> None:
         GradWatch(report_dir=tmp_path / "never", on_error="ignore")  # type: ignore[arg-type]
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out
-
-
 def test_show_prints_the_error_check_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """gradwatch show names the step, source and message of an error check and exits 1."""
     with GradWatch(every=2, report_dir=tmp_path) as watch:
         train(watch, 6, before_step=fail_at_step(2))
-    code, out = run_cli(capsys, "show", str(tmp_path))
+    code, out, _ = run_cli(capsys, "show", str(tmp_path))
     assert code == 1
     assert "errors: 1 check could not run, first at step 2" in out
     assert "step 2: error in gradwatch.check: RuntimeError: CUDA out of memory (planted)" in out
     assert "max " in out and "nan" not in out.lower()
-    code, out = run_cli(capsys, "show", str(tmp_path), "--json")
+    code, out, _ = run_cli(capsys, "show", str(tmp_path), "--json")
     payload = json.loads(out)
     assert code == payload["exit_code"] == 1
     assert payload["errors"] == [
@@ -266,11 +261,11 @@ def test_trend_worst_and_show_cope_with_a_report_of_errors_only(
     with GradWatch(every=1, report_dir=tmp_path) as watch:
         train(watch, 2, before_step=fail_every_step)
     assert [check.status for check in load_report(tmp_path).checks] == ["error", "error"]
-    code, out = run_cli(capsys, "trend", str(tmp_path))
+    code, out, _ = run_cli(capsys, "trend", str(tmp_path))
     assert code == 0 and "steps 0, 1" in out and "no check ran to completion" in out
-    code, out = run_cli(capsys, "worst", str(tmp_path), "--step", "1")
+    code, out, _ = run_cli(capsys, "worst", str(tmp_path), "--step", "1")
     assert code == 0 and out.startswith("step 1: error in gradwatch.check: RuntimeError")
-    code, out = run_cli(capsys, "show", str(tmp_path))
+    code, out, _ = run_cli(capsys, "show", str(tmp_path))
     assert code == 1 and "ratio: - (no check ran to completion)" in out
 
 
@@ -280,13 +275,13 @@ def test_trend_draws_completed_checks_around_an_error(
     """trend leaves the error check out of the ratio rows and lists its step instead."""
     with GradWatch(every=2, report_dir=tmp_path) as watch:
         train(watch, 6, before_step=fail_at_step(2))
-    code, out = run_cli(capsys, "trend", str(tmp_path))
+    code, out, _ = run_cli(capsys, "trend", str(tmp_path))
     assert code == 0
     assert "could not run (error), not drawn: steps 2" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("global", "w"))}
     assert len(rows["global"].split()[1]) == 2  # steps 0 and 4
     assert "threshold from" not in rows["global"]
-    code, out = run_cli(capsys, "worst", str(tmp_path))
+    code, out, _ = run_cli(capsys, "worst", str(tmp_path))
     assert code == 0 and out.startswith(("step 0:", "step 4:"))
 
 
