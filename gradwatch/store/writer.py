@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gradwatch.errors import ReportError
 from gradwatch.result import CheckResult
+from gradwatch.store.files import NOFOLLOW, file_kind, read_summary, shorten
 from gradwatch.store.models import (
     CHECKS_FILE,
     LOCK_FILE,
@@ -31,7 +32,6 @@ from gradwatch.store.models import (
     now,
     step_record,
 )
-from gradwatch.store.reader import NOFOLLOW, file_kind, read_summary, shorten
 
 if sys.platform != "win32":
     import fcntl

@@ -13,7 +13,7 @@ import pytest
 
 from gradwatch import GradWatch, load_report
 from gradwatch.cli import main
-from gradwatch.store import reader
+from gradwatch.store import files, reader
 from gradwatch.views.show import show_lines
 from tests.reports import result_of_tensors, run_cli
 
@@ -94,7 +94,7 @@ def test_huge_report_json_and_huge_line_are_refused(
     resumed_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A report.json or a checks.jsonl line over the size limit is refused, never read whole."""
-    monkeypatch.setattr(reader, "MAX_SUMMARY_BYTES", 100)
+    monkeypatch.setattr(files, "MAX_SUMMARY_BYTES", 100)
     code, _, err = run_cli(capsys, "show", str(resumed_run))
     assert code == 2 and "larger than" in err
     monkeypatch.undo()
