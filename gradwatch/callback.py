@@ -478,6 +478,11 @@ class GradWatch(ReportedWatch):
     def _learn_from(self, result: CheckResult) -> None:
         """Theta's shape for the budget and J's setup for the report configuration."""
         self._budget.learn_shape(result.size, len(result.tensors))
+        if result.coverage is not None:  # a module-local check: priced by blocks
+            covered = result.coverage
+            self._budget.learn_coverage(
+                len(covered.modules), covered.per_check, covered.blocks, result.seconds
+            )
         configuration = self._summary.configuration
         configuration.eps_policy = result.eps_policy
         configuration.dtype = result.dtype

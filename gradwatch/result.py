@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 __all__ = [
     "CheckResult",
     "Component",
+    "Coverage",
     "Diagnosis",
     "Localization",
     "ModuleSuspect",
@@ -22,7 +23,8 @@ __all__ = [
 Status = Literal["ok", "warn", "fail", "nondeterministic", "error"]
 """``"error"``: the check itself could not run (an exception inside it); see `CheckResult.error`."""
 Diagnosis = Literal["bug", "truncation", "roundoff", "kink", "nondeterministic"]
-Mode = Literal["full", "sampled", "directional"]
+Mode = Literal["full", "sampled", "directional", "local"]
+"""``"local"``: module-local checks of a few blocks (no whole-model J); see `Coverage`."""
 Rule = Literal["global", "per-tensor", "non-finite", "step", "none"]
 """Which rule set a check's status: the global ratio, a tensor's own ratio, a non-finite
 value in theta, the gradient or J (a failed check without a ratio), or none (ok, an
@@ -189,6 +191,21 @@ class Localization(BaseModel):
     notes: list[str] = []
 
 
+class Coverage(BaseModel):
+    """What a module-local check (``mode="local"``) covered: blocks rotate across checks."""
+
+    model_config = _MODEL_CONFIG
+
+    modules: list[str]
+    """The blocks checked at this step (module paths; "" is the model itself)."""
+    blocks: int
+    """The blocks the model is divided into (over ``blocks / per_check`` checks, all)."""
+    per_check: int
+    """Blocks a check covers as configured (a budget may cover fewer)."""
+    examples: int | None = None
+    """Examples of the batch the local checks ran on (None: all of it)."""
+
+
 class CheckResult(BaseModel):
     """The outcome of one gradient check.
 
@@ -256,6 +273,8 @@ class CheckResult(BaseModel):
     localization: Localization | None = None
     """Where the bug is (module-local checks), when a failing check of a torch model
     searched its modules; the per-tensor ratios stay measurements, never a pointer."""
+    coverage: Coverage | None = None
+    """The blocks a module-local check (``mode="local"``) covered at this step."""
 
     @property
     def failed(self) -> bool:

@@ -10,6 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from gradwatch.integrations._check import check_module
+from gradwatch.integrations._local.blocks import (
+    CheckMode,
+    checked_mode,
+    resolve_mode,
+    run_local,
+    timed,
+)
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._parallel.sharded import is_sharded
 from gradwatch.integrations._shadow.model import (
@@ -182,6 +189,7 @@ def check_due(
     step_batches: Sequence[MicroBatch] | None = None,
     step_loss_fn: LossFn | None = None,
     clip_factor: float | None = 1.0,
+    mode: CheckMode = "auto",
     **module_options: Any,
 ) -> CheckResult:
     """Run `check_module` with the watch's options and record it (report, logs, alert).
@@ -194,6 +202,10 @@ def check_due(
     over those micro-batches (`gradwatch.integrations._step.compare_step`): the result's
     ``step_link``, whose failure fails the check.
 
+    ``mode`` picks the whole-model float64 check or the module-local one ("auto": by
+    size, `gradwatch.integrations._local.blocks.resolve_mode`); the result's ``seconds``
+    are the whole check's (copies, step link and module search included).
+
     An exception inside the check is recorded as a check with status ``error`` and
     training goes on (``GradWatch(on_error="raise")`` raises it after recording).
 
@@ -202,6 +214,21 @@ def check_due(
     """
 
     def compute() -> CheckResult:
+        precision = module_options.get("precision", "float64")
+        analytic = module_options.get("analytic", "recompute")
+        if resolve_mode(model, mode, precision=precision, analytic=analytic) == "local":
+            result, link = run_local(
+                watch,
+                step,
+                model,
+                loss_fn,
+                batch,
+                step_batches=step_batches,
+                step_loss_fn=step_loss_fn,
+                clip_factor=clip_factor,
+                notes=module_options.get("notes", ()),
+            )
+            return result if link is None else finish(result, step_link=link)
         result = check_module(model, loss_fn, batch, **module_options, **watch.check_options())
         if step_batches and is_sharded(model):
             note = "step link: not run on an FSDP2 model (it would need the full float64 gradient)"
@@ -215,7 +242,7 @@ def check_due(
 
     return watch.run_check(
         step,
-        compute,
+        timed(compute),
         source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
     )
 
@@ -310,6 +337,7 @@ class TrainingWatch:
         on_alert: OnAlert = "log",
         on_error: OnError = "record",
         budget: float | None = None,
+        mode: CheckMode = "auto",
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise OptionError(
@@ -321,6 +349,7 @@ class TrainingWatch:
         self.loss_fn = loss_fn
         self.regularization = regularization
         self.precision: Precision = precision
+        self.mode: CheckMode = checked_mode(mode)
         self.report_dir = None if report_dir is None else Path(report_dir)
         self._options: dict[str, Any] = {
             "every": every,
@@ -429,6 +458,7 @@ class TrainingWatch:
             step_batches=step_batches,
             step_loss_fn=step_loss_fn or default_loss_fn,
             clip_factor=clip_factor,
+            mode=self.mode,
         )
 
     def finish(self) -> None:

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradwatch.integrations._check import Analytic, check_module, weight_decay_notes
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD
+from gradwatch.integrations._local.blocks import CheckMode
 from gradwatch.integrations._local.search import check_local, check_modules
 from gradwatch.integrations._shadow.model import (
     NATIVE_DTYPES,
@@ -126,6 +127,7 @@ def after_backward(
     step_check: bool = False,
     rng: RngState | None = None,
     clip_factor: float = 1.0,
+    mode: CheckMode = "auto",
 ) -> CheckResult | None:
     """The plain-loop hook for torch: call after ``loss.backward()``, before ``optimizer.step()``.
 
@@ -140,6 +142,11 @@ def after_backward(
     twice fail that link (``result.step_link``). When the forward draws random numbers
     (dropout), pass ``rng=RngState.capture()`` taken just before the training forward,
     so the same masks are replayed.
+
+    ``mode``: ``"whole"`` checks J on a float64 copy of the whole model, ``"local"`` one
+    block of modules at a time from their captured inputs and output gradients (no
+    whole-model copy; blocks rotate across due checks, ``result.coverage`` says which),
+    ``"auto"`` (default) picks by size (see docs/torch.md).
 
     In a ``torch.distributed`` job call it on every rank, with that rank's batch: the
     check is collective (J is the mean of the ranks' losses), every rank gets the same
@@ -165,4 +172,5 @@ def after_backward(
         analytic=analytic,
         step_batches=step_batches,
         clip_factor=clip_factor,
+        mode=mode,
     )

@@ -135,24 +135,33 @@ def test_budget_sizes_a_component_sample_to_the_allowance() -> None:
     assert any("instead of None (full)" in note for note in watch.results[1].notes)
 
 
-def test_budget_skips_only_when_even_directional_does_not_fit(tmp_path: Path) -> None:
-    """Checks that cost more than budget x training are skipped, the skip says why."""
+def test_budget_skips_at_most_two_due_checks_in_a_row(tmp_path: Path) -> None:
+    """Checks that cost more than budget x training are skipped with the reason, but never
+    more than two due checks in a row: the third runs the cheapest check (no starvation)."""
     clock = FakeClock()
-    # directional = 1.02 s; 100 steps x 0.01 s = 1 s of training per interval; budget 10%:
-    # 0.1 s accrues per interval, so a check fits again once ~11 intervals have paid for it.
-    watch = GradWatch(every=100, sample="directional", report_dir=tmp_path, budget=0.1, clock=clock)
+    # directional = 1.02 s, the auto screen 0.06 s; 100 steps x 0.01 s = 1 s of training
+    # per interval; budget 1%: 0.01 s accrues per interval, so even the screen is over it.
+    watch = GradWatch(
+        every=100, sample="directional", report_dir=tmp_path, budget=0.01, clock=clock
+    )
     ran = run(watch, clock, 3000, 0.01)
     watch.close()
     steps = [step for step, _ in ran]
     assert steps[0] == 0
-    assert all(later - earlier >= 1000 for earlier, later in itertools.pairwise(steps))
-    assert len(steps) >= 2  # the account recovers: checks resume once training paid for them
+    assert all(later - earlier <= 300 for earlier, later in itertools.pairwise(steps))
+    assert [sample for _, sample in ran[1:]] == ["auto"] * (len(ran) - 1)  # the cheapest
     total_check = sum(result.seconds for result in watch.results)
-    assert total_check <= 0.1 * 30.0 + 1.02  # within budget, up to the first check
+    assert total_check <= 1.02 + 0.06 * 10  # the first check, then one screen per 3 intervals
     report = load_report(tmp_path)
     assert report.skipped and report.skipped[0].step == 100
-    assert "even the cheapest check ('directional'" in report.skipped[0].reason
+    assert "even the cheapest check ('auto'" in report.skipped[0].reason
     assert "exceeds the allowance" in report.skipped[0].reason
+    assert any("run anyway: 2 due check(s) in a row were skipped" in n for n in ran_notes(watch))
+
+
+def ran_notes(watch: GradWatch) -> list[str]:
+    """Every note of every recorded check."""
+    return [note for result in watch.results for note in result.notes]
 
 
 @pytest.mark.parametrize("budget", [0.01, 0.03, 0.1])
@@ -224,7 +233,7 @@ def test_budget_leaves_localization_only_what_the_allowance_affords() -> None:
             clock.advance(seconds)
             watch.record(result, step, seconds=seconds)
         clock.advance(0.01)
-    assert given[0] is None  # the first check: bounded by most_evaluations, not by time
+    assert given[0] == 0  # the first check localizes nothing in the core (bounded)
     # The allowance (20% of training, unused allowance carried over) minus the 0.06 s
     # screen, at 0.01 s an evaluation: 8 at step 100, then 14 more per 100 steps.
     expected = [
