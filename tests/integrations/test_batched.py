@@ -18,6 +18,7 @@ from gradwatch.integrations.torch import check_module
 from torch import nn
 
 import gradwatch
+from tests.integrations.planted import VmapWrongSquare, WrongSquare, cross_entropy, make_batch
 
 pytestmark = pytest.mark.torch
 
@@ -27,60 +28,15 @@ ALL = 1000
 """top_k that reports every component of these small models."""
 
 
-def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def make_batch(n: int = 16, features: int = 6, classes: int = 3) -> Any:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(n, features, generator=generator), torch.randint(
-        0, classes, (n,), generator=generator
-    )
-
-
 def mlp(*middle: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), *middle, nn.Tanh(), nn.Linear(16, 3))
 
 
-class WrongSquare(torch.autograd.Function):
-    """x**2 whose backward forgets the factor 2 (with setup_context, so vmap can run it)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * x
-
-
-class OldStyleWrongSquare(torch.autograd.Function):
-    """The same bug in an autograd.Function without setup_context: vmap refuses it."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * x
-
-
 class SquareNet(nn.Module):
     """A planted bug: the hidden layer's gradient is half what it should be."""
 
-    def __init__(self, square: type[torch.autograd.Function] = WrongSquare) -> None:
+    def __init__(self, square: type[torch.autograd.Function] = VmapWrongSquare) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.first = nn.Linear(6, 8)
@@ -108,8 +64,10 @@ def assert_same_numbers(batched: gradwatch.CheckResult, sequential: gradwatch.Ch
 
 def test_batched_check_agrees_with_sequential_and_catches_the_planted_bug() -> None:
     """On a wrong custom backward both paths fail on first.*, with the same worst components."""
-    batched = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL)
-    sequential = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL, batched=False)
+    batched = check_module(SquareNet(), cross_entropy, make_batch(features=6), top_k=ALL)
+    sequential = check_module(
+        SquareNet(), cross_entropy, make_batch(features=6), top_k=ALL, batched=False
+    )
     assert [c.name for c in batched.worst[:5]] == [c.name for c in sequential.worst[:5]]
     assert any(BATCHED in note for note in batched.notes)
     assert not any("batched" in note for note in sequential.notes)
@@ -125,20 +83,22 @@ def test_batched_check_agrees_with_sequential_and_catches_the_planted_bug() -> N
 
 def test_batched_check_of_a_correct_model_is_ok_and_sampled_checks_agree() -> None:
     """A correct MLP passes batched; a sampled check picks the same components either way."""
-    full = check_module(mlp(), cross_entropy, make_batch())
+    full = check_module(mlp(), cross_entropy, make_batch(features=6))
     assert full.status == "ok" and full.ratio < 1e-7 and full.checked == full.size
     options: dict[str, Any] = {"sample": 40, "seed": 3, "top_k": 40}
-    batched = check_module(mlp(), cross_entropy, make_batch(), **options)
-    sequential = check_module(mlp(), cross_entropy, make_batch(), batched=False, **options)
+    batched = check_module(mlp(), cross_entropy, make_batch(features=6), **options)
+    sequential = check_module(
+        mlp(), cross_entropy, make_batch(features=6), batched=False, **options
+    )
     assert batched.checked == 40 and any(BATCHED in note for note in batched.notes)
     assert_same_numbers(batched, sequential)
 
 
 def test_chunk_boundaries_do_not_change_the_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 7 perturbations give the numbers of one big chunk (no index shifted)."""
-    whole = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL)
+    whole = check_module(SquareNet(), cross_entropy, make_batch(features=6), top_k=ALL)
     monkeypatch.setattr(batched_evaluation, "MAX_CHUNK", 7)
-    chunked = check_module(SquareNet(), cross_entropy, make_batch(), top_k=ALL)
+    chunked = check_module(SquareNet(), cross_entropy, make_batch(features=6), top_k=ALL)
     assert any("up to 7 perturbations" in note for note in chunked.notes)
     assert_same_numbers(chunked, whole)
 
@@ -154,7 +114,7 @@ def test_chunk_boundaries_do_not_change_the_numbers(monkeypatch: pytest.MonkeyPa
 )
 def test_models_vmap_cannot_replay_fall_back_to_sequential(model: nn.Module, reason: str) -> None:
     """Dropout and BatchNorm in train mode are checked one by one, and the notes say why."""
-    result = check_module(model, cross_entropy, make_batch())
+    result = check_module(model, cross_entropy, make_batch(features=6))
     assert result.status == "ok", (result.ratio, result.notes)
     notes = [note for note in result.notes if note.startswith(UNAVAILABLE)]
     assert len(notes) == 1 and reason in notes[0] and notes[0].endswith("; sequential")
@@ -163,7 +123,7 @@ def test_models_vmap_cannot_replay_fall_back_to_sequential(model: nn.Module, rea
 def test_eval_mode_dropout_and_batchnorm_are_batched() -> None:
     """In eval mode neither draws nor updates statistics: the batched path runs."""
     result = check_module(
-        mlp(nn.BatchNorm1d(16), nn.Dropout(0.3)).eval(), cross_entropy, make_batch()
+        mlp(nn.BatchNorm1d(16), nn.Dropout(0.3)).eval(), cross_entropy, make_batch(features=6)
     )
     assert result.status == "ok" and any(BATCHED in note for note in result.notes)
 
@@ -179,18 +139,18 @@ def test_randomness_in_the_loss_and_vmap_errors_fall_back() -> None:
         loss = cross_entropy(model, batch)
         return loss if loss.item() < 1e9 else loss * 0
 
-    drawn = check_module(mlp(), noisy, make_batch())
+    drawn = check_module(mlp(), noisy, make_batch(features=6))
     assert any(
         note == f"{UNAVAILABLE}J draws from the numpy RNG; sequential" for note in drawn.notes
     )
-    raised = check_module(mlp(), with_item, make_batch())
+    raised = check_module(mlp(), with_item, make_batch(features=6))
     assert raised.status == "ok"
     assert any(note.startswith(f"{UNAVAILABLE}vmap raised RuntimeError") for note in raised.notes)
 
 
 def test_an_autograd_function_without_setup_context_falls_back_and_fails() -> None:
     """vmap refuses an old-style autograd.Function: checked one by one, the bug still found."""
-    result = check_module(SquareNet(OldStyleWrongSquare), cross_entropy, make_batch())
+    result = check_module(SquareNet(WrongSquare), cross_entropy, make_batch(features=6))
     assert result.status == "fail" and result.worst[0].tensor.startswith("first.")
     assert any(note.startswith(f"{UNAVAILABLE}an autograd.Function") for note in result.notes)
 
@@ -210,8 +170,10 @@ class CachedWeight(nn.Module):
 
 def test_a_tensor_whose_batched_value_disagrees_is_evaluated_one_by_one() -> None:
     """The probe finds the parameter read around functional_call; the numbers stay right."""
-    batched = check_module(CachedWeight(), cross_entropy, make_batch(), top_k=ALL)
-    sequential = check_module(CachedWeight(), cross_entropy, make_batch(), top_k=ALL, batched=False)
+    batched = check_module(CachedWeight(), cross_entropy, make_batch(features=6), top_k=ALL)
+    sequential = check_module(
+        CachedWeight(), cross_entropy, make_batch(features=6), top_k=ALL, batched=False
+    )
     assert batched.status == "ok"
     assert any("disagreed" in note and "inner.weight" in note for note in batched.notes)
     assert_same_numbers(batched, sequential)
@@ -220,14 +182,14 @@ def test_a_tensor_whose_batched_value_disagrees_is_evaluated_one_by_one() -> Non
 def test_batched_check_leaves_model_and_every_rng_untouched() -> None:
     """Parameters, .grad, modes and the python/numpy/torch RNGs are as before the check."""
     model = SquareNet()
-    cross_entropy(model, make_batch()).backward()
+    cross_entropy(model, make_batch(features=6)).backward()
     before = (
         copy.deepcopy(model.state_dict()),
         [cast(torch.Tensor, p.grad).clone() for p in model.parameters()],
     )
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    check_module(model, cross_entropy, make_batch())
+    check_module(model, cross_entropy, make_batch(features=6))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[0][name])
     assert all(
@@ -249,11 +211,11 @@ def test_a_generator_drawn_only_later_triggers_a_full_replay() -> None:
         noise = random.random() * 1e-3 if calls > 3 else 0.0
         return cross_entropy(model, batch) + noise
 
-    result = check_module(mlp(), late_draws, make_batch(), batched=False, sample=10)
+    result = check_module(mlp(), late_draws, make_batch(features=6), batched=False, sample=10)
     assert any("checked again replaying every generator" in note for note in result.notes)
 
 
 def test_batched_must_be_a_bool() -> None:
     """batched='yes' is an OptionError naming the argument."""
     with pytest.raises(gradwatch.OptionError, match="batched: expected True or False"):
-        check_module(mlp(), cross_entropy, make_batch(), batched="yes")  # type: ignore[arg-type]
+        check_module(mlp(), cross_entropy, make_batch(features=6), batched="yes")  # type: ignore[arg-type]

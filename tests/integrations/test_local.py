@@ -24,6 +24,7 @@ from torch import nn
 from benchmarks.hf_models import ARCHITECTURES
 from benchmarks.local_bugs import LOCAL_BUGS, batch_of, model_loss
 from gradwatch.errors import OptionError
+from tests.integrations.planted import WrongSquare
 
 pytestmark = pytest.mark.torch
 
@@ -95,20 +96,6 @@ def test_every_module_of_every_swept_architecture_passes(name: str) -> None:
     localization = check_modules(model.train(), model_loss, batch_of(data), scope="all")
     failing = [v.module for v in localization.modules if v.status not in ("ok", "unreached")]
     assert failing == []
-
-
-class WrongSquare(torch.autograd.Function):
-    """x^2 whose backward forgets the factor 2."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * x
 
 
 class Square(nn.Module):

@@ -20,16 +20,10 @@ def test_transformers_resume_from_checkpoint_continues_the_report(tmp_path: Path
     from gradwatch.integrations.transformers import GradWatch
     from transformers import Trainer
 
-    from examples import hf_trainer
+    from tests.integrations.bert import bert_trainer
 
     def trainer(max_steps: int, callback: GradWatch) -> Trainer:
-        built = Trainer(
-            model=hf_trainer.build_model(),
-            args=hf_trainer.training_arguments(
-                str(tmp_path), max_steps=max_steps, save_strategy="steps", save_steps=4
-            ),
-            train_dataset=hf_trainer.SyntheticTokens(),
-        )
+        built = bert_trainer(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=4)
         built.add_callback(callback)
         return built
 

@@ -41,16 +41,11 @@ def lines_of(logger_name: str) -> Iterator[list[str]]:
 def hf_train(output_dir: Path, *, bug: bool, resume: bool = False, max_steps: int = 2) -> Any:
     pytest.importorskip("accelerate")
     from gradwatch.integrations.transformers import GradWatch
-    from transformers import Trainer
 
-    from examples import hf_trainer
+    from tests.integrations.bert import bert_trainer
 
-    trainer = Trainer(
-        model=hf_trainer.build_model(bug=bug),
-        args=hf_trainer.training_arguments(
-            str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=2
-        ),
-        train_dataset=hf_trainer.SyntheticTokens(),
+    trainer = bert_trainer(
+        output_dir, bug=bug, max_steps=max_steps, save_strategy="steps", save_steps=2
     )
     trainer.add_callback(GradWatch(every=1))
     trainer.train(resume_from_checkpoint=resume or None)

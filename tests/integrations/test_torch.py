@@ -23,20 +23,9 @@ from gradwatch.integrations.torch import (
 from torch import nn
 
 import gradwatch
+from tests.integrations.planted import WrongSquare, cross_entropy, make_batch
 
 pytestmark = pytest.mark.torch
-
-
-def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def make_batch(n: int = 16, features: int = 5, classes: int = 3, seed: int = 0) -> Any:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, features, generator=generator)
-    y = torch.randint(0, classes, (n,), generator=generator)
-    return x, y
 
 
 def mlp(activation: nn.Module, *extra: nn.Module, seed: int = 0) -> nn.Sequential:
@@ -54,20 +43,6 @@ def failing_tensors(result: gradwatch.CheckResult) -> set[str]:
 
 
 # -- bugs are caught --------------------------------------------------------------------
-
-
-class WrongSquare(torch.autograd.Function):
-    """x**2 whose backward forgets the factor 2."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * x
 
 
 class SquareNet(nn.Module):

@@ -16,6 +16,7 @@ from transformers import Trainer  # noqa: E402
 
 import gradwatch  # noqa: E402
 from examples import hf_trainer  # noqa: E402
+from tests.integrations.bert import bert_trainer  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -23,12 +24,7 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 def run(
     tmp_path: Path, callback: Any = None, trainer_class: type[Trainer] = Trainer, **args: Any
 ) -> tuple[Trainer, Any]:
-    options = {"max_steps": 4, **args}
-    trainer = trainer_class(
-        model=hf_trainer.build_model(),
-        args=hf_trainer.training_arguments(str(tmp_path), **options),
-        train_dataset=hf_trainer.SyntheticTokens(),
-    )
+    trainer = bert_trainer(tmp_path, trainer_class=trainer_class, **args)
     if callable(callback) and not isinstance(callback, GradWatch):
         callback = callback(trainer)  # a factory: GradWatch(trainer=trainer, ...)
     if callback is not None:
@@ -64,11 +60,7 @@ def test_trajectory_is_bit_identical_and_metrics_reach_the_logs(tmp_path: Path) 
 
 def test_add_callback_with_the_class(tmp_path: Path) -> None:
     """trainer.add_callback(GradWatch) (the class) checks step 0 with the defaults."""
-    trainer = Trainer(
-        model=hf_trainer.build_model(),
-        args=hf_trainer.training_arguments(str(tmp_path), max_steps=1),
-        train_dataset=hf_trainer.SyntheticTokens(),
-    )
+    trainer = bert_trainer(tmp_path, max_steps=1)
     trainer.add_callback(GradWatch)
     trainer.train()
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradWatch)]
@@ -109,12 +101,8 @@ def test_loss_computed_otherwise_is_reported_and_loss_fn_gives_j(tmp_path: Path)
     (result,) = watch.results
     assert result.status == "ok", (result.status, result.error)
     assert any("fixed projection of the model's logits" in note for note in result.notes)
-    bugged = Trainer(
-        model=hf_trainer.build_model(bug=True),
-        args=hf_trainer.training_arguments(
-            str(tmp_path / "smooth-bug"), max_steps=1, label_smoothing_factor=0.1
-        ),
-        train_dataset=hf_trainer.SyntheticTokens(),
+    bugged = bert_trainer(
+        tmp_path / "smooth-bug", bug=True, max_steps=1, label_smoothing_factor=0.1
     )
     watch = GradWatch(every=1)
     bugged.add_callback(watch)
@@ -199,11 +187,7 @@ def test_native_float32_directions_judge_errors_against_roundoff(sample: str) ->
 def test_failing_tensors_reach_the_trainer_logs(tmp_path: Path) -> None:
     """With the planted head bug, the failing tensor's own ratio is logged next to the global
     one (gradwatch/tensor/<name>), so a dashboard shows where."""
-    trainer = Trainer(
-        model=hf_trainer.build_model(bug=True),
-        args=hf_trainer.training_arguments(str(tmp_path), max_steps=1),
-        train_dataset=hf_trainer.SyntheticTokens(),
-    )
+    trainer = bert_trainer(tmp_path, bug=True, max_steps=1)
     trainer.add_callback(GradWatch(every=1, trainer=trainer))
     trainer.train()
     (logged,) = [e for e in trainer.state.log_history if "gradwatch/ratio" in e]
