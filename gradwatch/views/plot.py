@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report
+from gradwatch.result import CheckResult
 from gradwatch.views.reading import completed, nan_last, screened_only, step_of, threshold
 
 if TYPE_CHECKING:
@@ -74,55 +75,10 @@ def plot_figure(report: Report) -> Figure:
             f"{report.directory} has no check that ran to completion; nothing to plot"
         )
     series = report.tensor_ratios()
-    ranked = sorted(series, key=lambda name: -_highest(series[name][1]))
-    highlighted, rest = ranked[:HIGHLIGHTED], ranked[HIGHLIGHTED:]
-
     figure = Figure(figsize=(9, 5.5), layout="constrained")
     axes = figure.add_subplot()
-    if rest:
-        _band(axes, {name: series[name] for name in rest})
-    global_ratio = {step_of(check): check.ratio for check in checks}
-    for name in highlighted:
-        steps, ratios = series[name]
-        hidden = _under(steps, ratios, global_ratio)
-        axes.plot(
-            steps,
-            np.maximum(ratios, FLOOR),  # NaN stays NaN (a gap)
-            marker=".",
-            lw=1.2,
-            # Drawn exactly under the global line: a legend entry would name an unseen line.
-            label="_nolegend_" if hidden else _shorten(name),
-        )
-    axes.plot(
-        [step_of(check) for check in checks],
-        [max(check.ratio, FLOOR) for check in checks],
-        color="black",
-        lw=2.2,
-        marker="o",
-        label="global ratio",
-    )
-    limit = threshold(report)
-    axes.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:g}")
-    axes.axhline(checks[-1].warn, color="tab:orange", ls=":", lw=1.2, label="warn")
-    alerts = [alert for alert in report.alerts if alert.step is not None]
-    if alerts:
-        axes.scatter(
-            [alert.step or 0 for alert in alerts],
-            [max(alert.ratio, FLOOR) for alert in alerts],
-            marker="x",
-            s=90,
-            color="red",
-            zorder=5,
-            label=f"alert ({len(alerts)})",
-        )
-    for position, unfinished in enumerate(report.errors):
-        axes.axvline(
-            step_of(unfinished),
-            color="gray",
-            lw=1,
-            alpha=0.6,
-            label="check could not run" if position == 0 else None,
-        )
+    _ratio_lines(axes, series, checks)
+    _thresholds_and_events(axes, report, checks)
     axes.set_yscale("log")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     checked = [step_of(check) for check in report.checks]
@@ -149,6 +105,64 @@ def plot_figure(report: Report) -> Figure:
     axes.grid(True, which="major", alpha=0.3)
     figure.legend(loc="outside lower center", ncols=3, fontsize="small", frameon=False)
     return figure
+
+
+def _ratio_lines(
+    axes: Axes,
+    series: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]],
+    checks: list[CheckResult],
+) -> None:
+    """The band of the other tensors, the highlighted tensors' lines, the global line."""
+    ranked = sorted(series, key=lambda name: -_highest(series[name][1]))
+    highlighted, rest = ranked[:HIGHLIGHTED], ranked[HIGHLIGHTED:]
+    if rest:
+        _band(axes, {name: series[name] for name in rest})
+    global_ratio = {step_of(check): check.ratio for check in checks}
+    for name in highlighted:
+        steps, ratios = series[name]
+        hidden = _under(steps, ratios, global_ratio)
+        axes.plot(
+            steps,
+            np.maximum(ratios, FLOOR),  # NaN stays NaN (a gap)
+            marker=".",
+            lw=1.2,
+            # Drawn exactly under the global line: a legend entry would name an unseen line.
+            label="_nolegend_" if hidden else _shorten(name),
+        )
+    axes.plot(
+        [step_of(check) for check in checks],
+        [max(check.ratio, FLOOR) for check in checks],
+        color="black",
+        lw=2.2,
+        marker="o",
+        label="global ratio",
+    )
+
+
+def _thresholds_and_events(axes: Axes, report: Report, checks: list[CheckResult]) -> None:
+    """The threshold and warn lines, a cross at each alert, a line at each error check."""
+    limit = threshold(report)
+    axes.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:g}")
+    axes.axhline(checks[-1].warn, color="tab:orange", ls=":", lw=1.2, label="warn")
+    alerts = [alert for alert in report.alerts if alert.step is not None]
+    if alerts:
+        axes.scatter(
+            [alert.step or 0 for alert in alerts],
+            [max(alert.ratio, FLOOR) for alert in alerts],
+            marker="x",
+            s=90,
+            color="red",
+            zorder=5,
+            label=f"alert ({len(alerts)})",
+        )
+    for position, unfinished in enumerate(report.errors):
+        axes.axvline(
+            step_of(unfinished),
+            color="gray",
+            lw=1,
+            alpha=0.6,
+            label="check could not run" if position == 0 else None,
+        )
 
 
 def _under(

@@ -216,3 +216,10 @@ def next_step(report: Report, directory: str) -> str | None:
             "trouble, not a gradient verdict): on_error='raise' shows the traceback"
         )
     return None
+
+
+def listed_steps(steps: list[int]) -> str:
+    """Steps for a sentence: every one up to 8, else the first two and the last."""
+    if len(steps) <= 8:
+        return ", ".join(str(step) for step in steps)
+    return f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
