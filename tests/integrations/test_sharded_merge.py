@@ -7,7 +7,7 @@ import pytest
 from gradwatch.result import CheckResult, Component, TensorResult
 
 pytest.importorskip("torch")
-from gradwatch.integrations._parallel.sharded import merge_shard_results
+from gradwatch.integrations._parallel.merge import merge_shard_results
 
 
 def _shard_result(status: str, ratio: float, rows: int, component: Component) -> CheckResult:
