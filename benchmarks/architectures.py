@@ -218,10 +218,11 @@ class Row:
 
 
 def blamed_tensor(watch: GradWatch, result: CheckResult) -> str | None:
-    """The tensor the check's alert names (else its worst failing tensor, else worst component)."""
+    """Where the check's alert points: the module it names (the module-local search's
+    suspect), else its tensor, else the worst failing tensor, else the worst component."""
     for alert in watch.watch.alerts:
-        if alert.step == result.step and alert.tensor is not None:
-            return str(alert.tensor)
+        if alert.step == result.step and (alert.module or alert.tensor) is not None:
+            return str(alert.module or alert.tensor)
     failing = [
         (t.ratio, n)
         for n, t in result.tensors.items()

@@ -12,10 +12,10 @@ CPU time:
 
 * ``search``: the module-local search alone (`check_modules`: a float64 copy, one
   captured forward+backward, the adjoint tests of the calls on the failing path);
-* ``check``: ``check_module(..., sample="auto")`` as a callback's failing check runs it
-  today: the core's screen, per-tensor directions and bisection, then the search;
-* ``check, localize_evaluations=0``: the same without the core's bisection (the search
-  names the module; the per-tensor directions stay as measurements).
+* ``check (default)``: ``check_module(..., sample="auto")`` as a callback's failing
+  check runs it: the core's screen, a second screen that confirms it, then the search;
+* ``check, per_tensor=True`` (skipped by ``--no-full``): the core measures each tensor along its own
+  direction before the search (2 evaluations per tensor; the cost before issue 24's fix).
 
 ``sweep``: every module call of every model of the first architecture sweep
 (`benchmarks.hf_models.ARCHITECTURES`, train mode, 4 examples) checked locally
@@ -100,10 +100,9 @@ def cost(layers: int, full: bool) -> None:
         f"search alone: {seconds:.2f} s = {seconds / step:.1f} steps; {found.checks} module "
         f"calls checked, {found.evaluations} module evaluations; suspects {suspects}"
     )
-    runs: list[tuple[str, dict[str, Any]]] = [("check, localize_evaluations=0", {})]
-    runs[0][1]["localize_evaluations"] = 0
-    if full:
-        runs.insert(0, ("check (today's auto)", {}))
+    runs: list[tuple[str, dict[str, Any]]] = [("check (default)", {})]
+    if full:  # before issue 24's fix: the core measured each tensor before the search
+        runs.append(("check, per_tensor=True", {"per_tensor": True, "localize_evaluations": 0}))
     for label, options in runs:
         seconds, result = timed(
             lambda options=options: check_module(model, model_loss, batch, sample="auto", **options)
@@ -168,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--part", choices=["cost", "sweep", "bugs", "all"], default="all")
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--set", type=int, choices=(1, 2), default=1, help="sweep: which one")
-    parser.add_argument("--no-full", action="store_true", help="skip today's full auto check")
+    parser.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip the per_tensor=True check (the cost before issue 24)",
+    )
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]

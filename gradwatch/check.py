@@ -116,6 +116,7 @@ def check(
     threshold: float = 1e-3,
     diagnose: bool = True,
     localize_evaluations: int = AUTO_LOCALIZE_EVALUATIONS,
+    per_tensor: bool = True,
 ) -> CheckResult:
     """Compare ``grads`` with two-sided finite differences of ``loss`` (+ regularization).
 
@@ -147,6 +148,13 @@ def check(
         localize_evaluations: the most loss evaluations ``"auto"`` spends localizing
             inside failing tensors (the callback's ``budget`` lowers it to what the
             allowance leaves); tensors it cannot afford are named in a note.
+        per_tensor: when the ``"auto"`` screen fires, measure each tensor along its own
+            direction (2 evaluations per tensor) and localize inside failing tensors.
+            False confirms the screen along fresh joint directions instead and ends the
+            check there, without per-tensor ratios (``tensors`` empty): for callers that
+            localize by module (the torch integration's module search), a failing check
+            then costs a few evaluations, not two per tensor. A screen the second one
+            does not confirm is checked per tensor either way.
 
     Returns:
         The ``CheckResult``; ``status`` is the worse of the global verdict and the
@@ -176,6 +184,8 @@ def check(
         seed=seed,
         diagnose=diagnose,
     )
+    if not isinstance(per_tensor, bool | np.bool_):
+        raise OptionError(f"per_tensor: expected True or False, received {per_tensor!r}")
     tensors = named_tensors(params, grads)
     sample, capped = _within_theta(sample, tensors.size)
     validate_sample(sample, tensors.size)
@@ -186,7 +196,7 @@ def check(
     run.notes.extend(capped)
     # Plans that move whole tensors open a region per move: install the handler once.
     with watching() if isinstance(sample, str) else nullcontext():
-        measured = _compare(run, sample, localize_evaluations)
+        measured = _compare(run, sample, localize_evaluations, bool(per_tensor))
     return _result(run, measured, time.perf_counter() - started)
 
 
@@ -349,7 +359,7 @@ def _probe(objective: Evaluator, notes: list[str]) -> tuple[float, bool]:
     return loss0, nondeterministic
 
 
-def _compare(run: _Check, sample: Sample, localize_evaluations: int) -> _Measured:
+def _compare(run: _Check, sample: Sample, localize_evaluations: int, per_tensor: bool) -> _Measured:
     """Numeric against analytic along the plan ``sample`` asks for."""
     split = run.objective.split is not None  # only the joint screen runs split
     if split and sample != "auto":
@@ -360,7 +370,7 @@ def _compare(run: _Check, sample: Sample, localize_evaluations: int) -> _Measure
     if sample == "auto" and run.tensors.size <= AUTO_FULL_MAX_SIZE and not split:
         sample = None
     if sample == "auto":
-        screened = _screen(run)
+        screened = _screen(run, per_tensor)
         if screened is not None:
             return screened
     if isinstance(sample, str):
@@ -377,12 +387,11 @@ def _compare(run: _Check, sample: Sample, localize_evaluations: int) -> _Measure
     )
 
 
-def _screen(run: _Check) -> _Measured | None:
-    """The joint random-direction screen of ``"auto"``; None when it fires (look closer)."""
+def _screen(run: _Check, per_tensor: bool) -> _Measured | None:
+    """The joint random-direction screen of ``"auto"``; None when it fires and each tensor
+    is to be checked (look closer)."""
     directions = screen_directions(len(run.tensors.names))
-    ratio, below = screen(
-        run.objective, run.tensors, run.base_step, run.seed, abs(run.loss0) / run.warn, directions
-    )
+    ratio, below = _screen_along(run, directions, FIRST_SCREEN)
     run.note(
         f"screened along {directions} random directions over all tensors, each "
         f"tensor weighted to count equally: ratio {ratio:.3g}"
@@ -392,11 +401,11 @@ def _screen(run: _Check) -> _Measured | None:
     # is the whole check either way (its caller localizes otherwise).
     fired = ratio >= run.warn and not run.nondeterministic
     if fired and run.objective.split is None:
-        return None
+        return None if per_tensor else _confirmed(run, ratio, directions)
     screened: Status = "nondeterministic" if run.nondeterministic else "ok"
     if fired:
         screened = status_for(ratio, run.warn, run.threshold)
-    per_tensor = {
+    together = {
         name: TensorResult(
             ratio=None,  # screened together: no ratio of its own was measured
             checked=0,
@@ -406,7 +415,40 @@ def _screen(run: _Check) -> _Measured | None:
         )
         for name in run.tensors.names
     }
-    return _Measured(ratio, directions, "directional", [], per_tensor, below)
+    return _Measured(ratio, directions, "directional", [], together, below)
+
+
+FIRST_SCREEN, CONFIRMING_SCREEN = 2, 5
+"""Random streams of the screen's directions and of the second screen's that confirms it."""
+
+
+def _screen_along(
+    run: _Check, directions: int, stream: int
+) -> tuple[float, tuple[float, float] | None]:
+    loss_over_warn = abs(run.loss0) / run.warn
+    return screen(
+        run.objective, run.tensors, run.base_step, run.seed, loss_over_warn, directions, stream
+    )
+
+
+def _confirmed(run: _Check, first: float, directions: int) -> _Measured | None:
+    """A fired screen confirmed along fresh directions, as the verdict; None if unconfirmed.
+
+    The smaller of the two ratios is the check's: both screens saw at least that much
+    error. No tensor has a ratio of its own (``tensors`` is empty): the caller localizes.
+    """
+    ratio, below = _screen_along(run, directions, CONFIRMING_SCREEN)
+    if ratio < run.warn:
+        run.note(
+            f"a second screen along {directions} fresh directions did not confirm it "
+            f"(ratio {ratio:.3g}): each tensor checked along its own direction"
+        )
+        return None
+    run.note(
+        f"a second screen along {directions} fresh directions confirmed it (ratio "
+        f"{ratio:.3g}); per-tensor ratios not measured: the failure is localized by module"
+    )
+    return _Measured(min(ratio, first), 2 * directions, "directional", [], {}, below)
 
 
 def _per_tensor(run: _Check, auto: bool, localize_evaluations: int) -> _Measured:

@@ -150,9 +150,13 @@ def screen(
     seed: int,
     loss_over_warn: float,
     count: int,
+    stream: int = 2,
 ) -> tuple[float, tuple[float, float] | None]:
     """The ratio along ``count`` random directions that move every tensor at once, and
     (gradient scale, resolution) when the gradient is below resolution.
+
+    ``stream`` picks the random directions (with ``seed``): a second screen along another
+    stream draws directions independent of the first's.
 
     Each tensor's block of the direction is scaled by sqrt(size) / ||g_t|| (floored at
     NEAR_ZERO_FLOOR * ||g||), so every tensor adds about the same to g . v and a
@@ -161,7 +165,7 @@ def screen(
     """
     names = tensors.names
     directions = [
-        _Direction(dict.fromkeys(names, 1.0), [seed, 2, draw], "all tensors +- h v")
+        _Direction(dict.fromkeys(names, 1.0), [seed, stream, draw], "all tensors +- h v")
         for draw in range(count)
     ]
     # In float64 the realized step is h v to roundoff, so g . v follows from each tensor's

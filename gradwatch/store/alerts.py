@@ -113,9 +113,12 @@ def _backprop_alert(result: CheckResult, where: str) -> Alert:
             f"; worst component {component.name}: analytic {component.analytic:.6g}, "
             f"numeric {component.numeric:.6g}"
         )
+    module = None
     if result.localization is not None and result.localization.suspects:
         # Module-local checks name where the bug is; the tensor above is a measurement.
-        message += "; the bug is in " + result.localization.suspects[0].describe()
+        suspect = result.localization.suspects[0]
+        message += "; the bug is in " + suspect.describe()
+        module = suspect.module or None
     return Alert(
         step=result.step,
         ratio=result.ratio,
@@ -126,6 +129,7 @@ def _backprop_alert(result: CheckResult, where: str) -> Alert:
         message=message,
         rule=rule,
         rule_ratio=rule_ratio,
+        module=module,
     )
 
 

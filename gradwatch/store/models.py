@@ -139,6 +139,10 @@ class Alert(BaseModel):
     rule_ratio: float | None = None
     """The number of the rule that fired (``ratio`` or ``tensor_ratio``; None when non-finite)."""
     non_finite: str | None = None
+    module: str | None = None
+    """Where the bug is: the module the module-local search names (``model.layers.0.mlp.act``),
+    parameter-free modules included; None when no search ran or it named none. The tensor
+    above is a measurement, far upstream of the bug as often as not."""
 
 
 class SkippedCheck(BaseModel):

@@ -13,6 +13,7 @@ from html import escape
 
 from gradwatch.report import Report
 from gradwatch.result import CheckResult, Localization
+from gradwatch.store.models import Alert
 from gradwatch.views.charts import HEATMAP_COLUMNS, heatmap_section, trend_section
 from gradwatch.views.reading import (
     completed,
@@ -148,10 +149,15 @@ def _verdict(report: Report) -> str:
     return "\n".join(parts)
 
 
+def _where(alert: Alert) -> str:
+    """The module the search named (where the bug is), else the tensor the alert names."""
+    return f"bug in {alert.module}" if alert.module else alert.tensor or "-"
+
+
 def _alerts(report: Report) -> str:
     rows = [
         f"<tr data-tensor='{escape(alert.tensor or '')}'><td>{alert.step}</td>"
-        f"<td>{format_ratio(alert.ratio)}</td><td class='mono'>{escape(alert.tensor or '-')}"
+        f"<td>{format_ratio(alert.ratio)}</td><td class='mono'>{escape(_where(alert))}"
         f"</td><td class='mono'>{escape(alert.component or '-')}</td>"
         f"<td>{escape(alert.message)}</td></tr>"
         for alert in report.alerts
@@ -165,7 +171,7 @@ def _alerts(report: Report) -> str:
     if rows:
         parts.append(
             # Fixed layout within the page's width: long names and messages wrap.
-            "<table class='wrap alerts'><tr><th>step</th><th>ratio</th><th>tensor</th>"
+            "<table class='wrap alerts'><tr><th>step</th><th>ratio</th><th>where</th>"
             "<th>worst component</th><th>alert</th></tr>" + "".join(rows) + "</table>"
         )
     else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from gradwatch.report import Report, RunRecord
 from gradwatch.result import CheckResult, Component
 from gradwatch.store.alerts import only_the_step_failed
-from gradwatch.store.models import RunSummary
+from gradwatch.store.models import Alert, RunSummary
 from gradwatch.views.reading import (
     completed,
     format_ratio,
@@ -267,6 +267,10 @@ def error_text(check: CheckResult) -> str:
     )
 
 
+def _alert_tensor(alert: Alert) -> str:
+    return f"{alert.tensor} ({format_ratio(alert.tensor_ratio)})" if alert.tensor else "-"
+
+
 def _alerts(report: Report, most: int = LISTED_ALERTS) -> list[str]:
     alerts = report.alerts
     if not alerts:
@@ -274,14 +278,15 @@ def _alerts(report: Report, most: int = LISTED_ALERTS) -> list[str]:
     lines = [f"alerts: {len(alerts)}, first at step {alerts[0].step}"]
     listed = alerts if len(alerts) <= most else alerts[:1]
     for alert in listed:
-        tensor = f"{alert.tensor} ({format_ratio(alert.tensor_ratio)})" if alert.tensor else "-"
+        # The module the search named is where the bug is; a tensor only measures it.
+        where = f"bug in {alert.module}" if alert.module else f"tensor {_alert_tensor(alert)}"
         lines.append(
-            f"  step {alert.step}: ratio {format_ratio(alert.ratio)}, tensor {tensor}, "
+            f"  step {alert.step}: ratio {format_ratio(alert.ratio)}, {where}, "
             f"worst {alert.component or '-'}"
         )
     rest = alerts[len(listed) :]
     if rest:
-        named = Counter(alert.tensor or "-" for alert in rest)
+        named = Counter(alert.module or alert.tensor or "-" for alert in rest)
         tensors = ", ".join(f"{name} ({count})" for name, count in named.most_common(2))
         others = len(named) - 2
         tensors += f" and {others} other tensors" if others > 0 else ""

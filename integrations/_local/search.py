@@ -267,7 +267,11 @@ def search(
 
     ``failing``: J's gradient is known to be wrong (the whole-model check failed), so a
     single top call (the model) is not checked first, only when none of its children
-    fails: its own check costs as much as J's."""
+    fails: its own check costs as much as J's. Below a call known or presumed to fail,
+    the child holding most of its calls (a language model's backbone beside its head)
+    is presumed to fail too, checked last and only when none of its own children fails:
+    a presumption changes what is checked, never a verdict (a suspect is always a call
+    that failed its own check while its children passed)."""
     verdicts: list[ModuleVerdict] = []
     suspects: list[tuple[ModuleCall, ModuleVerdict]] = []
     notes: list[str] = []
@@ -287,18 +291,35 @@ def search(
             return False
         if verdict is not None and verdict.status in ("ok", "unreached") and not every:
             return False  # an unchecked call's children may still be checked on their own
-        children = [visit(child) for child in call.children]
-        if known and not any(children):
+        dominant = _dominant_child(call) if known else None
+        children: list[bool] = []
+        for child in sorted(call.children, key=lambda c: c is dominant):  # dominant last
+            children.append(visit(child, known=child is dominant and not any(children)))
+        if any(children):
+            return True  # the bug is below (a known call's own check is never needed)
+        if known:
             verdict = check(call)  # no child fails: the call's own code, or outside it
         if verdict is None or verdict.status != "fail":
             return False
-        if not any(children):
-            suspects.append((call, verdict))
+        suspects.append((call, verdict))
         return True
 
     for top in tops:
         visit(top, known=failing and len(tops) == 1)
     return suspects, verdicts, notes
+
+
+def _dominant_child(call: ModuleCall) -> ModuleCall | None:
+    """The child holding more than half of ``call``'s descendant calls, if one does."""
+
+    def size(c: ModuleCall) -> int:
+        return 1 + sum(size(child) for child in c.children)
+
+    sizes = [(size(child), index) for index, child in enumerate(call.children)]
+    if not sizes:
+        return None
+    largest, index = max(sizes)
+    return call.children[index] if 2 * largest > sum(n for n, _ in sizes) else None
 
 
 def _suspect(
