@@ -17,14 +17,15 @@ import transformers
 from gradwatch.integrations.transformers import GradWatch
 
 from examples import hf_trainer
-from gradwatch.cli import main
+from tests.reports import run_cli
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 
 def shown(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str]]:
-    code = main(["show", *argv])
-    return code, capsys.readouterr().out.splitlines()
+    """`gradwatch show ARGV...`: its exit code and the lines it printed."""
+    code, out, _ = run_cli(capsys, "show", *argv)
+    return code, out.splitlines()
 
 
 def assert_fits(lines: list[str]) -> None:

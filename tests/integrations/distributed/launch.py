@@ -23,6 +23,22 @@ class Launch:
     """Each rank's ``RESULT`` json, by rank."""
 
 
+VERDICTS = ("statuses", "ratios", "alerts", "worst")
+"""What every rank of a job must agree on: each check's status, ratio, alert, worst components."""
+
+
+def agreed(launch: Launch, *keys: str) -> dict[str, Any]:
+    """Rank 0's result, once both ranks returned and agree on the verdicts and on `keys`, and
+    rank 0 alone wrote the report."""
+    assert launch.returncode == 0, launch.output[-3000:]
+    assert sorted(launch.results) == [0, 1], launch.output[-3000:]
+    first, second = launch.results[0], launch.results[1]
+    for key in (*VERDICTS, *keys):
+        assert first[key] == second[key], key
+    assert (first["writer"], second["writer"]) == (True, False)
+    return first
+
+
 def run_job(command: Sequence[str], *, timeout: float = 180, clean_env: bool = False) -> Launch:
     """Run ``command`` (a launcher and its ranks) in its own session; a hang fails the test.
 
