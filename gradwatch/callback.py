@@ -3,10 +3,11 @@
 A plain training loop calls `GradWatch.after_backward` after backward and before the
 update. Framework integrations reuse the same core in three calls::
 
-    if watch.due(step):                               # schedule (and time budget)
+    due = watch.due(step)                             # schedule (and time budget)
+    if due:
         watch.run_check(                              # time, record, log, alert
-            step,
-            lambda: my_check(..., **watch.check_options()),  # the options for this step
+            due,                                      # the plan: step and options
+            lambda: my_check(..., **due.options),
             source="my_integration",
         )
 
@@ -55,13 +56,14 @@ from gradwatch.report import (
 from gradwatch.result import CheckResult
 from gradwatch.store.writer import probe_writable
 from gradwatch.watch.budget import Budget, BudgetPlan
+from gradwatch.watch.due import DueCheck
 from gradwatch.watch.events import (
     SKIP_EVENT,
 )
 from gradwatch.watch.failed_checks import error_result, non_finite_result
 from gradwatch.watch.recording import ReportDir, ReportedWatch, WatchState
 
-__all__ = ["BudgetPlan", "GradWatch", "OnAlert", "OnError", "Sample", "WatchState"]
+__all__ = ["BudgetPlan", "DueCheck", "GradWatch", "OnAlert", "OnError", "Sample", "WatchState"]
 
 
 class GradWatch(ReportedWatch):
@@ -171,8 +173,8 @@ class GradWatch(ReportedWatch):
         self._skipped: list[SkippedCheck] = []
         self._budget = Budget(self.budget, sample, top_k)
         self._clock = clock
-        self._decision: tuple[int, BudgetPlan | None] | None = None
-        self._pending: BudgetPlan | None = None
+        self._decision: DueCheck | tuple[int, None] | None = None
+        """The last due step's plan (a second `due` call for that step returns it)."""
         self._agree: Callable[[Any], Any] | None = None
         summary = ReportSummary(
             configuration=RunConfiguration(
@@ -225,35 +227,33 @@ class GradWatch(ReportedWatch):
         )
 
     def check_options(self) -> dict[str, Any]:
-        """The options to pass to a check function: eps, sample, seed, top_k, warn, threshold.
+        """The configured options of a check function: eps, sample, seed, top_k, warn, threshold.
 
-        After `due` returned True with a `budget`, ``sample`` is the one the budget chose
-        for that step (see `GradWatch`), until the check is recorded.
+        A due check's own options (with a `budget`, the ``sample`` it chose for that step)
+        are its `DueCheck`'s ``options``.
 
         >>> GradWatch(every=5, report_dir=None).check_options()["sample"]
         'auto'
         """
-        plan = self._pending
-        options: dict[str, Any] = {
+        return {
             "eps": self.eps,
-            "sample": self.sample if plan is None else plan.sample,
+            "sample": self.sample,
             "seed": self.seed,
             "top_k": self.top_k,
             "warn": self.warn,
             "threshold": self.threshold,
         }
-        if plan is not None and plan.localize_evaluations is not None:
-            options["localize_evaluations"] = plan.localize_evaluations
-        return options
 
     # -- the schedule --------------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
-        """True when a check should run at `step` (updates completed before this one).
+    def due(self, step: int) -> DueCheck | None:
+        """The check to run at `step` (updates completed before this one), or None.
 
         Due when ``step % every == 0``. With a `budget`, the due check is sized to the
-        allowance (`check_options` then returns the chosen ``sample``) or, when even the
-        directional check does not fit, skipped and recorded in the report once per step.
+        allowance (the returned plan's ``options`` hold the chosen ``sample``) or, when
+        even the directional check does not fit, skipped (None) and recorded in the
+        report once per step. Pass the plan to `run_check`; a second call for the same
+        step returns the same plan. ``if watch.due(step):`` reads as before.
 
         Raises:
             OptionError: `step` is not an int >= 0.
@@ -262,13 +262,16 @@ class GradWatch(ReportedWatch):
         now = self._clock()
         self._budget.start(now)
         if step % self.every:
-            return False
-        if self._decision is not None and self._decision[0] == step:
-            return self._decision[1] is not None
+            return None
+        decided = self._decision
+        if isinstance(decided, DueCheck) and decided.step == step:
+            return decided
+        if isinstance(decided, tuple) and decided[0] == step:
+            return None
         plan = self._plan(step, now)
-        self._decision = (step, plan)
-        self._pending = plan
-        return plan is not None
+        due = None if plan is None else DueCheck.planned(step, self.check_options(), plan)
+        self._decision = (step, None) if due is None else due
+        return due
 
     def join(self, rank: int, agree: Callable[[Any], Any]) -> None:
         """Take part in a distributed run as `rank` (the torch integration calls it).
@@ -337,25 +340,25 @@ class GradWatch(ReportedWatch):
             GradientCheckError: the check failed and ``on_alert="raise"``.
             Exception: the check raised and ``on_error="raise"`` (after recording it).
         """
-        if not self.due(step):
+        due = self.due(step)
+        if due is None:
             return None
         from gradwatch.check import check
 
-        options = self.check_options()
         return self.run_check(
-            step,
-            lambda: check(loss, params, grads, regularization=regularization, **options),
+            due,
+            lambda: check(loss, params, grads, regularization=regularization, **due.options),
             source="gradwatch.check",
         )
 
     def run_check(
-        self, step: int, compute: Callable[[], CheckResult], *, source: str
+        self, due: DueCheck | int, compute: Callable[[], CheckResult], *, source: str
     ) -> CheckResult:
         """Run one due check, time it and record it; an exception inside becomes a result.
 
         The seam every caller of a check goes through (`after_backward`, the framework
-        integrations): call it once `due` returned True for `step`, with `compute`
-        running the check (typically with `check_options`). `compute` is timed with the
+        integrations): call it with the `DueCheck` that `due` returned, `compute`
+        running the check with that plan's ``options``. `compute` is timed with the
         watch's clock (that time is what the `budget` charges) and its result passed to
         `record`. When `compute` raises an ``Exception``, a result with
         ``status="error"`` is recorded instead (``error``: ``"Type: message"`` plus any
@@ -369,7 +372,8 @@ class GradWatch(ReportedWatch):
         restores ``params``).
 
         Args:
-            step: the due step (updates completed before this one).
+            due: the plan `due` returned; a bare step (an int) runs with the configured
+                options (`check_options`).
             compute: runs the check; zero arguments, returns its `CheckResult`.
             source: the part of gradwatch `compute` runs, shown with an error, e.g.
                 ``"gradwatch.check"`` or ``"gradwatch.integrations.torch (float64 copy)"``.
@@ -381,7 +385,7 @@ class GradWatch(ReportedWatch):
             GradientCheckError: the check failed and ``on_alert="raise"``.
             Exception: whatever `compute` raised, when ``on_error="raise"``.
             ReportError: the watch is closed (`compute` is not called).
-            OptionError: `step` is not an int >= 0 (`compute` is not called).
+            OptionError: the step is not an int >= 0 (`compute` is not called).
 
         Example:
             >>> import gradwatch
@@ -392,8 +396,7 @@ class GradWatch(ReportedWatch):
             >>> result.status, result.error, result.error_source
             ('error', 'RuntimeError: mixed dtype (CPU)', 'my_integration')
         """
-        self._refuse_when_closed(step)
-        step = checked_step(step)
+        due = self._planned(due)
         started = self._clock()
         try:
             result = compute()
@@ -403,17 +406,25 @@ class GradWatch(ReportedWatch):
             # NaN/inf in theta, the gradient or J(theta): the run's own numbers went bad.
             # That is a finding (a failed check and an alert), not a check that broke.
             bad = non_finite_result(error, self._clock() - started, self)
-            return self.record(bad, step, seconds=bad.seconds)
+            return self.record(bad, due, seconds=bad.seconds)
         except Exception as error:
             failed = error_result(error, source, self._clock() - started, self)
-            recorded = self._record(failed, step, seconds=None, exception=error)
+            recorded = self._record(failed, due, seconds=None, exception=error)
             if self.on_error == "raise":
                 raise
             return recorded
-        return self.record(result, step, seconds=self._clock() - started)
+        return self.record(result, due, seconds=self._clock() - started)
+
+    def _planned(self, due: DueCheck | int) -> DueCheck:
+        """``due`` itself, or for a bare step the check with the configured options."""
+        if isinstance(due, DueCheck):
+            self._refuse_when_closed(due.step)
+            return due
+        self._refuse_when_closed(due)
+        return DueCheck.planned(checked_step(due), self.check_options(), None)
 
     def record(
-        self, result: CheckResult, step: int, *, seconds: float | None = None
+        self, result: CheckResult, due: DueCheck | int, *, seconds: float | None = None
     ) -> CheckResult:
         """Stamp `step` on `result`, log it, write it to the report and fire the alert.
 
@@ -425,7 +436,7 @@ class GradWatch(ReportedWatch):
 
         Args:
             result: a check's outcome (from `gradwatch.check` or an integration).
-            step: the step it belongs to.
+            due: the plan it ran (`due`), or the bare step it belongs to.
             seconds: wall time the check cost the training loop, for the `budget`
                 (default ``result.seconds``).
 
@@ -436,24 +447,19 @@ class GradWatch(ReportedWatch):
             GradientCheckError: the check failed and ``on_alert="raise"``.
             ReportError: the watch is closed.
         """
-        return self._record(result, step, seconds=seconds, exception=None)
+        return self._record(result, self._planned(due), seconds=seconds, exception=None)
 
     def _record(
         self,
         result: CheckResult,
-        step: int,
+        due: DueCheck,
         *,
         seconds: float | None,
         exception: BaseException | None,
     ) -> CheckResult:
-        self._refuse_when_closed(step)
-        step = checked_step(step)
         recording_started = self._clock()
-        plan = self._pending
-        self._pending = None
-        reduced = plan is not None and plan.step == step and plan.action == "reduced"
-        notes = [plan.note(self.sample)] if plan is not None and reduced else []
-        stamped = finish(result, notes=notes, step=step)
+        notes = [] if due.note is None else [due.note]
+        stamped = finish(result, notes=notes, step=due.step)
         self._open_at_first_write()  # before the check joins the results it writes
         self._results.append(stamped)
         cost = stamped.seconds if seconds is None else seconds

@@ -36,6 +36,7 @@ from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch, OnAlert, OnError, Sample
+    from gradwatch.watch.due import DueCheck
 
 __all__ = [
     "STATUS_CODES",
@@ -181,7 +182,7 @@ def _autocast_dtype(module: nn.Module) -> torch.dtype | None:
 
 def check_due(
     watch: GradWatch,
-    step: int,
+    due: DueCheck | int,
     model: nn.Module,
     loss_fn: LossFn,
     batch: Any,
@@ -192,10 +193,12 @@ def check_due(
     mode: CheckMode = "auto",
     **module_options: Any,
 ) -> CheckResult:
-    """Run `check_module` with the watch's options and record it (report, logs, alert).
+    """Run `check_module` with the plan's options and record it (report, logs, alert).
 
-    ``module_options`` are `check_module`'s own (``optimizer``, ``regularization``,
-    ``precision``, ``analytic``, ``notes``); the watch gives the core's options.
+    ``due`` is the plan `GradWatch.due` returned (a bare step: the watch's configured
+    options). ``module_options`` are `check_module`'s own (``optimizer``,
+    ``regularization``, ``precision``, ``analytic``, ``notes``); the plan gives the
+    core's options.
 
     With ``step_batches`` the check also compares the model's ``.grad`` (divided by
     ``clip_factor``) with the float64 gradient of J = sum_i w_i step_loss_fn(model, b_i)
@@ -213,13 +216,15 @@ def check_due(
         GradientCheckError: the check failed and the watch has ``on_alert="raise"``.
     """
 
+    options = due.options if not isinstance(due, int) else watch.check_options()
+
     def compute() -> CheckResult:
         precision = module_options.get("precision", "float64")
         analytic = module_options.get("analytic", "recompute")
         if resolve_mode(model, mode, precision=precision, analytic=analytic) == "local":
             result, link = run_local(
                 watch,
-                step,
+                due,
                 model,
                 loss_fn,
                 batch,
@@ -229,7 +234,7 @@ def check_due(
                 notes=module_options.get("notes", ()),
             )
             return result if link is None else finish(result, step_link=link)
-        result = check_module(model, loss_fn, batch, **module_options, **watch.check_options())
+        result = check_module(model, loss_fn, batch, **module_options, **options)
         if step_batches and is_sharded(model):
             note = "step link: not run on an FSDP2 model (it would need the full float64 gradient)"
             return finish(result, notes=[note])
@@ -241,7 +246,7 @@ def check_due(
         return result
 
     return watch.run_check(
-        step,
+        due,
         timed(compute),
         source="gradwatch.integrations.torch.check_module (J on gradwatch's copy of the model)",
     )
@@ -424,13 +429,14 @@ class TrainingWatch:
         if resumed_at > 0:
             self.watch.resume(resumed_at, resumed_by)
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int) -> DueCheck | None:
+        """The check due at ``step`` (`GradWatch.due`), every rank agreeing; None if none."""
         join_ranks(self.watch)
         return self.watch.due(step)
 
     def check(
         self,
-        step: int,
+        due: DueCheck,
         model: nn.Module,
         default_loss_fn: LossFn,
         batch: Any,
@@ -447,7 +453,7 @@ class TrainingWatch:
         """
         return check_due(
             self.watch,
-            step,
+            due,
             model,
             self.loss_fn if self.loss_fn is not None else default_loss_fn,
             batch,

@@ -60,6 +60,7 @@ from torch import nn
 
 from gradwatch.callback import WatchState
 from gradwatch.errors import LossError, MissingBatchError
+from gradwatch.watch.due import DueCheck
 
 __all__ = ["GradWatch", "training_step_loss"]
 
@@ -138,7 +139,8 @@ class GradWatch(TrainingWatch, Callback):
     _batch_idx: int | None = None
     _window: list[tuple[Any, int, RngState]]
     """The due step's micro-batches, their indices and the RNG state each began from."""
-    _armed = False
+    _due: DueCheck | None = None
+    """The check due at the current step, from its first micro-batch to its run."""
     _saved: WatchState | None = None
 
     # -- checkpoints: a resumed fit (``ckpt_path``) continues the same report ------------
@@ -191,20 +193,20 @@ class GradWatch(TrainingWatch, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._armed:
-            self._armed = self.due(trainer.global_step)
+        if self._due is None:
+            self._due = self.due(trainer.global_step)
             self._window = []
-        if self._armed:
+        if self._due is not None:
             self._batch, self._batch_idx = batch, batch_idx
             self._window.append((batch, batch_idx, RngState.capture()))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if not self._armed:
+        due, self._due = self._due, None
+        if due is None:
             return
-        self._armed = False
-        step = trainer.global_step
+        step = due.step
         batch, batch_idx = self._batch, self._batch_idx
         self._batch = self._batch_idx = None
         if batch_idx is None:
@@ -221,7 +223,7 @@ class GradWatch(TrainingWatch, Callback):
             autocast = _AUTOCAST.get(str(trainer.precision))
             step_batches = [MicroBatch((b, i), weight, rng, autocast) for b, i, rng in window]
         result = self.check(
-            step,
+            due,
             pl_module,
             training_step_loss(batch_idx, trainer),
             batch,
@@ -234,6 +236,6 @@ class GradWatch(TrainingWatch, Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batch = self._batch_idx = None
-        self._armed = False
+        self._due = None
         self.finish()
         rank_zero_info(self.watch.end_line())

@@ -155,14 +155,15 @@ def after_backward(
     shard by shard; no step link); see docs/distributed.md.
     """
     join_ranks(watch)
-    if not watch.due(step):
+    due = watch.due(step)
+    if due is None:
         return None
     step_batches = None
     if step_check:
         step_batches = [MicroBatch(batch, 1.0, rng)]
     return check_due(
         watch,
-        step,
+        due,
         model,
         loss_fn,
         batch,

@@ -87,6 +87,7 @@ from transformers.utils import logging as transformers_logging
 from gradwatch.callback import WatchState
 from gradwatch.errors import LossError, MissingBatchError, OptionError
 from gradwatch.result import CheckResult
+from gradwatch.watch.due import DueCheck
 
 _logger = transformers_logging.get_logger("transformers.integrations.gradwatch")
 """Under the ``transformers`` logger: the Trainer's ``log_level`` decides what shows."""
@@ -202,6 +203,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
     """Each ``compute_loss`` call of the due step: its inputs (labels, count) and RNG state."""
     _saved_state: dict[str, Any] | None = None
     _unsaved_options: Sequence[str] = ()
+    _due: DueCheck | None = None
+    """The check due at the current step (`TrainingWatch.due`), from step begin to its run."""
 
     def __init__(self, every: int = 500, *, trainer: Trainer | None = None, **options: Any):
         if trainer is not None and not isinstance(trainer, Trainer):
@@ -331,7 +334,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         self._capture.clear()
         self._loss_inputs = None
         self._loss_calls = []
-        self._capture.armed = self.due(state.global_step)  # on every rank: a check is collective
+        self._due = self.due(state.global_step)  # on every rank: a check is collective
+        self._capture.armed = self._due is not None
 
     def on_pre_optimizer_step(
         self,
@@ -342,11 +346,11 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        capture = self._capture
-        if capture is None or not capture.armed:
+        capture, due = self._capture, self._due
+        if capture is None or due is None or not capture.armed:
             return
-        capture.armed = False
-        step = state.global_step
+        capture.armed, self._due = False, None
+        step = due.step
         if not capture.captured or model is None:
             raise MissingBatchError(
                 f"step {step}: expected the inputs of this step's training forward, captured "
@@ -367,7 +371,7 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         clip_factor = capture.clip_factor(args.max_grad_norm or 0.0)
         capture.clear()
         result = self.check(
-            step,
+            due,
             model,
             default_loss,
             batch,

@@ -77,11 +77,12 @@ def run(
     """Train `steps` steps of `step_seconds`; due checks take their fake cost on the clock."""
     ran = []
     for step in range(steps):
-        if watch.due(step):
-            sample = watch.check_options()["sample"]
+        due = watch.due(step)
+        if due:
+            sample = due.sample
             result, seconds = fake_result(sample, **model)
             clock.advance(seconds)
-            watch.record(result, step, seconds=seconds)
+            watch.record(result, due, seconds=seconds)
             ran.append((step, sample))
         clock.advance(step_seconds)
     return ran
@@ -99,10 +100,10 @@ def test_first_budgeted_check_is_directional() -> None:
     """With no cost estimate yet, the first check is the cheapest covering every tensor."""
     clock = FakeClock()
     watch = GradWatch(every=10, sample=None, report_dir=None, budget=0.05, clock=clock)
-    assert watch.due(0)
-    assert watch.check_options()["sample"] == "directional"
+    due = watch.due(0)
+    assert due is not None and due.sample == "directional"
     result, seconds = fake_result("directional")
-    stamped = watch.record(result, 0, seconds=seconds)
+    stamped = watch.record(result, due, seconds=seconds)
     assert any(note.startswith("budget: ran sample='directional'") for note in stamped.notes)
     assert watch.plans[0].action == "reduced"
 
@@ -226,12 +227,12 @@ def test_budget_leaves_localization_only_what_the_allowance_affords() -> None:
     watch = GradWatch(every=100, report_dir=None, budget=0.2, clock=clock)
     given = []
     for step in range(400):
-        if watch.due(step):
-            options = watch.check_options()
-            given.append(options.get("localize_evaluations"))
-            result, seconds = fake_result(options["sample"])
+        due = watch.due(step)
+        if due:
+            given.append(due.options.get("localize_evaluations"))
+            result, seconds = fake_result(due.sample)
             clock.advance(seconds)
-            watch.record(result, step, seconds=seconds)
+            watch.record(result, due, seconds=seconds)
         clock.advance(0.01)
     assert given[0] == 0  # the first check localizes nothing in the core (bounded)
     # The allowance (20% of training, unused allowance carried over) minus the 0.06 s

@@ -75,7 +75,7 @@ def test_checks_run_on_schedule_including_the_first_update(tmp_path: Path) -> No
             checked.append(result.step)
     watch.close()
     assert checked == [0, 4, 8]
-    assert [watch.due(step) for step in range(6)] == [True, False, False, False, True, False]
+    assert [bool(watch.due(step)) for step in range(6)] == [True, False, False, False, True, False]
     assert load_report(tmp_path).steps == [0, 4, 8]
 
 
@@ -213,15 +213,14 @@ def test_budget_lets_checks_resume_once_training_time_catches_up(tmp_path: Path)
 
 
 def test_due_check_options_and_record_compose_like_after_backward(tmp_path: Path) -> None:
-    """An integration's due/check_options/record sequence gives the same report."""
+    """An integration's due/record sequence (the plan's options) gives the same report."""
     model = Quadratic()
     with GradWatch(every=2, sample=None, report_dir=tmp_path, top_k=3) as watch:
         for step in range(5):
-            if watch.due(step):
-                result = gradwatch.check(
-                    model.loss, model.params, model.grads(), **watch.check_options()
-                )
-                watch.record(result, step)
+            due = watch.due(step)
+            if due:
+                result = gradwatch.check(model.loss, model.params, model.grads(), **due.options)
+                watch.record(result, due)
     assert watch.check_options() == {
         "eps": None,
         "sample": None,
