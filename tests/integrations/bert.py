@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
 from transformers import Trainer
 
 from examples import hf_trainer
