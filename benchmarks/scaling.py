@@ -1,154 +1,197 @@
-"""Check time against n (full checks) and against k (sampled checks of a fixed model).
+"""Check cost and peak memory of the HF Trainer callback from a 1M to a 774M GPT-2 (issue 25).
 
-    python -m benchmarks.scaling [--repeats 1] [--threads 1] [--clock cpu]
+    OMP_NUM_THREADS=1 python -m benchmarks.scaling                       # 1M..124M, ~15 min
+    OMP_NUM_THREADS=1 python -m benchmarks.scaling --sizes 774M --modes none,auto --steps 4
 
-The tanh MLPs of `benchmarks.torch_speed` (16 examples, float64 shadow), both the
-sequential and the batched (default) path of ``check_module``:
-
-* full checks for n = 1k, 2k, 5k, 10k, 20k, 50k: seconds, seconds/n, and
-  seconds / (2n x one evaluation). A full check is 2n evaluations of J, and one
-  evaluation itself grows with n (a forward over more weights), so seconds grow
-  faster than n; what must be linear is the number of evaluations: the fitted
-  log-log slope of seconds / (one evaluation) against n should be close to 1.
-* sampled checks of the 50k model for k = 100 ... 5000: one evaluation costs the
-  same for every k, so seconds themselves should grow like k (slope close to 1;
-  a little below at small k, where the fixed part shows: the shadow copy, the
-  autograd pass, two evaluations of J(theta) and the diagnosis of the worst 10).
+Each (size, mode) runs in a subprocess of its own (peak RSS is a process's): the real
+`transformers.Trainer` trains a GPT-2 built from a config (dropout 0.1 as GPT-2 has it;
+batch 4 x 128 random tokens; AdamW; CPU, one torch thread) for ``--steps`` steps, without
+a callback (``none``) or with ``GradWatch(every=--every, mode=...)`` at otherwise default
+options (``auto``: the mode the size picks). A step's CPU time runs from ``on_step_begin``
+to ``on_step_end`` (``time.process_time``); a step with a check minus the median step
+without one is the check's cost, in training steps. Peak RSS is ``ru_maxrss`` at the end.
+Step 0 (the first step: the optimizer's state is allocated there) is reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
-import torch
-from gradwatch.integrations.torch import check_module
+SIZES: dict[str, dict[str, int]] = {
+    "1M": {"vocab_size": 2048, "n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128},
+    "10M": {"vocab_size": 8192, "n_embd": 256, "n_layer": 10, "n_head": 4, "n_positions": 128},
+    "40M": {"vocab_size": 32768, "n_embd": 512, "n_layer": 8, "n_head": 8, "n_positions": 128},
+    "124M": {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12},
+    "355M": {"vocab_size": 50257, "n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "774M": {"vocab_size": 50257, "n_embd": 1280, "n_layer": 36, "n_head": 20},
+}
+"""GPT-2 configurations by (rounded) parameter count; 124M/355M/774M are GPT-2 small,
+medium and large."""
 
-from benchmarks import torch_speed
-from benchmarks.torch_speed import (
-    HIDDEN,
-    cross_entropy,
-    floor_seconds,
-    make_batch,
-    mlp,
-    parameter_count,
-    timed,
-)
-
-FULL_SIZES = ("1k", "2k", "5k", "10k", "20k", "50k")
-SAMPLED_MODEL = "50k"
-SAMPLED_COUNTS = (100, 200, 500, 1000, 2000, 5000)
-EVALUATION_CALLS = 2000
-"""Calls timed to know one evaluation's cost at each size."""
-
-
-def loglog_slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log(y) against log(x)."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    covariance = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True))
-    return covariance / sum((a - mx) ** 2 for a in lx)
+BATCH, SEQUENCE = 4, 128
 
 
-def affine_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares intercept and slope of y = a + b x."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
+def child(size: str, mode: str, steps: int, every: int, threads: int) -> dict[str, Any]:
+    """One training run; returns its measurements (printed as JSON by ``--child``)."""
+    import torch
+    import transformers
+    from gradwatch.integrations.transformers import GradWatch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
     )
-    return my - slope * mx, slope
 
+    from benchmarks.hf_models import Examples
 
-def full_sweep(repeats: int) -> None:
-    print("full checks: n, seconds, seconds/n, seconds/(2n x one evaluation)")
-    ns: list[float] = []
-    per_path: dict[bool, list[float]] = {False: [], True: []}
-    evaluation_costs: list[float] = []
-    for label in FULL_SIZES:
-        model, batch = mlp(HIDDEN[label]), make_batch()
-        n = parameter_count(model)
-        check_module(model, cross_entropy, batch, sample=min(n, 200))  # warm up
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        evaluations = []
-        for _ in range(repeats):
-            evaluations.append(floor_seconds(model, batch, EVALUATION_CALLS) / EVALUATION_CALLS)
-            for batched in (False, True):
-                elapsed, result = timed(check_module, model, cross_entropy, batch, batched=batched)
-                assert result.status == "ok" and result.checked == n
-                seconds[batched].append(elapsed)
-            evaluations.append(floor_seconds(model, batch, EVALUATION_CALLS) / EVALUATION_CALLS)
-        evaluation = statistics.median(evaluations)
-        ns.append(n)
-        evaluation_costs.append(evaluation)
-        cells = []
-        for batched in (False, True):
-            median = statistics.median(seconds[batched])
-            per_path[batched].append(median)
-            name = "batched" if batched else "sequential"
-            cells.append(
-                f"{name} {median:7.2f} s  {median / n * 1e6:6.1f} us/n  "
-                f"{median / (2 * n * evaluation):5.2f} x floor"
-            )
-        print(f"  n={n:6d}  eval={evaluation * 1e6:6.1f} us  " + "   ".join(cells), flush=True)
-    for batched in (False, True):
-        name = "batched" if batched else "sequential"
-        raw = loglog_slope(ns, per_path[batched])
-        in_evaluations = loglog_slope(
-            ns, [s / e for s, e in zip(per_path[batched], evaluation_costs, strict=True)]
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SIZES[size]))
+    params = sum(p.numel() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    shape = (BATCH * steps, SEQUENCE)
+    ids = torch.randint(0, SIZES[size]["vocab_size"], shape, generator=generator)
+    data = Examples({"input_ids": ids, "labels": ids.clone()})
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.cpu: dict[int, float] = {}
+            self._started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._started = time.process_time()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.cpu[state.global_step - 1] = time.process_time() - self._started
+
+    timer = Timer()
+    watch = None if mode == "none" else GradWatch(every=every, mode=mode)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH,
+            learning_rate=1e-4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
-        print(
-            f"  {name}: log-log slope of seconds vs n = {raw:.2f}; "
-            f"of seconds/(one evaluation) vs n = {in_evaluations:.2f}"
-        )
-    print(f"  (one evaluation itself: slope {loglog_slope(ns, evaluation_costs):.2f} vs n)")
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.add_callback(timer)
+        if watch is not None:
+            trainer.add_callback(watch)
+        trainer.train()
+    checks = [
+        {
+            "step": r.step,
+            "status": r.status,
+            "mode": r.mode,
+            "seconds": r.seconds,
+            "loss_evals": r.loss_evals,
+            "modules": r.coverage.modules if r.coverage is not None else None,
+            "step_link": r.step_link.ratio if r.step_link is not None else None,
+        }
+        for r in (watch.results if watch is not None else [])
+    ]
+    return {
+        "size": size,
+        "mode": mode,
+        "params": params,
+        "cpu": timer.cpu,
+        "checks": checks,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
-def sampled_sweep(repeats: int) -> None:
-    model, batch = mlp(HIDDEN[SAMPLED_MODEL]), make_batch()
-    n = parameter_count(model)
-    print(f"\nsampled checks of the n={n} model: k, seconds, seconds/k")
-    check_module(model, cross_entropy, batch, sample=200)  # warm up
-    per_path: dict[bool, list[float]] = {False: [], True: []}
-    for k in SAMPLED_COUNTS:
-        cells = []
-        for batched in (False, True):
-            times = []
-            for _ in range(repeats):
-                elapsed, result = timed(
-                    check_module, model, cross_entropy, batch, sample=k, batched=batched
-                )
-                assert result.status == "ok" and result.checked == k
-                times.append(elapsed)
-            median = statistics.median(times)
-            per_path[batched].append(median)
-            name = "batched" if batched else "sequential"
-            cells.append(f"{name} {median:6.2f} s  {median / k * 1e3:6.2f} ms/k")
-        print(f"  k={k:5d}  " + "   ".join(cells), flush=True)
-    for batched in (False, True):
-        name = "batched" if batched else "sequential"
-        ks = [float(k) for k in SAMPLED_COUNTS]
-        slope = loglog_slope(ks, per_path[batched])
-        large = [i for i, k in enumerate(SAMPLED_COUNTS) if k >= 500]
-        slope_large = loglog_slope([ks[i] for i in large], [per_path[batched][i] for i in large])
-        fixed, per_component = affine_fit(ks, per_path[batched])
-        print(
-            f"  {name}: log-log slope of seconds vs k = {slope:.2f} (k >= 500: "
-            f"{slope_large:.2f}); affine fit {fixed:.3f} s + {per_component * 1e3:.3f} ms x k"
-        )
+def run(size: str, mode: str, steps: int, every: int, threads: int) -> dict[str, Any]:
+    """`child` in a fresh interpreter (its own peak RSS)."""
+    command = [sys.executable, "-m", "benchmarks.scaling", "--child", size, mode]
+    command += ["--steps", str(steps), "--every", str(every), "--threads", str(threads)]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    if done.returncode != 0:
+        return {"size": size, "mode": mode, "crash": done.stderr.strip().splitlines()[-1:]}
+    measured: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1, help="runs per point; medians shown")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="what is timed")
-    args = parser.parse_args()
-    torch_speed.configure(args.threads, args.clock)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} time")
-    full_sweep(args.repeats)
-    sampled_sweep(args.repeats)
+def row(measured: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """One line of the table."""
+    if "crash" in measured:
+        return f"| {measured['size']} | {measured['mode']} | crashed: {measured['crash']} |"
+    cpu = {int(step): seconds for step, seconds in measured["cpu"].items()}
+    checked = {c["step"] for c in measured["checks"]}
+    plain = [s for step, s in cpu.items() if step > 0 and step not in checked]
+    step = statistics.median(plain) if plain else float("nan")
+    later = [cpu[s] - step for s in sorted(checked) if s > 0 and s in cpu]
+    first = cpu.get(0, float("nan")) - step if 0 in checked else None
+    cost = statistics.median(later) if later else None
+    modes = sorted({c["mode"] for c in measured["checks"]}) or ["-"]
+    statuses = ",".join(c["status"] for c in measured["checks"]) or "-"
+    rss = measured["peak_rss_mb"]
+    ratio = ""
+    if baseline is not None and "crash" not in baseline:
+        ratio = f"{rss / baseline['peak_rss_mb']:.2f}x"
+    return (
+        f"| {measured['size']} | {measured['params'] / 1e6:.1f}M | {measured['mode']} "
+        f"({'/'.join(modes)}) | {step:.2f} | "
+        + ("-" if cost is None else f"{cost:.2f} s = {cost / step:.1f}")
+        + " | "
+        + ("-" if first is None else f"{first / step:.1f}")
+        + f" | {statuses} | {rss:.0f} MB | {ratio} |"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1M,10M,40M,124M", help=f"of {', '.join(SIZES)}")
+    parser.add_argument("--modes", default="none,auto,whole", help="none, auto, whole, local")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", metavar="PATH", help="also write the measurements")
+    parser.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.child:
+        size, mode = options.child
+        print(json.dumps(child(size, mode, options.steps, options.every, options.threads)))
+        return 0
+    print(
+        "| size | parameters | mode (ran) | step CPU s | a later check: CPU s = steps | "
+        "first check (step 0), steps | statuses | peak RSS | vs none |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    everything = []
+    for size in options.sizes.split(","):
+        baseline = None
+        for mode in options.modes.split(","):
+            measured = run(size, mode, options.steps, options.every, options.threads)
+            everything.append(measured)
+            baseline = measured if mode == "none" else baseline
+            print(row(measured, None if mode == "none" else baseline), flush=True)
+    if options.json:
+        with open(options.json, "w") as file:
+            json.dump(everything, file, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from gradwatch.integrations.torch import after_backward  # noqa: E402
+import torch
+from gradwatch.integrations.torch import after_backward
 
-import gradwatch  # noqa: E402
+import gradwatch
 
 pytestmark = pytest.mark.torch
 
@@ -36,7 +37,7 @@ class Tanh(torch.autograd.Function):
 
 class Act(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Tanh.apply(x)  # type: ignore[no-any-return, no-untyped-call]
+        return Tanh.apply(x)
 
 
 def train(mode: str, steps: int = 31, every: int = 5) -> gradwatch.GradWatch:

@@ -1,0 +1,180 @@
+"""The module-local mode (issue 25): float64 work one block at a time, no whole-model copy.
+
+Oracles: the planted bug's module (`benchmarks.local_bugs`), correct models of the
+architecture sweep (every block passes), the training run without gradwatch (bit-identical
+weights), a gradient hook on a known tensor (the step link names it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch
+from gradwatch.integrations._local import blocks
+from gradwatch.integrations._local.blocks import (
+    check_blocks,
+    chosen_blocks,
+    model_blocks,
+    per_check,
+    resolve_mode,
+)
+from gradwatch.integrations.torch import RngState, after_backward
+from torch import nn
+
+import gradwatch
+from benchmarks.hf_models import ARCHITECTURES, build
+from benchmarks.local_bugs import LOCAL_BUGS, batch_of, model_loss
+from gradwatch.errors import OptionError
+
+pytestmark = pytest.mark.torch
+
+
+def rotate(model: nn.Module, batch: Any) -> tuple[list[str], list[str], set[str]]:
+    """One full rotation of local checks: statuses, suspects named, blocks covered."""
+    statuses: list[str] = []
+    suspects: list[str] = []
+    covered: set[str] = set()
+    checks = math.ceil(len(model_blocks(model)) / per_check(model_blocks(model)))
+    for done in range(checks):
+        result, _ = check_blocks(model, model_loss, batch, done=done)
+        assert result.mode == "local" and result.coverage is not None
+        assert result.localization is not None
+        statuses.append(result.status)
+        suspects += [s.module for s in result.localization.suspects]
+        covered |= set(result.coverage.modules)
+    return statuses, suspects, covered
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt2-gelu", "gemma2-gelu", "resnet-batchnorm", "llama-detached-attention"]
+)
+def test_a_rotation_names_the_planted_module(name: str) -> None:
+    """Over one rotation the local mode fails where the bug is and names exactly its module
+    (a parameter-free activation, sandwich norms, a BatchNorm, glue in a layer's forward)."""
+    bug = LOCAL_BUGS[name]
+    model, batch = bug.build()
+    statuses, suspects, covered = rotate(model, batch)
+    assert covered == set(model_blocks(model))
+    assert "fail" in statuses
+    assert set(suspects) == {bug.expected}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm", "t5", "vit"])
+def test_every_block_of_a_correct_model_passes(name: str) -> None:
+    """No false alarm: every block of a correct swept architecture passes (train mode,
+    dropout replayed), over a whole rotation."""
+    model, data = build(name)
+    statuses, suspects, covered = rotate(model.train(), batch_of(data))
+    assert covered == set(model_blocks(model))
+    assert statuses == ["ok"] * len(statuses) and suspects == []
+
+
+def test_blocks_are_the_layers_and_the_modules_around_them() -> None:
+    """A GPT-2 divides into its embeddings, each layer, the final norm and the head, and
+    the rotation covers every block once per ceil(blocks / per_check) checks."""
+    model, _ = build("gpt2")
+    found = model_blocks(model)
+    layers = [
+        f"transformer.h.{n}" for n, _ in model.get_submodule("transformer.h").named_children()
+    ]
+    assert set(layers) <= set(found) and "lm_head" in found and "transformer.wte" in found
+    count = per_check(found)
+    turns = math.ceil(len(found) / count)
+    assert {b for done in range(turns) for b in chosen_blocks(found, done, count)} == set(found)
+
+
+class Net(nn.Module):
+    """Dropout and train-mode BatchNorm: draws to replay, running statistics to leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Dropout(0.2)),
+            nn.Sequential(nn.Linear(12, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Dropout(0.2)),
+        )
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x))
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def train(watch: gradwatch.GradWatch | None, hook: bool = False) -> tuple[Net, list[Any]]:
+    """Six SGD steps; with a watch, a local check (and step link) after each backward."""
+    torch.manual_seed(0)
+    model = Net()
+    if hook:  # a gradient hook scaling one weight's gradient: the optimizer's .grad is wrong
+        model.head.weight.register_hook(lambda g: g * 1.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    results = []
+    for step in range(6):
+        optimizer.zero_grad()
+        rng = RngState.capture()
+        loss_fn(model, (x, y)).backward()
+        if watch is not None:
+            before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            result = after_backward(
+                watch, step, model, loss_fn, (x, y), step_check=True, rng=rng, mode="local"
+            )
+            results.append(result)
+            after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            assert all(torch.equal(before[n], after[n]) for n in before)  # .grad untouched
+        optimizer.step()
+    return model, results
+
+
+def test_training_is_bit_identical_and_the_step_link_agrees() -> None:
+    """With a local check at every step the weights and running statistics end bit for bit
+    as without gradwatch; every check and step link passes, the rotation covers all."""
+    plain, _ = train(None)
+    watched, results = train(gradwatch.GradWatch(every=1, report_dir=None))
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [r.status for r in results] == ["ok"] * 6
+    assert all(r.step_link is not None and r.step_link.status == "ok" for r in results)
+    covered = {m for r in results if r.coverage is not None for m in r.coverage.modules}
+    assert covered == set(model_blocks(plain)) == {"layers.0", "layers.1", "head"}
+
+
+def test_the_step_link_names_a_hooked_gradient() -> None:
+    """A hook scaling head.weight's gradient by 1.1 fails the step link of the check that
+    covers the head, and names that tensor (the capture pass runs no parameter hook)."""
+    _, results = train(gradwatch.GradWatch(every=1, report_dir=None), hook=True)
+    covering = [r for r in results if r.coverage is not None and "head" in r.coverage.modules]
+    assert covering and all(r.status == "fail" for r in covering)
+    links = [r.step_link for r in covering]
+    assert all(link is not None and link.worst_tensor == "head.weight" for link in links)
+    others = [r for r in results if r not in covering]
+    assert all(r.status == "ok" for r in others)
+
+
+def test_auto_picks_by_size_and_bad_modes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' checks the whole model below AUTO_LOCAL_MIN_PARAMETERS and module by module
+    from it; an unknown mode is an OptionError saying what is expected."""
+    model = Net()
+    assert resolve_mode(model, "auto") == "whole"
+    monkeypatch.setattr(blocks, "AUTO_LOCAL_MIN_PARAMETERS", 10)
+    assert resolve_mode(model, "auto") == "local"
+    assert resolve_mode(model, "auto", precision="native") == "whole"
+    assert resolve_mode(model, "whole") == "whole"
+    with pytest.raises(OptionError, match="mode: expected one of 'auto', 'whole', 'local'"):
+        resolve_mode(model, "fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_swept_architecture_passes_in_local_mode(name: str) -> None:
+    """Every block of every model of the first sweep passes over a rotation (0 false alarms)."""
+    model, data = build(name)
+    statuses, suspects, _ = rotate(model.train(), batch_of(data))
+    assert "fail" not in statuses and suspects == []
