@@ -73,7 +73,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from benchmarks.hf_bugs import BUGS, PlantedBug, under  # noqa: E402
+from benchmarks.hf_bugs import BUGS, PlantedBug, points_at  # noqa: E402
 from benchmarks.hf_models import (  # noqa: E402
     ARCHITECTURES,
     Architecture,
@@ -327,7 +327,7 @@ def sweep_one(
         row.bug, row.bug_module = bug.name, bug.module
         row.caught = first is not None and first.status == "fail"
         row.named = blamed_tensor(watch, first) if first is not None else None
-        row.localized = bool(row.caught) and under(row.named, bug.module)
+        row.localized = bool(row.caught) and points_at(row.named, bug.module)
     row.seconds = time.perf_counter() - started
     return row
 

@@ -64,6 +64,15 @@ def under(tensor: str | None, module: str) -> bool:
     return tensor is not None and (tensor == module or tensor.startswith(module + "."))
 
 
+def points_at(pointer: str | None, planted: str) -> bool:
+    """True when an alert's ``pointer`` (a module path or a tensor name) is the planted
+    module or tensor, inside it, or the module one level above it (the module that owns a
+    planted tensor, or the parent whose forward's glue holds the bug)."""
+    if pointer is None:
+        return False
+    return under(pointer, planted) or planted.rpartition(".")[0] == pointer
+
+
 def _swap_class(module: nn.Module, mixin: type, label: str) -> None:
     """Give ``module`` the class ``(mixin, type(module))``: the mixin's forward wins."""
     base = type(module)

@@ -111,7 +111,16 @@ class Events:
 
     def alert(self, alert: Alert, report_dir: Path | None) -> None:
         """An alert, at error level, whatever ``on_alert`` does with it."""
-        logged = {"step", "ratio", "threshold", "tensor", "tensor_ratio", "component", "rule"}
+        logged = {
+            "step",
+            "ratio",
+            "threshold",
+            "module",
+            "tensor",
+            "tensor_ratio",
+            "component",
+            "rule",
+        }
         self.event(
             logging.ERROR,
             ALERT_EVENT,

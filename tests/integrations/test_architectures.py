@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 from gradwatch.integrations.transformers import GradWatch  # noqa: E402
 
 from benchmarks.architectures import blamed_tensor, train  # noqa: E402
-from benchmarks.hf_bugs import BUGS, gradient_errors, under  # noqa: E402
+from benchmarks.hf_bugs import BUGS, gradient_errors, points_at, under  # noqa: E402
 from benchmarks.hf_models import ARCHITECTURES, parameter_count  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -66,8 +66,8 @@ def test_training_has_no_false_alarm(name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUGS))
 def test_planted_bug_is_caught_at_step_0_and_named(name: str) -> None:
-    """The step-0 check of a planted bug fails, and its alert names a tensor under the bug's
-    module."""
+    """The step-0 check of a planted bug fails, and its alert names the planted module (or
+    the module that owns the planted tensor)."""
     bug = BUGS[name]
     model, data = bug.build()
     watch = GradWatch(every=1)
@@ -75,4 +75,4 @@ def test_planted_bug_is_caught_at_step_0_and_named(name: str) -> None:
     assert run.crash is None
     (result,) = watch.results
     assert (result.step, result.status) == (0, "fail"), result.ratio
-    assert under(blamed_tensor(watch, result), bug.module), blamed_tensor(watch, result)
+    assert points_at(blamed_tensor(watch, result), bug.module), blamed_tensor(watch, result)

@@ -45,8 +45,10 @@ def test_directional_names_the_wrong_tensor_with_two_evaluations_per_tensor(seed
 
 
 def test_auto_localizes_the_planted_entry_inside_the_flagged_tensor() -> None:
-    """sample="auto" detects per tensor, then samples inside the flagged one: worst = the entry."""
-    result = check_module(build_model(bug=True), mse, make_batch(), sample="auto")
+    """sample="auto" with per-tensor ratios asked for detects per tensor, then samples inside
+    the flagged one: worst = the entry."""
+    model = build_model(bug=True)
+    result = check_module(model, mse, make_batch(), sample="auto", per_tensor=True)
     assert result.status == "fail"
     worst = result.worst[0]
     assert (worst.tensor, tuple(worst.index)) == (planted_tensor(), PLANTED_ENTRY)

@@ -38,12 +38,13 @@ def test_a_zero_d_parameter_is_screened_under_auto() -> None:
 
 @pytest.mark.parametrize("bug", ["entry", "gelu"])
 def test_a_failing_gpt2_check_is_bounded_and_localized(bug: str) -> None:
-    """A 29k-parameter GPT-2 with a planted bug: at most 400 evaluations, bug named."""
+    """A 29k-parameter GPT-2 with a planted bug, per-tensor ratios asked for: at most 400
+    evaluations, the bug's tensor named."""
     pytest.importorskip("transformers")
     from benchmarks.failing_check import PLANTED_ENTRY, build, loss_fn
 
     model, ids = build(bug)
-    result = check_module(model, loss_fn, ids, sample="auto")
+    result = check_module(model, loss_fn, ids, sample="auto", per_tensor=True)
     assert result.status == "fail"
     assert result.loss_evals <= 400
     failing = {n for n, t in result.tensors.items() if t.status == "fail"}
@@ -57,10 +58,11 @@ def test_a_failing_gpt2_check_is_bounded_and_localized(bug: str) -> None:
 
 
 def test_the_failing_gpt2_check_stays_within_most_evaluations() -> None:
-    """The planted-activation GPT-2 spends no more than the documented bound."""
+    """The planted-activation GPT-2, per-tensor ratios asked for, spends no more than the
+    documented bound."""
     pytest.importorskip("transformers")
     from benchmarks.failing_check import build, loss_fn
 
     model, ids = build("gelu")
-    result = check_module(model, loss_fn, ids, sample="auto")
+    result = check_module(model, loss_fn, ids, sample="auto", per_tensor=True)
     assert result.loss_evals <= most_evaluations(result.size, len(result.tensors)) == 322

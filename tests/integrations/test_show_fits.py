@@ -49,7 +49,7 @@ def test_show_fits_on_the_bert_example_and_after_a_rerun(
     assert hf_trainer.main(["--bug", "--report-dir", str(report)]) == 1
     capsys.readouterr()
     code, lines = shown(capsys, str(report))
-    assert code == 1 and "tensors: 41 (1 fail, 40 ok); worst first" in "\n".join(lines)
+    assert code == 1 and "  step 0: ratio 1.50e-01, bug in classifier, worst -" in lines
     assert_fits(lines)
     assert hf_trainer.main(["--report-dir", str(report)]) == 0
     capsys.readouterr()

@@ -147,13 +147,17 @@ def test_missing_batch_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_example_with_planted_bug_alerts_on_the_head(tmp_path: Path, capsys: Any) -> None:
-    """examples/hf_trainer.py --bug alerts and names classifier.bias; without it, no alert."""
+    """examples/hf_trainer.py --bug alerts and names the head (its custom autograd.Function
+    drops a bias term) with the wrong side; without it, no alert."""
     assert hf_trainer.main(["--bug", "--steps", "1", "--report-dir", str(tmp_path / "bug")]) == 1
     out = capsys.readouterr().out
-    assert "ALERT" in out and "classifier.bias" in out
+    assert "ALERT" in out and "the bug is in the backward of classifier (CustomHead" in out
     report = gradwatch.load_report(tmp_path / "bug")
     assert report.checks[0].status == "fail"
-    assert report.checks[0].tensors["classifier.bias"].status == "fail"
+    assert [alert.module for alert in report.alerts] == ["classifier"]
+    localization = report.checks[0].localization
+    assert localization is not None
+    assert [(s.module, s.side) for s in localization.suspects] == [("classifier", "parameter")]
     assert hf_trainer.main(["--steps", "1", "--report-dir", str(tmp_path / "ok")]) == 0
     assert "ALERT" not in capsys.readouterr().out
 
@@ -185,11 +189,11 @@ def test_native_float32_directions_judge_errors_against_roundoff(sample: str) ->
 
 
 def test_failing_tensors_reach_the_trainer_logs(tmp_path: Path) -> None:
-    """With the planted head bug, the failing tensor's own ratio is logged next to the global
-    one (gradwatch/tensor/<name>), so a dashboard shows where."""
+    """With the planted head bug, the named module's local ratio is logged next to the global
+    one (gradwatch/module/<path>), so a dashboard shows where."""
     trainer = bert_trainer(tmp_path, bug=True, max_steps=1)
     trainer.add_callback(GradWatch(every=1, trainer=trainer))
     trainer.train()
     (logged,) = [e for e in trainer.state.log_history if "gradwatch/ratio" in e]
-    assert logged["gradwatch/tensor/classifier.bias"] > 1e-3
+    assert logged["gradwatch/module/classifier"] > 1e-3
     assert "gradwatch/step_ratio" in logged
