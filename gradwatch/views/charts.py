@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from html import escape
 
 import numpy as np
@@ -79,46 +80,48 @@ def _band(points: list[list[tuple[int, float]]]) -> list[tuple[int, float, float
     return [(step, min(v), statistics.median(v), max(v)) for step, v in sorted(by_step.items())]
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """The trend's plot area: the steps and log10 ratios it spans, mapped to pixels."""
+
+    first: int
+    last: int
+    low_y: float
+    high_y: float
+    width: int = 900
+    height: int = 340
+    left: int = 64
+    right: int = 16
+    top: int = 12
+    bottom: int = 36
+
+    def x(self, step: float) -> float:
+        if self.last == self.first:
+            return (self.width + self.left - self.right) / 2
+        span = max(self.last - self.first, 1)
+        return (
+            self.left + 10 + (step - self.first) / span * (self.width - self.left - self.right - 20)
+        )
+
+    def y(self, value: float) -> float:
+        plotted = self.height - self.top - self.bottom
+        return self.top + (self.high_y - value) / (self.high_y - self.low_y) * plotted
+
+
 def _trend_svg(
     report: Report,
     lines: list[tuple[str, str, list[tuple[int, float]], float]],
     band: list[tuple[int, float, float, float]],
 ) -> str:
-    width, height, left, right, top, bottom = 900, 340, 64, 16, 12, 36
     steps = [step for _, _, points, _ in lines for step, _ in points]
     values = [_log(r) for _, _, points, _ in lines for _, r in points if not math.isnan(r)]
     values += [low for _, low, _, _ in band] + [_log(threshold(report))]
     values.append(_log(report.checks[-1].warn))
-    low_y, high_y = math.floor(min(values)) - 0.5, math.ceil(max(values)) + 0.5
-    first, last = min(steps), max(steps)
-    span = max(last - first, 1)
-
-    def x(step: float) -> float:
-        if last == first:
-            return (width + left - right) / 2
-        return left + 10 + (step - first) / span * (width - left - right - 20)
-
-    def y(value: float) -> float:
-        return top + (high_y - value) / (high_y - low_y) * (height - top - bottom)
-
-    parts = [
-        f"<svg role='img' width='{width}' height='{height}' "
-        f"viewBox='0 0 {width} {height}' font-size='11' font-family='sans-serif'>"
-    ]
-    for decade in range(math.ceil(low_y), math.floor(high_y) + 1):
-        parts.append(
-            f"<line x1='{left}' x2='{width - right}' y1='{y(decade):.1f}' y2='{y(decade):.1f}' "
-            f"stroke='#e5e5e5'/><text x='{left - 6}' y='{y(decade) + 4:.1f}' "
-            f"text-anchor='end'>1e{decade}</text>"
-        )
-    for step in _integer_ticks(first, last):
-        parts.append(
-            f"<text x='{x(step):.1f}' y='{height - bottom + 16}' text-anchor='middle'>{step}</text>"
-        )
-    parts.append(
-        f"<text x='{(width + left) / 2:.0f}' y='{height - 4}' text-anchor='middle'>"
-        "step (optimizer updates)</text>"
+    frame = _Frame(
+        min(steps), max(steps), math.floor(min(values)) - 0.5, math.ceil(max(values)) + 0.5
     )
+    x, y = frame.x, frame.y
+    parts = _axes(frame)
     if band:
         outline = [(x(s), y(hi)) for s, _, _, hi in band]
         outline += [(x(s), y(lo)) for s, lo, _, _ in reversed(band)]
@@ -130,7 +133,7 @@ def _trend_svg(
         (report.checks[-1].warn, "#b26a00", "2 3"),
     ):
         parts.append(
-            f"<line x1='{left}' x2='{width - right}' y1='{y(_log(value)):.1f}' "
+            f"<line x1='{frame.left}' x2='{frame.width - frame.right}' y1='{y(_log(value)):.1f}' "
             f"y2='{y(_log(value)):.1f}' stroke='{color}' stroke-dasharray='{dash}'/>"
         )
     for name, color, points, stroke in reversed(lines):
@@ -147,10 +150,36 @@ def _trend_svg(
             f"x2='{cx + 5:.1f}' y2='{cy - 5:.1f}'/></g>"
         )
     parts.append(
-        f"<rect x='{left}' y='{top}' width='{width - left - right}' "
-        f"height='{height - top - bottom}' fill='none' stroke='#888'/></svg>"
+        f"<rect x='{frame.left}' y='{frame.top}' width='{frame.width - frame.left - frame.right}' "
+        f"height='{frame.height - frame.top - frame.bottom}' fill='none' stroke='#888'/></svg>"
     )
     return "".join(parts)
+
+
+def _axes(frame: _Frame) -> list[str]:
+    """The opening of the SVG: a grid line per decade of ratio, step ticks, the x label."""
+    width, height, left, right = frame.width, frame.height, frame.left, frame.right
+    parts = [
+        f"<svg role='img' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' font-size='11' font-family='sans-serif'>"
+    ]
+    for decade in range(math.ceil(frame.low_y), math.floor(frame.high_y) + 1):
+        y = frame.y(decade)
+        parts.append(
+            f"<line x1='{left}' x2='{width - right}' y1='{y:.1f}' y2='{y:.1f}' "
+            f"stroke='#e5e5e5'/><text x='{left - 6}' y='{y + 4:.1f}' "
+            f"text-anchor='end'>1e{decade}</text>"
+        )
+    for step in _integer_ticks(frame.first, frame.last):
+        parts.append(
+            f"<text x='{frame.x(step):.1f}' y='{height - frame.bottom + 16}' "
+            f"text-anchor='middle'>{step}</text>"
+        )
+    parts.append(
+        f"<text x='{(width + left) / 2:.0f}' y='{height - 4}' text-anchor='middle'>"
+        "step (optimizer updates)</text>"
+    )
+    return parts
 
 
 def _polyline(
