@@ -37,11 +37,8 @@ from gradwatch.options import (
     OnAlert,
     OnError,
     Sample,
+    WatchOptions,
     checked_step,
-    plain_int,
-    validate_check_options,
-    validate_sample,
-    validate_watch_options,
 )
 from gradwatch.params import GradientSource
 from gradwatch.regularization import RegularizationTerm
@@ -152,43 +149,36 @@ class GradWatch(ReportedWatch):
         write: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        every, seed, top_k = plain_int(every), plain_int(seed), plain_int(top_k)
-        sample = plain_int(sample)
-        validate_sample(sample)
-        validate_check_options(eps=eps, top_k=top_k, warn=warn, threshold=threshold)
-        validate_watch_options(
-            every=every, seed=seed, on_alert=on_alert, on_error=on_error, budget=budget
+        options = WatchOptions(
+            every=every,
+            sample=sample,
+            eps=eps,
+            threshold=threshold,
+            warn=warn,
+            top_k=top_k,
+            seed=seed,
+            on_alert=on_alert,
+            on_error=on_error,
+            budget=budget,
         )
-        self.every = every
-        self.sample = sample
-        self.eps = eps
-        self.threshold = float(threshold)
-        self.warn = float(warn)
-        self.top_k = top_k
-        self.seed = seed
-        self.on_alert = on_alert
-        self.on_error: OnError = on_error
-        self.budget = None if budget is None else float(budget)
+        self.options = options
+        """The watch's options, validated (`gradwatch.options.WatchOptions`)."""
+        self.every, self.sample, self.eps = options.every, options.sample, options.eps
+        self.threshold, self.warn, self.top_k = options.threshold, options.warn, options.top_k
+        self.seed, self.on_alert, self.budget = options.seed, options.on_alert, options.budget
+        self.on_error: OnError = options.on_error
         self._alerts: list[Alert] = []
         self._skipped: list[SkippedCheck] = []
-        self._budget = Budget(self.budget, sample, top_k)
+        self._budget = Budget(self.budget, self.sample, self.top_k)
         self._clock = clock
         self._decision: DueCheck | tuple[int, None] | None = None
         """The last due step's plan (a second `due` call for that step returns it)."""
         self._agree: Callable[[Any], Any] | None = None
         summary = ReportSummary(
             configuration=RunConfiguration(
-                every=every,
-                schedule=f"every {every} optimizer updates (step % {every} == 0, 0-based)",
-                sample=sample,
-                eps=eps,
-                threshold=self.threshold,
-                warn=self.warn,
-                top_k=top_k,
-                seed=seed,
-                on_alert=_describe(on_alert),
-                on_error=on_error,
-                budget=self.budget,
+                **options.recorded(),
+                schedule=f"every {self.every} optimizer updates (step % {self.every} == 0, "
+                "0-based)",
             ),
             environment=current_environment(),
         )
@@ -235,14 +225,7 @@ class GradWatch(ReportedWatch):
         >>> GradWatch(every=5, report_dir=None).check_options()["sample"]
         'auto'
         """
-        return {
-            "eps": self.eps,
-            "sample": self.sample,
-            "seed": self.seed,
-            "top_k": self.top_k,
-            "warn": self.warn,
-            "threshold": self.threshold,
-        }
+        return self.options.check_options()
 
     # -- the schedule --------------------------------------------------------------------
 
@@ -501,9 +484,3 @@ class GradWatch(ReportedWatch):
             raise GradientCheckError(alert.message, result)
         if callable(self.on_alert):
             self.on_alert(result)
-
-
-def _describe(on_alert: OnAlert) -> str:
-    if isinstance(on_alert, str):
-        return on_alert
-    return f"callable {getattr(on_alert, '__qualname__', type(on_alert).__name__)}"

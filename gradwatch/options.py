@@ -1,15 +1,19 @@
 """Every option of `gradwatch.check` and `gradwatch.GradWatch`, validated in one place.
 
-Each mistake has one message (argument, expected, received), whoever is called with it:
-`GradWatch` validates at construction what `check` validates again per call (only the
-check knows theta's size, so only it can say that ``sample=k`` exceeds it).
+`WatchOptions` is the one list of a watch's options: `gradwatch.GradWatch`, every
+framework callback and the report's configuration read it. Each mistake has one message
+(argument, expected, received), whoever is called with it: `GradWatch` validates at
+construction what `check` validates again per call (only the check knows theta's size,
+so only it can say that ``sample=k`` exceeds it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -19,9 +23,11 @@ from gradwatch.regularization import RegularizationTerm, ValidatedTerm
 from gradwatch.result import CheckResult
 
 __all__ = [
+    "CHECK_OPTIONS",
     "OnAlert",
     "OnError",
     "Sample",
+    "WatchOptions",
     "checked_step",
     "validate_check_options",
     "validate_sample",
@@ -35,6 +41,78 @@ Sample = int | float | Literal["auto", "directional"] | None
 """None (every component), an int k, a fraction in (0, 1], "auto" or "directional"."""
 OnAlert = Literal["log", "raise"] | Callable[[CheckResult], object]
 OnError = Literal["record", "raise"]
+
+CHECK_OPTIONS = ("eps", "sample", "seed", "top_k", "warn", "threshold")
+"""The watch options a check function takes (`WatchOptions.check_options`)."""
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """Every option of a watch, validated at construction: the one list.
+
+    `gradwatch.GradWatch` and the framework callbacks take these as keyword arguments,
+    the report's configuration records them (`recorded`) and a check function gets its
+    share (`check_options`). Adding an option is a field here and its check in
+    `__post_init__`; see `gradwatch.GradWatch` for what each one does.
+
+    Raises:
+        OptionError: an option is out of range, naming it, the expected and the received.
+    """
+
+    every: int = 500
+    sample: Sample = "auto"
+    eps: float | None = None
+    threshold: float = 1e-3
+    warn: float = 1e-5
+    top_k: int = 10
+    seed: int = 0
+    on_alert: OnAlert = "log"
+    on_error: OnError = "record"
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        # numpy integers (from a config or an array) are the ints they are.
+        for name in ("every", "seed", "top_k", "sample"):
+            object.__setattr__(self, name, plain_int(getattr(self, name)))
+        validate_sample(self.sample)
+        validate_check_options(
+            eps=self.eps, top_k=self.top_k, warn=self.warn, threshold=self.threshold
+        )
+        validate_watch_options(
+            every=self.every,
+            seed=self.seed,
+            on_alert=self.on_alert,
+            on_error=self.on_error,
+            budget=self.budget,
+        )
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "warn", float(self.warn))
+        if self.budget is not None:
+            object.__setattr__(self, "budget", float(self.budget))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The options, in order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every option by name (keyword arguments of `gradwatch.GradWatch`)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    def check_options(self) -> dict[str, Any]:
+        """The options a check function takes (`CHECK_OPTIONS`)."""
+        return {name: getattr(self, name) for name in CHECK_OPTIONS}
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as the report's configuration holds them (a callable named)."""
+        options = self.as_dict()
+        if not isinstance(self.on_alert, str):
+            on_alert = self.on_alert
+            options["on_alert"] = (
+                f"callable {getattr(on_alert, '__qualname__', type(on_alert).__name__)}"
+            )
+        return options
+
 
 _SAMPLE_EXPECTED = (
     'sample: expected None, "auto", "directional", an int >= 1 or a fraction in (0, 1]'
@@ -50,6 +128,7 @@ def validate_check_options(
     localize_evaluations: object = 0,
     seed: object = 0,
     diagnose: object = True,
+    per_tensor: object = True,
 ) -> None:
     """The options a check takes, ``sample`` aside (`validate_sample`: it needs theta's size).
 
@@ -61,6 +140,8 @@ def validate_check_options(
     validate_seed(seed)
     if not isinstance(diagnose, bool | np.bool_):
         raise OptionError(f"diagnose: expected True or False, received {diagnose!r}")
+    if not isinstance(per_tensor, bool | np.bool_):
+        raise OptionError(f"per_tensor: expected True or False, received {per_tensor!r}")
     if not _whole_number(top_k):
         raise OptionError(f"top_k: expected an int >= 0, received {top_k!r}")
     for name, value in (("warn", warn), ("threshold", threshold)):

@@ -32,10 +32,11 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.engine.finish import finish
 from gradwatch.errors import OptionError
+from gradwatch.options import WatchOptions
 from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
-    from gradwatch.callback import GradWatch, OnAlert, OnError, Sample
+    from gradwatch.callback import GradWatch
     from gradwatch.watch.due import DueCheck
 
 __all__ = [
@@ -313,6 +314,11 @@ class TrainingWatch:
     (``loss_fn``, ``regularization``, ``precision``); a framework callback subclasses
     it and only says when (`start`, `due`, `check`, `finish`) and on which batch.
 
+    Its own options say what J is and where the report goes; every other keyword
+    argument is a watch option (`gradwatch.options.WatchOptions`: ``sample``, ``eps``,
+    ``threshold``, ``warn``, ``top_k``, ``seed``, ``on_alert``, ``on_error``,
+    ``budget``), as for the core `gradwatch.GradWatch`.
+
     Attributes:
         watch: the core `gradwatch.GradWatch` (``watch.results``, ``watch.alerts``,
             ``watch.report_dir``).
@@ -333,16 +339,8 @@ class TrainingWatch:
         regularization: Penalties = (),
         precision: Precision = "float64",
         report_dir: str | os.PathLike[str] | None = None,
-        sample: Sample = "auto",
-        eps: float | None = None,
-        threshold: float = 1e-3,
-        warn: float = 1e-5,
-        top_k: int = 10,
-        seed: int = 0,
-        on_alert: OnAlert = "log",
-        on_error: OnError = "record",
-        budget: float | None = None,
         mode: CheckMode = "auto",
+        **options: Any,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise OptionError(
@@ -356,19 +354,9 @@ class TrainingWatch:
         self.precision: Precision = precision
         self.mode: CheckMode = checked_mode(mode)
         self.report_dir = None if report_dir is None else Path(report_dir)
-        self._options: dict[str, Any] = {
-            "every": every,
-            "sample": sample,
-            "eps": eps,
-            "threshold": threshold,
-            "warn": warn,
-            "top_k": top_k,
-            "seed": seed,
-            "on_alert": on_alert,
-            "on_error": on_error,
-            "budget": budget,
-        }
-        self.watch = self._new_watch()  # validates the options now, not at train begin
+        self.options = WatchOptions(every, **options)  # validated now, not at train begin
+        """The watch's options (``sample``, ``eps``, ... `gradwatch.options.WatchOptions`)."""
+        self.watch = self._new_watch()
         self.notes: list[str] = []
         self._finished = False
 
@@ -383,8 +371,7 @@ class TrainingWatch:
     def _new_watch(self) -> GradWatch:
         from gradwatch.callback import GradWatch
 
-        options = dict(self._options)
-        return GradWatch(options.pop("every"), report_dir=None, **options)
+        return GradWatch(report_dir=None, **self.options.as_dict())
 
     def start(
         self,

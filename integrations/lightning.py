@@ -62,7 +62,7 @@ from gradwatch.callback import WatchState
 from gradwatch.errors import LossError, MissingBatchError
 from gradwatch.watch.due import DueCheck
 
-__all__ = ["GradWatch", "training_step_loss"]
+__all__ = ["GradWatch", "LightningGradWatch", "training_step_loss"]
 
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -111,7 +111,7 @@ def _window_loss(trainer: pl.Trainer) -> LossFn:
     return loss
 
 
-class GradWatch(TrainingWatch, Callback):
+class LightningGradWatch(TrainingWatch, Callback):
     """A Lightning `Callback` that checks the backprop gradient every `every` optimizer updates.
 
     Args:
@@ -144,6 +144,12 @@ class GradWatch(TrainingWatch, Callback):
     _saved: WatchState | None = None
 
     # -- checkpoints: a resumed fit (``ckpt_path``) continues the same report ------------
+
+    @property
+    def state_key(self) -> str:
+        """The key of its state in a checkpoint: "GradWatch", as before the class had its
+        own name, so older checkpoints resume their report."""
+        return "GradWatch"
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the report directory and the checks so far."""
@@ -239,3 +245,8 @@ class GradWatch(TrainingWatch, Callback):
         self._due = None
         self.finish()
         rank_zero_info(self.watch.end_line())
+
+
+GradWatch = LightningGradWatch
+"""The documented import path: ``from gradwatch.integrations.lightning import GradWatch``
+(the core's `gradwatch.GradWatch` is another class)."""

@@ -63,13 +63,23 @@ except ImportError as missing:
         'pip install "gradwatch[transformers]"'
     ) from missing
 
-import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from gradwatch.integrations._hf_loss import COUNT, SmoothedLoss, smoothing_applies
+from gradwatch.integrations._hf_loss import (
+    COUNT,
+    PROJECTION_NOTE,
+    SmoothedLoss,
+    _forward,
+    _label_count,
+    _loss_output,
+    _takes_loss_kwargs,
+    model_loss,
+    projected_logits,
+    smoothing_applies,
+)
 from gradwatch.integrations._shadow.model import RngState
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import (
@@ -80,7 +90,6 @@ from gradwatch.integrations._training import (
 )
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging as transformers_logging
 
@@ -92,70 +101,10 @@ from gradwatch.watch.due import DueCheck
 _logger = transformers_logging.get_logger("transformers.integrations.gradwatch")
 """Under the ``transformers`` logger: the Trainer's ``log_level`` decides what shows."""
 
-__all__ = ["GradWatch", "model_loss"]
+__all__ = ["GradWatch", "TrainerGradWatch", "model_loss"]
 
 
-def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """J as the Trainer's default ``compute_loss`` takes it: the model's ``loss`` output.
-
-    ``inputs`` is the dict of keyword arguments the Trainer passed to ``model.forward``
-    (or ``(args, kwargs)`` when positional arguments were captured too).
-    """
-    return _loss_output(_forward(model, inputs))
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
-        return model(*inputs[0], **inputs[1])
-    return model(**inputs)
-
-
-def _loss_output(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, Mapping):
-        loss = outputs.get("loss")
-        if loss is None:
-            raise LossError(
-                f"model output: expected a `loss` (the model computes its loss when the "
-                f"inputs hold labels), received only {list(outputs.keys())}; pass "
-                f"GradWatch(loss_fn=...) to say what J is"
-            )
-        return loss  # type: ignore[no-any-return]
-    if isinstance(outputs, (tuple, list)) and outputs:
-        return outputs[0]  # type: ignore[no-any-return]
-    raise LossError(
-        f"model output: expected a ModelOutput with `loss` or a tuple whose first item is "
-        f"the loss, received {type(outputs).__name__}; pass GradWatch(loss_fn=...)"
-    )
-
-
-PROJECTION_NOTE = (
-    "where the model computes no loss (the Trainer popped the labels for its own loss), J is "
-    "a fixed projection of the model's logits: every parameter that reaches them is checked, "
-    "the Trainer's loss function is not"
-)
-
-
-def projected_logits(outputs: Any) -> torch.Tensor | None:
-    """J when the model computes no loss and the Trainer's own loss is out of reach:
-    the mean of the logits weighted by a fixed, well spread vector (cosines of multiples
-    of the golden angle; no random number generator, so nothing to replay or restore).
-    J is smooth and deterministic in theta, so backprop through the whole model is
-    checked against it exactly as against a loss. None when no floating output exists."""
-    if isinstance(outputs, Mapping):
-        values = [outputs["logits"]] if "logits" in outputs else list(outputs.values())
-    elif isinstance(outputs, (tuple, list)):
-        values = list(outputs)
-    else:
-        values = [outputs]
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-            index = torch.arange(value.numel(), device=value.device, dtype=value.dtype)
-            weights = torch.cos(index * 2.399963229728653).reshape(value.shape)
-            return (value * weights).mean()
-    return None
-
-
-class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
+class TrainerGradWatch(TrainingWatch, TrainerCallback, ExportableState):
     """A `TrainerCallback` that checks the backprop gradient every `every` optimizer updates.
 
     Args:
@@ -229,7 +178,8 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         without them refuses to start rather than check another J.
         """
         options = {
-            **self._options,
+            **self.options.as_dict(),
+            "mode": self.mode,
             "precision": self.precision,
             "report_dir": None if self.report_dir is None else str(self.report_dir),
         }
@@ -248,11 +198,11 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         saved = self._saved_state
         if saved is None:
             stored_states: object = state.stateful_callbacks  # a dict once loaded from JSON
-            stored = (
-                stored_states.get(type(self).__name__)
-                if isinstance(stored_states, Mapping)
-                else None
-            )
+            stored = None
+            if isinstance(stored_states, Mapping):
+                # Checkpoints written before the class had its own name keep "GradWatch".
+                names = (type(self).__name__, "GradWatch")
+                stored = next((stored_states[n] for n in names if n in stored_states), None)
             attributes = stored.get("attributes") if isinstance(stored, Mapping) else None
             if isinstance(attributes, Mapping):
                 saved = attributes.get("_saved_state")
@@ -515,24 +465,6 @@ class GradWatch(TrainingWatch, TrainerCallback, ExportableState):
         return notes
 
 
-def _takes_loss_kwargs(model: nn.Module) -> bool:
-    """True when ``model.forward`` passes extra keyword arguments on to its loss."""
-    if getattr(model, "accepts_loss_kwargs", None) is False:
-        return False
-    parameters = inspect.signature(model.forward).parameters.values()
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def _label_count(model: nn.Module, inputs: list[dict[str, Any]]) -> torch.Tensor | None:
-    """The step's predicted tokens, counted as the Trainer counts ``num_items_in_batch``."""
-    labels = [kwargs.get("labels") for kwargs in inputs]
-    tensors = [label for label in labels if isinstance(label, torch.Tensor)]
-    if len(tensors) != len(labels):
-        return None
-    loss_type = str(getattr(model, "loss_type", None))
-    config = getattr(model, "config", None)
-    shifts = LOSS_MAPPING.get(loss_type) is ForCausalLMLoss and not getattr(
-        config, "is_encoder_decoder", False
-    )
-    counts = [(label[..., 1:] if shifts else label).ne(-100).sum() for label in tensors]
-    return torch.stack(counts).sum()
+GradWatch = TrainerGradWatch
+"""The documented import path: ``from gradwatch.integrations.transformers import GradWatch``
+(the core's `gradwatch.GradWatch` is another class)."""

@@ -29,7 +29,7 @@ def test_transformers_resume_from_checkpoint_continues_the_report(tmp_path: Path
 
     trainer(4, GradWatch(every=1)).train()
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
-    state = saved["stateful_callbacks"]["GradWatch"]["attributes"]["_saved_state"]
+    state = saved["stateful_callbacks"]["TrainerGradWatch"]["attributes"]["_saved_state"]
     assert state["report_dir"] == str(tmp_path / "gradwatch") and state["checks"] == 4
     trainer(8, GradWatch(every=1)).train(resume_from_checkpoint=True)
     report = gradwatch.load_report(tmp_path / "gradwatch")
