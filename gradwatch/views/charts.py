@@ -238,7 +238,7 @@ def heatmap_section(report: Report) -> str:
         f"{step_of(checks[a]) if column % labelled == 0 else ''}</th>"
         for column, (a, b) in enumerate(bins)
     )
-    rows = []
+    rows: list[str] = []
     binned = _binned_ratios(report, checks, bins)
     screened = [step_of(check) for check in checks if screened_only(check)]
     if screened:
@@ -246,26 +246,8 @@ def heatmap_section(report: Report) -> str:
     if len(screened) == len(checks):
         return "\n".join(parts)
     for name in report.tensor_names:
-        cells = []
-        worst = -math.inf
-        for (a, b), value in zip(bins, binned.get(name, [None] * len(bins)), strict=True):
-            if value is None:
-                cells.append("<td class='c' style='background:#fff'></td>")
-                continue
-            worst = max(worst, nan_last(value))
-            screen = all(screened_only(c) for c in checks[a:b])
-            tip = f"{name} steps {step_of(checks[a])}..{step_of(checks[b - 1])}: {value:.2e}"
-            tip += " (screen only)" if screen else ""
-            cells.append(
-                f"<td class='c' style='width:{cell}px;background:{_color(value, warn, limit)}' "
-                f"title='{escape(tip)}'></td>"
-            )
-        rows.append(
-            f"<tr data-tensor='{escape(name)}'><td class='n'>{escape(name)}</td>"
-            f"<td class='n'>{format_ratio(worst) if worst > -math.inf else '-'}</td>"
-            + "".join(cells)
-            + "</tr>"
-        )
+        row = binned.get(name, [None] * len(bins))
+        rows.append(_heatmap_row(name, row, checks, bins, cell, (warn, limit)))
     parts.append(
         f"<p class='note'>One row per tensor (parameter order), one column per check"
         f"{' bin' if len(checks) > HEATMAP_COLUMNS else ''}, colored by ratio: "
@@ -283,6 +265,38 @@ def heatmap_section(report: Report) -> str:
         + "</table>"
     )
     return "\n".join(parts)
+
+
+def _heatmap_row(
+    name: str,
+    row: list[float | None],
+    checks: list[CheckResult],
+    bins: list[tuple[int, int]],
+    cell: int,
+    levels: tuple[float, float],
+) -> str:
+    """One tensor's row: its name, its largest ratio, a colored cell per bin of checks."""
+    warn, limit = levels
+    cells = []
+    worst = -math.inf
+    for (a, b), value in zip(bins, row, strict=True):
+        if value is None:
+            cells.append("<td class='c' style='background:#fff'></td>")
+            continue
+        worst = max(worst, nan_last(value))
+        screen = all(screened_only(c) for c in checks[a:b])
+        tip = f"{name} steps {step_of(checks[a])}..{step_of(checks[b - 1])}: {value:.2e}"
+        tip += " (screen only)" if screen else ""
+        cells.append(
+            f"<td class='c' style='width:{cell}px;background:{_color(value, warn, limit)}' "
+            f"title='{escape(tip)}'></td>"
+        )
+    return (
+        f"<tr data-tensor='{escape(name)}'><td class='n'>{escape(name)}</td>"
+        f"<td class='n'>{format_ratio(worst) if worst > -math.inf else '-'}</td>"
+        + "".join(cells)
+        + "</tr>"
+    )
 
 
 def _screened_note(steps: list[int], checks: int) -> str:
