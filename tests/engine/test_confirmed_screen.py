@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import pytest
 
 import gradwatch
+from gradwatch.engine import auto
 from gradwatch.engine.sampling import screen_directions
 from gradwatch.errors import OptionError
 from tests.engine.test_screen import scalars_next_to_a_large_tensor
-
-# The module, not the function `gradwatch.check` that hides it on the package.
-check_module = importlib.import_module("gradwatch.check")
 
 
 def test_a_confirmed_screen_fails_at_every_seed_in_a_few_evaluations() -> None:
@@ -39,13 +36,13 @@ def test_a_correct_gradient_is_ok_after_one_screen_either_way() -> None:
 
 def test_an_unconfirmed_screen_is_checked_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the second screen sees no error, each tensor is checked along its own direction."""
-    real_screen = check_module.screen
+    real_screen = auto.screen
 
     def second_screen_clean(*args: Any, **kwargs: Any) -> tuple[float, None]:
         ratio, below = real_screen(*args, **kwargs)
-        return (0.0, None) if args[-1] == check_module.CONFIRMING_SCREEN else (ratio, below)
+        return (0.0, None) if args[-1] == auto.CONFIRMING_SCREEN else (ratio, below)
 
-    monkeypatch.setattr(check_module, "screen", second_screen_clean)
+    monkeypatch.setattr(auto, "screen", second_screen_clean)
     params, loss, grads = scalars_next_to_a_large_tensor(0.1)
     result = gradwatch.check(loss, params, grads, sample="auto", per_tensor=False)
     assert result.status == "fail"
