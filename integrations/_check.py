@@ -7,13 +7,32 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import gradwatch
 import numpy as np
 import numpy.typing as npt
 import torch
+from gradwatch.engine.finish import finish
+from gradwatch.errors import (
+    GradwatchError,
+    LossError,
+    OptionError,
+    ParameterError,
+    ProcessGroupError,
+)
 from gradwatch.integrations._local.search import localize_failure
 from gradwatch.integrations._parallel.ranks import PeerCheckError, Ranks, unwrap_data_parallel
 from gradwatch.integrations._parallel.sharded import check_sharded, is_sharded
-from gradwatch.integrations._shadow.batched import _BatchedObjective
+from gradwatch.integrations._shadow.batched import VmappedLoss
+from gradwatch.integrations._shadow.loss import (
+    LossFn,
+    Penalties,
+    Penalty,
+    ShadowLoss,
+    _largest_entry,
+    _penalty_items,
+    _ShadowGradients,
+    untouched_model,
+)
 from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
 from gradwatch.integrations._shadow.model import (
     GENERATORS,
@@ -28,28 +47,8 @@ from gradwatch.integrations._shadow.model import (
     module_gradients,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow.objective import (
-    LossFn,
-    Penalties,
-    Penalty,
-    _largest_entry,
-    _Objective,
-    _penalty_items,
-    _ShadowGradients,
-    untouched_model,
-)
-from torch import nn
-
-import gradwatch
-from gradwatch.engine.finish import finish
-from gradwatch.errors import (
-    GradwatchError,
-    LossError,
-    OptionError,
-    ParameterError,
-    ProcessGroupError,
-)
 from gradwatch.result import CheckResult
+from torch import nn
 
 __all__ = ["Analytic", "check_module", "weight_decay_notes"]
 
@@ -295,7 +294,7 @@ class _ShadowCheck:
         self.shadow = shadow = _Shadow(self.model, precision)
         without_checkpointing(shadow.module)
         self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows(), shadow.native_dtype)
-        objective = _Objective(
+        objective = ShadowLoss(
             shadow, self.loss_fn, self.batch, self.penalties, self.rng, self.ranks
         )
         notes: list[str] = []
@@ -318,7 +317,7 @@ class _ShadowCheck:
             )
             notes.extend(grad_notes)
         notes.extend(_precision_notes(shadow))
-        loss = _BatchedObjective(objective, largest) if self.batched else objective
+        loss = VmappedLoss(objective, largest) if self.batched else objective
         with untouched_model(self.model), self.mode, torch.inference_mode():
             result, grads = self._check_until_trusted(objective, loss, grads, notes)
             if isinstance(grads, _ShadowGradients):
@@ -342,8 +341,8 @@ class _ShadowCheck:
 
     def _check_until_trusted(
         self,
-        objective: _Objective,
-        loss: _Objective | _BatchedObjective,
+        objective: ShadowLoss,
+        loss: ShadowLoss | VmappedLoss,
         grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]],
         notes: list[str],
     ) -> tuple[CheckResult, _ShadowGradients | dict[str, npt.NDArray[np.floating]]]:
@@ -355,7 +354,7 @@ class _ShadowCheck:
         - a gradient arrived in parts (a parameter used in two reentrant checkpoint
           segments is accumulated once per segment): streamed, the check saw only the
           first part, so it runs again holding every gradient until the backward ends;
-        - J drew from a generator at some evaluations only (`_Objective.stray_draws`):
+        - J drew from a generator at some evaluations only (`ShadowLoss.stray_draws`):
           the replay missed it, so it runs again replaying every generator at every
           evaluation, one by one (vmap cannot replay draws).
         """
@@ -380,7 +379,7 @@ class _ShadowCheck:
                     "only; checked again replaying every generator at every evaluation"
                 )
                 continue
-            if isinstance(loss, _BatchedObjective):
+            if isinstance(loss, VmappedLoss):
                 notes.extend(loss.notes())
             return result, grads
 

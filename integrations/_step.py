@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from gradwatch.engine.comparison import status_for
+from gradwatch.errors import OptionError
 from gradwatch.integrations._parallel.ranks import Ranks, unwrap_data_parallel
+from gradwatch.integrations._shadow.loss import LossFn, _scalar, untouched_model
 from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
 from gradwatch.integrations._shadow.model import (
     RngState,
@@ -29,12 +32,8 @@ from gradwatch.integrations._shadow.model import (
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow.objective import LossFn, _scalar, untouched_model
-from torch import nn
-
-from gradwatch.engine.comparison import status_for
-from gradwatch.errors import OptionError
 from gradwatch.result import StepLink
+from torch import nn
 
 __all__ = ["STEP_TOLERANCES", "MicroBatch", "compare_step"]
 

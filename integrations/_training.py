@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from gradwatch.engine.finish import finish
+from gradwatch.errors import OptionError
 from gradwatch.integrations._check import check_module
 from gradwatch.integrations._local.blocks import (
     CheckMode,
@@ -19,21 +21,18 @@ from gradwatch.integrations._local.blocks import (
 )
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._parallel.sharded import is_sharded
+from gradwatch.integrations._shadow.loss import LossFn, Penalties, _penalty_items
 from gradwatch.integrations._shadow.model import (
     Precision,
     RngState,
     check_precision,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow.objective import LossFn, Penalties, _penalty_items
 from gradwatch.integrations._step import MicroBatch, compare_step
-from torch import nn
-from torch.utils.hooks import RemovableHandle
-
-from gradwatch.engine.finish import finish
-from gradwatch.errors import OptionError
 from gradwatch.options import WatchOptions
 from gradwatch.result import CheckResult
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

@@ -62,6 +62,7 @@ from gradwatch.integrations._check import Analytic, check_module, weight_decay_n
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD
 from gradwatch.integrations._local.blocks import CheckMode
 from gradwatch.integrations._local.search import check_local, check_modules
+from gradwatch.integrations._shadow.loss import LossFn, Penalties, Penalty
 from gradwatch.integrations._shadow.model import (
     NATIVE_DTYPES,
     Precision,
@@ -70,7 +71,6 @@ from gradwatch.integrations._shadow.model import (
     module_gradients,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow.objective import LossFn, Penalties, Penalty
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import (
     STATUS_CODES,
@@ -81,9 +81,8 @@ from gradwatch.integrations._training import (
     join_ranks,
     result_metrics,
 )
-from torch import nn
-
 from gradwatch.result import CheckResult
+from torch import nn
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from gradwatch.errors import OptionError
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD, STEPS, LocalChecker
 from gradwatch.integrations._local.capture import (
     ModuleCall,
@@ -43,6 +44,7 @@ from gradwatch.integrations._local.capture import (
 from gradwatch.integrations._local.search import _suspect, search
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._parallel.sharded import is_sharded
+from gradwatch.integrations._shadow.loss import LossFn, _scalar
 from gradwatch.integrations._shadow.mode import ShadowMode
 from gradwatch.integrations._shadow.model import (
     RngState,
@@ -50,12 +52,7 @@ from gradwatch.integrations._shadow.model import (
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.integrations._shadow.objective import LossFn, _scalar
 from gradwatch.integrations._step import STEP_TOLERANCES, MicroBatch, _compare, _link
-from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
-
-from gradwatch.errors import OptionError
 from gradwatch.result import (
     CheckResult,
     Coverage,
@@ -64,6 +61,8 @@ from gradwatch.result import (
     ModuleVerdict,
     StepLink,
 )
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 import torch
+from gradwatch.errors import OptionError
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD, LocalChecker, custom_functions
 from gradwatch.integrations._local.capture import (
     ModuleCall,
@@ -24,19 +25,17 @@ from gradwatch.integrations._local.capture import (
     fresh_arguments,
     tensor_leaves,
 )
-from gradwatch.integrations._shadow.mode import ShadowMode
-from gradwatch.integrations._shadow.model import RngState, _Shadow, _untouched_globals
-from gradwatch.integrations._shadow.objective import (
+from gradwatch.integrations._shadow.loss import (
     LossFn,
     Penalties,
     Penalty,
-    _Objective,
+    ShadowLoss,
     _penalty_items,
 )
-from torch import nn
-
-from gradwatch.errors import OptionError
+from gradwatch.integrations._shadow.mode import ShadowMode
+from gradwatch.integrations._shadow.model import RngState, _Shadow, _untouched_globals
 from gradwatch.result import CheckResult, Localization, ModuleSuspect, ModuleVerdict, SuspectKind
+from torch import nn
 
 __all__ = ["MAX_CHECKS", "check_local", "check_modules", "localize_failure", "search"]
 
@@ -79,7 +78,7 @@ def localize_failure(result: CheckResult, run: FailedRun) -> CheckResult:
             update={"notes": [*result.notes, f"module-local search not run: {why}"]}
         )
     try:
-        objective = _Objective(run.shadow, run.loss_fn, run.batch, run.penalties, run.rng)
+        objective = ShadowLoss(run.shadow, run.loss_fn, run.batch, run.penalties, run.rng)
         found = _localize(run.shadow, objective, "search", 0, LOCAL_THRESHOLD, failing=True)
     except Exception as error:
         note = f"module-local search could not run: {type(error).__name__}: {error}"
@@ -118,7 +117,7 @@ def check_modules(
     penalties = _penalty_items(regularization)
     with _untouched_globals(model) as rng:
         shadow = _Shadow(model, "float64")
-        objective = _Objective(shadow, loss_fn, batch, penalties, rng)
+        objective = ShadowLoss(shadow, loss_fn, batch, penalties, rng)
         return _localize(shadow, objective, scope, seed, threshold)
 
 
@@ -202,7 +201,7 @@ def _cotangents(
 
 def _localize(
     shadow: _Shadow,
-    objective: _Objective,
+    objective: ShadowLoss,
     scope: Scope,
     seed: int,
     threshold: float,

@@ -2,5 +2,5 @@
 
 The copy whose trainable tensors are numpy views (`model`), the mode that makes its
 float32 requests float64 (`mode`), the training's random draws replayed (`draws`), J and
-dθ on the copy (`objective`), and many perturbations per ``vmap`` call (`batched`).
+dθ on the copy (`loss`), and many perturbations per ``vmap`` call (`batched`).
 """

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.integrations._shadow.objective import _Objective
+from gradwatch.integrations._shadow.loss import ShadowLoss
 from torch import nn
 
 __all__ = ["ACTIVATION_BUDGET", "MAX_CHUNK", "MIN_BATCH", "PERTURBATION_BUDGET"]
@@ -33,7 +33,7 @@ _PROBE_TOLERANCE = 256
 class _JModule(nn.Module):
     """J as a module over the shadow's parameters, for `torch.func.functional_call`."""
 
-    def __init__(self, objective: _Objective) -> None:
+    def __init__(self, objective: ShadowLoss) -> None:
         super().__init__()
         self.model = objective.shadow.module
         self.objective = objective
@@ -42,7 +42,7 @@ class _JModule(nn.Module):
         return self.objective.total(self.model)
 
 
-class _BatchedObjective:
+class VmappedLoss:
     """The objective plus ``evaluate_batch``: many perturbations of a tensor per call.
 
     ``evaluate_batch`` builds a chunk of perturbed copies of one tensor and
@@ -56,7 +56,7 @@ class _BatchedObjective:
     around ``functional_call``).
     """
 
-    def __init__(self, objective: _Objective, largest: Mapping[str, int]) -> None:
+    def __init__(self, objective: ShadowLoss, largest: Mapping[str, int]) -> None:
         self.objective = objective
         self._module = _JModule(objective)
         self._largest = largest
@@ -209,7 +209,7 @@ class _BatchedObjective:
         return max(1, min(MAX_CHUNK, by_copies, by_outputs))
 
 
-def _batched_unavailable(objective: _Objective) -> str | None:
+def _batched_unavailable(objective: ShadowLoss) -> str | None:
     """Why J cannot be vmapped with the sequential numbers, or None."""
     modules = [(name or type(m).__name__, m) for name, m in objective.shadow.module.named_modules()]
     stochastic = [name for name, m in modules if m.training and _draws_in_train_mode(m)]
@@ -268,7 +268,7 @@ def _vmap_failure(error: Exception) -> str:
 
 
 @contextmanager
-def _output_bytes(objective: _Objective) -> Iterator[list[int]]:
+def _output_bytes(objective: ShadowLoss) -> Iterator[list[int]]:
     """Sum the bytes of every module output (and of the batch) while inside."""
     measured = [_nbytes(objective._batch)]
 

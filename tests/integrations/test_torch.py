@@ -266,7 +266,7 @@ def test_analytic_gradient_is_handed_over_one_tensor_at_a_time(
 ) -> None:
     """The shadow's backward gives each gradient to the check and drops it at once, so a
     float64 copy of the whole gradient is never held (the memory target of a check)."""
-    from gradwatch.integrations._shadow import objective as integration
+    from gradwatch.integrations._shadow import loss as integration
 
     visit = integration._ShadowGradients.visit
     held: list[int] = []

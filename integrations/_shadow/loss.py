@@ -1,6 +1,6 @@
 """J on the shadow: the objective the core evaluates, with RNG replay, and its gradient.
 
-`_Objective` is J(shadow) = ``loss_fn(shadow, batch)`` + penalties, every evaluation
+`ShadowLoss` is J(shadow) = ``loss_fn(shadow, batch)`` + penalties, every evaluation
 (and the analytic pass) starting from the same forked state of the generators J
 draws from, so dropout draws the same mask every time. `_ShadowGradients` is the
 autograd gradient of that J, streamed to the check one tensor at a time.
@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from gradwatch.engine.uninterrupted import restored_after
+from gradwatch.errors import LossError, OptionError
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._shadow.model import (
     Generator,
@@ -26,9 +28,6 @@ from gradwatch.integrations._shadow.model import (
 )
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-
-from gradwatch.engine.uninterrupted import restored_after
-from gradwatch.errors import LossError, OptionError
 
 __all__ = ["NOT_THE_MODEL_GIVEN", "LossFn", "Penalties", "Penalty", "untouched_model"]
 
@@ -139,7 +138,7 @@ def j_terms(
     return loss, terms
 
 
-class _Objective:
+class ShadowLoss:
     """J(shadow) = loss_fn(shadow, batch) + penalties, with the forked RNG state replayed.
 
     The first evaluation starts from the forked state of every generator and
@@ -266,7 +265,7 @@ class _ShadowGradients:
     """
 
     def __init__(
-        self, objective: _Objective, hold: bool = False, largest: dict[str, int] | None = None
+        self, objective: ShadowLoss, hold: bool = False, largest: dict[str, int] | None = None
     ) -> None:
         self.objective = objective
         self.hold = hold or objective.ranks is not None
