@@ -7,18 +7,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import gradwatch
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.engine.finish import finish
-from gradwatch.errors import (
-    GradwatchError,
-    LossError,
-    OptionError,
-    ParameterError,
-    ProcessGroupError,
-)
 from gradwatch.integrations._local.search import localize_failure
 from gradwatch.integrations._parallel.ranks import PeerCheckError, Ranks, unwrap_data_parallel
 from gradwatch.integrations._parallel.sharded import check_sharded, is_sharded
@@ -47,8 +38,18 @@ from gradwatch.integrations._shadow.model import (
     module_gradients,
     trainable_parameters,
 )
-from gradwatch.result import CheckResult
 from torch import nn
+
+import gradwatch
+from gradwatch.engine.finish import finish
+from gradwatch.errors import (
+    GradwatchError,
+    LossError,
+    OptionError,
+    ParameterError,
+    ProcessGroupError,
+)
+from gradwatch.result import CheckResult
 
 __all__ = ["Analytic", "check_module", "weight_decay_notes"]
 

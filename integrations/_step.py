@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gradwatch.engine.comparison import status_for
-from gradwatch.errors import OptionError
 from gradwatch.integrations._parallel.ranks import Ranks, unwrap_data_parallel
 from gradwatch.integrations._shadow.loss import LossFn, _scalar, untouched_model
 from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
@@ -32,8 +30,11 @@ from gradwatch.integrations._shadow.model import (
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.result import StepLink
 from torch import nn
+
+from gradwatch.engine.comparison import status_for
+from gradwatch.errors import OptionError
+from gradwatch.result import StepLink
 
 __all__ = ["STEP_TOLERANCES", "MicroBatch", "compare_step"]
 

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from gradwatch.engine.finish import finish
-from gradwatch.errors import OptionError
 from gradwatch.integrations._check import check_module
 from gradwatch.integrations._local.blocks import (
     CheckMode,
@@ -29,10 +27,13 @@ from gradwatch.integrations._shadow.model import (
     trainable_parameters,
 )
 from gradwatch.integrations._step import MicroBatch, compare_step
-from gradwatch.options import WatchOptions
-from gradwatch.result import CheckResult
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from gradwatch.engine.finish import finish
+from gradwatch.errors import OptionError
+from gradwatch.options import WatchOptions
+from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

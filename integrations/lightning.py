@@ -50,16 +50,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from gradwatch.callback import WatchState
-from gradwatch.errors import LossError, MissingBatchError
 from gradwatch.integrations._shadow.loss import LossFn
 from gradwatch.integrations._shadow.model import RngState
 from gradwatch.integrations._step import MicroBatch
 from gradwatch.integrations._training import TrainingWatch, check_step_notes, result_metrics
-from gradwatch.watch.due import DueCheck
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from gradwatch.callback import WatchState
+from gradwatch.errors import LossError, MissingBatchError
+from gradwatch.watch.due import DueCheck
 
 __all__ = ["GradWatch", "LightningGradWatch", "training_step_loss"]
 

@@ -81,8 +81,9 @@ from gradwatch.integrations._training import (
     join_ranks,
     result_metrics,
 )
-from gradwatch.result import CheckResult
 from torch import nn
+
+from gradwatch.result import CheckResult
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from gradwatch.errors import OptionError
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD, STEPS, LocalChecker
 from gradwatch.integrations._local.capture import (
     ModuleCall,
@@ -53,6 +52,10 @@ from gradwatch.integrations._shadow.model import (
     trainable_parameters,
 )
 from gradwatch.integrations._step import STEP_TOLERANCES, MicroBatch, _compare, _link
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from gradwatch.errors import OptionError
 from gradwatch.result import (
     CheckResult,
     Coverage,
@@ -61,8 +64,6 @@ from gradwatch.result import (
     ModuleVerdict,
     StepLink,
 )
-from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
 
 if TYPE_CHECKING:
     from gradwatch.callback import GradWatch

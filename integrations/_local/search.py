@@ -17,7 +17,6 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 import torch
-from gradwatch.errors import OptionError
 from gradwatch.integrations._local.adjoint import LOCAL_THRESHOLD, LocalChecker, custom_functions
 from gradwatch.integrations._local.capture import (
     ModuleCall,
@@ -34,8 +33,10 @@ from gradwatch.integrations._shadow.loss import (
 )
 from gradwatch.integrations._shadow.mode import ShadowMode
 from gradwatch.integrations._shadow.model import RngState, _Shadow, _untouched_globals
-from gradwatch.result import CheckResult, Localization, ModuleSuspect, ModuleVerdict, SuspectKind
 from torch import nn
+
+from gradwatch.errors import OptionError
+from gradwatch.result import CheckResult, Localization, ModuleSuspect, ModuleVerdict, SuspectKind
 
 __all__ = ["MAX_CHECKS", "check_local", "check_modules", "localize_failure", "search"]
 

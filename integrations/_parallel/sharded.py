@@ -31,12 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import gradwatch
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.engine.finish import finish
-from gradwatch.errors import OptionError, ProcessGroupError
 from gradwatch.integrations._parallel.merge import merge_shard_results
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._shadow.loss import LossFn, Penalty, _is_immutable, j_terms
@@ -47,8 +44,12 @@ from gradwatch.integrations._shadow.model import (
     _untouched_globals,
     trainable_parameters,
 )
-from gradwatch.result import CheckResult
 from torch import nn
+
+import gradwatch
+from gradwatch.engine.finish import finish
+from gradwatch.errors import OptionError, ProcessGroupError
+from gradwatch.result import CheckResult
 
 __all__ = ["check_sharded", "is_sharded"]
 

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gradwatch.engine.uninterrupted import restored_after
-from gradwatch.errors import LossError, OptionError
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._shadow.model import (
     Generator,
@@ -28,6 +26,9 @@ from gradwatch.integrations._shadow.model import (
 )
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from gradwatch.engine.uninterrupted import restored_after
+from gradwatch.errors import LossError, OptionError
 
 __all__ = ["NOT_THE_MODEL_GIVEN", "LossFn", "Penalties", "Penalty", "untouched_model"]
 
