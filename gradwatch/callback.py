@@ -101,15 +101,17 @@ class GradWatch(ReportedWatch):
             `sample` when its estimated cost fits the allowance, else the largest
             cheaper check that fits: a sample of k components sized to the allowance
             (when k covers at least a quarter of theta), then ``"directional"`` (two loss
-            evaluations per tensor); it is skipped (recorded in ``report.skipped``) only
-            when even the directional check does not fit. The cost is estimated from the
-            checks so far (their seconds and loss evaluations). The first due check,
-            with no estimate yet, runs ``"directional"`` (or the configured sample when it
-            is ``"directional"`` already). Each reduced check says so in its ``notes``.
-            A failing check spends more than a correct one (it localizes): later checks
-            get only the evaluations the allowance leaves for that
-            (``localize_evaluations``); the first, with no training time to take a share
-            of yet, stays within ``gradwatch.check.most_evaluations``. Tensors left
+            evaluations per tensor), then the ``"auto"`` screen (a module-local torch
+            check: fewer blocks); it is skipped (recorded in ``report.skipped``) when even
+            the cheapest does not fit, but never more than two due checks in a row: the
+            third runs the cheapest check over the allowance (no starvation; its notes say
+            so). The cost is estimated from the checks so far (their seconds and loss
+            evaluations, or blocks). The first due check, with no estimate yet, runs
+            ``"auto"`` when configured, else ``"directional"``, localizing nothing inside
+            tensors (``localize_evaluations=0``; one block of a module-local check). Each
+            reduced check says so in its ``notes``. A failing check spends more than a
+            correct one (it localizes): later checks get only the evaluations the
+            allowance leaves for that (``localize_evaluations``). Tensors left
             unlocalized are named in the notes.
         clock: the wall clock the budget reads (seconds); tests inject a fake one.
         write: False makes this instance write no files; it still checks, logs and

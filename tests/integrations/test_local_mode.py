@@ -178,3 +178,58 @@ def test_every_swept_architecture_passes_in_local_mode(name: str) -> None:
     model, data = build(name)
     statuses, suspects, _ = rotate(model.train(), batch_of(data))
     assert "fail" not in statuses and suspects == []
+
+
+class _WrongLookup(torch.autograd.Function):
+    """An embedding lookup whose backward scales the rows' gradient by 1.1."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows = weight.shape[0]
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.rows, g.shape[-1], dtype=g.dtype)
+        grad.index_add_(0, ids.reshape(-1), 1.1 * g.reshape(-1, g.shape[-1]))
+        return grad, None
+
+
+class WrongEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _WrongLookup.apply(self.weight, ids)
+
+
+class LanguageModel(nn.Module):
+    """A 5000-token vocabulary: its embedding and head are checked on a few rows."""
+
+    def __init__(self, embedding: type[nn.Embedding]) -> None:
+        super().__init__()
+        self.embed = embedding(5000, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5000)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.mix(self.embed(ids))))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+@pytest.mark.parametrize("embedding", [nn.Embedding, WrongEmbedding])
+def test_vocabulary_sized_blocks_are_checked_on_a_few_rows(embedding: type[nn.Embedding]) -> None:
+    """The embedding (rows its ids use) and the head (1024 random output rows) are checked
+    on compact copies: a wrong embedding backward is still named, a correct one passes."""
+    torch.manual_seed(0)
+    model = LanguageModel(embedding)
+    ids = torch.randint(0, 5000, (4, 12))
+    statuses, suspects, notes = [], [], []
+    for done in range(math.ceil(len(model_blocks(model)) / per_check(model_blocks(model)))):
+        result, _ = check_blocks(model, lambda m, b: m(b), ids, done=done)
+        assert result.localization is not None
+        statuses.append(result.status)
+        suspects += [s.module for s in result.localization.suspects]
+        notes += result.localization.notes
+    assert any(n.startswith("embed: checked on the") and "(of 5000)" in n for n in notes)
+    assert "head: checked on 1024 random output rows (of 5000)" in notes
+    assert suspects == (["embed"] if embedding is WrongEmbedding else [])
