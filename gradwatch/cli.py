@@ -25,7 +25,7 @@ import numpy.typing as npt
 from gradwatch import __version__
 from gradwatch.errors import GradwatchError
 from gradwatch.report import Report, TruncatedReportWarning, load_report
-from gradwatch.result import CheckResult
+from gradwatch.result import CheckResult, Localization
 from gradwatch.store.models import RunSelection
 from gradwatch.store.reader import locate_report
 from gradwatch.views.html import detailed_steps, report_html
@@ -312,7 +312,13 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
         f"step {check.step}: ratio {_g(check.ratio)} ({check.status}), "
         f"{check.checked} of {check.size} components checked ({check.mode})"
     )
-    if screened_only(check):
+    if check.localization is not None and not check.tensors:
+        _say(
+            f"tensors: none measured on its own (a confirmed screen, {check.checked} random "
+            "directions, ended the check); where the bug is, by module:"
+        )
+        _module_search(check.localization, arguments.top)
+    elif screened_only(check):
         _say(
             f"tensors: {len(check.tensors)}, screened together: {check.checked} random "
             f"directions over all {check.size} components, none checked on its own"
@@ -332,6 +338,31 @@ def _worst(report: Report, arguments: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def _module_search(found: Localization, top: int) -> None:
+    """The module-local search of a failing check: the suspects in words, then the calls it
+    checked that did not pass (at most ``top``), each side's local ratio."""
+    for suspect in found.suspects:
+        _say(f"  the bug is in {suspect.describe()}")
+    if not found.suspects:
+        _say("  no module call failed its own check")
+    failing = [v for v in found.modules if v.status not in ("ok", "unreached")]
+    _say(
+        f"  {found.checks} module calls checked, {found.evaluations} module evaluations; "
+        f"not passing ({len(failing)}), local threshold {_g(found.threshold)}:"
+    )
+    for verdict in failing[:top]:
+        sides = ", ".join(
+            f"{side} {_g(ratio)}"
+            for side, ratio in (
+                ("input", verdict.input_ratio),
+                ("parameter", verdict.parameter_ratio),
+            )
+            if ratio is not None
+        )
+        name = verdict.module or "(the model)"
+        _say(f"    {name} ({verdict.class_name}): {verdict.status}, {sides}")
+
+
 def _worst_payload(check: CheckResult, top: int) -> dict[str, Any]:
     return {
         "step": check.step,
@@ -343,6 +374,7 @@ def _worst_payload(check: CheckResult, top: int) -> dict[str, Any]:
             for name, tensor in check.tensors.items()
         },
         "components": [component.model_dump() for component in check.worst[:top]],
+        "localization": check.localization.model_dump() if check.localization else None,
         "error": check.error,
         "error_source": check.error_source,
     }
