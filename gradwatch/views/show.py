@@ -318,6 +318,8 @@ def _worst_check(check: CheckResult, listed: _Listed) -> list[str]:
 def tensor_lines(check: CheckResult, listed: int = LISTED_TENSORS) -> list[str]:
     """The failing and the worst few tensors of `check`, the rest folded with a count."""
     total = len(check.tensors)
+    if not total and check.localization is not None:
+        return ["  tensors: none measured on its own; the module search says where (next:)"]
     if not total:
         return ["  tensors: none recorded in this check"]
     if screened_only(check):
