@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "ParameterError",
+    "PeerCheckError",
     "ProcessGroupError",
     "ReportError",
 ]
@@ -82,6 +83,15 @@ class ProcessGroupError(GradwatchError):
 
     The next training step's collectives would fail the same way, so this is raised
     to the training loop, never recorded as a check with status ``"error"``.
+    """
+
+
+class PeerCheckError(GradwatchError, RuntimeError):
+    """Another rank's part of a distributed check raised; this rank leaves the check with it.
+
+    The message names the rank and its exception (``"the check raised on rank 1:
+    RuntimeError: ..."``); like any exception inside a due check it is recorded as a check
+    with status ``"error"`` and training goes on.
     """
 
 

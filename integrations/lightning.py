@@ -86,8 +86,9 @@ def training_step_loss(batch_idx: int, trainer: pl.Trainer | None = None) -> Los
         for submodule in module.modules():
             if isinstance(submodule, pl.LightningModule):
                 submodule.trainer = trainer
-                object.__setattr__(submodule, "log", _ignore_log)
-                object.__setattr__(submodule, "log_dict", _ignore_log)
+                # The copy's own instance attributes shadow its methods (plain Python, no
+                # Lightning internals): its logging never reaches the trainer's metrics.
+                vars(submodule).update(log=_ignore_log, log_dict=_ignore_log)
         output = module.training_step(batch, batch_idx)  # type: ignore[operator]
         if isinstance(output, Mapping):
             output = output.get("loss")

@@ -454,13 +454,14 @@ def writer_rank() -> int:
     not imported ``torch.distributed`` has no process group.
     """
     distributed = sys.modules.get("torch.distributed")
+    rank: int | None = None
     if distributed is not None:
         try:
             if distributed.is_available() and distributed.is_initialized():
-                return int(distributed.get_rank())
-        except Exception:  # a broken process group leaves the launcher's word
-            pass
-    return launched_rank()
+                rank = int(distributed.get_rank())
+        except (RuntimeError, ValueError):
+            rank = None  # a broken process group: the launcher's word decides
+    return launched_rank() if rank is None else rank
 
 
 def launched_rank() -> int:

@@ -21,32 +21,36 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwatch.errors import OptionError, ProcessGroupError
+from gradwatch.errors import OptionError, PeerCheckError, ProcessGroupError
 
 __all__ = ["PeerCheckError", "Ranks", "unwrap_data_parallel"]
 
 T = TypeVar("T")
 
-_AGREED = "_gradwatch_agreed"
-"""Set on an exception every rank already knows of (it is not announced again)."""
-
-
-class PeerCheckError(RuntimeError):
-    """Another rank's part of the check raised; this rank leaves the check with it."""
-
 
 class Ranks:
-    """The ranks of the default process group, as one check sees them."""
+    """The ranks of the default process group, as one check sees them.
+
+    One object per process group (`current`), so the exceptions it raised after every
+    rank learned of them (`_told`) are known in every frame of the check they leave,
+    without marking the exceptions themselves.
+    """
+
+    _current: ClassVar[Ranks | None] = None
 
     def __init__(self) -> None:
         self.rank = dist.get_rank()
         self.size = dist.get_world_size()
+        self._group = dist.group.WORLD
+        self._told: list[BaseException] = []
+        """Exceptions every rank knows of: not announced again on their way out."""
+        self._depth = 0
         backend = str(dist.get_backend())
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -59,7 +63,10 @@ class Ranks:
         """The job's ranks when this process is one of several, else None."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
-        return cls()
+        known = cls._current
+        if known is None or known._group is not dist.group.WORLD:
+            known = cls._current = cls()
+        return known
 
     # -- the collective points of a check ------------------------------------------------
 
@@ -87,12 +94,15 @@ class Ranks:
         message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
         self._collective(dist.broadcast_object_list, message, src=source)
         if failure is not None:
-            setattr(failure, _AGREED, True)
+            self._told.append(failure)
             raise failure
         others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         error = PeerCheckError(f"the check raised on rank {source}{others}: {message[0]}")
-        setattr(error, _AGREED, True)
+        self._told.append(error)
         raise error
+
+    def _known(self, failure: BaseException) -> bool:
+        return any(failure is told for told in self._told)
 
     def _collective(self, operation: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -106,7 +116,7 @@ class Ranks:
 
     def point(self, failure: BaseException | None = None) -> None:
         """A point without payload: announce ``failure`` unless every rank knows it already."""
-        if failure is not None and getattr(failure, _AGREED, False):
+        if failure is not None and self._known(failure):
             failure = None
         self._exchange(torch.zeros(0, dtype=torch.float64), failure)
 
@@ -164,15 +174,21 @@ class Ranks:
         between two collectives announces it there, and its peers raise
         `PeerCheckError` instead of returning a verdict the failed rank never reached.
         """
+        self._depth += 1
         try:
-            yield
-        except ProcessGroupError:
-            raise
-        except Exception as error:
-            if not getattr(error, _AGREED, False):  # the peers know of it already otherwise
-                self.point(error)
-            raise
-        self.point()
+            try:
+                yield
+            except ProcessGroupError:
+                raise
+            except Exception as error:
+                if not self._known(error):  # the peers know of it already otherwise
+                    self.point(error)
+                raise
+            self.point()
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._told.clear()  # the check is left: nothing of it is held
 
 
 def unwrap_data_parallel(model: nn.Module) -> nn.Module:

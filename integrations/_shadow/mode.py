@@ -120,12 +120,20 @@ class ShadowMode(TorchFunctionMode):
                 func, args, kwargs = self._answer_downcasts(func, args, kwargs)
             if func is F.embedding and self.held_rows:
                 args, kwargs = self._hold_padding_row(args, kwargs)
+        if func in _REFERENCES and self.lower and _has_dtype(args, kwargs, self.dtype):
+            return self._reference(func, args, kwargs)  # known up front: no float64 kernel
         try:
             result = func(*args, **kwargs)
         except (RuntimeError, NotImplementedError) as error:
-            if not (self.lower and _mentions_dtype(error) and _has_dtype(args, kwargs, self.dtype)):
+            # Decided by dtypes, never by the words of torch's message: the same call on
+            # float32 copies of its float64 tensors. Where that runs, only the dtype was
+            # in the way; where it fails too, the float64 call's own error is raised. A
+            # call that writes into its arguments is never run on copies.
+            if not (self.lower and _has_dtype(args, kwargs, self.dtype)) or _writes_into(
+                func, kwargs
+            ):
                 raise
-            result = self._without_kernel(func, args, kwargs, error)
+            result = self._in_float32(func, args, kwargs, error)
         if (
             type(result) is torch.Tensor
             and result.dtype in self.lower
@@ -179,24 +187,27 @@ class ShadowMode(TorchFunctionMode):
             return (args[0], held_weight, *args[2:]), kwargs
         return args, {**kwargs, "weight": held_weight}
 
-    def _without_kernel(
+    def _reference(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``func``, which has no kernel for ``dtype``, as gradwatch's reference in ``dtype``;
+        where the reference does not take these arguments, on float32 copies."""
+        try:
+            result = _REFERENCES[func](*args, **kwargs)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+            return self._in_float32(func, args, kwargs, error)
+        _remember(self.replaced_ops, func)
+        return result
+
+    def _in_float32(
         self,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         error: Exception,
     ) -> Any:
-        """``func`` where it has no kernel for ``dtype``: a reference implementation in
-        ``dtype`` where one is known, else on float32 copies (outputs cast back)."""
-        reference = _REFERENCES.get(func)
-        if reference is not None:
-            try:
-                result = reference(*args, **kwargs)
-            except Exception:
-                pass
-            else:
-                _remember(self.replaced_ops, func)
-                return result
+        """``func`` on float32 copies of its ``dtype`` tensors (outputs cast back), or
+        ``error`` (the ``dtype`` call's) when that fails too."""
 
         def down(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and value.dtype == self.dtype:
@@ -288,10 +299,35 @@ def _remember(names: list[str], func: Callable[..., Any]) -> None:
         names.append(name)
 
 
-def _mentions_dtype(error: Exception) -> bool:
-    """A kernel-availability error, not a shape or index error."""
-    text = str(error).lower()
-    return any(word in text for word in ("double", "float64", "dtype", "not implemented for"))
+def _writes_into(func: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    """True when ``func`` writes into a tensor it is given (in place, ``out=``, item
+    assignment): run on copies, it would change the copies, not its arguments."""
+    name = getattr(func, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return in_place or name in _WRITING_DUNDERS or "out" in kwargs
+
+
+_WRITING_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in (
+        [
+            "add",
+            "sub",
+            "mul",
+            "matmul",
+            "truediv",
+            "floordiv",
+            "mod",
+            "pow",
+            "and",
+            "or",
+            "xor",
+            "lshift",
+            "rshift",
+        ]
+    )
+) | {"__setitem__"}
+"""Operators that write into their left operand (``x += y``, ``x[i] = y``)."""
 
 
 def _has_dtype(args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype) -> bool:
