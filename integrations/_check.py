@@ -18,10 +18,10 @@ from gradwatch.integrations._shadow.loss import (
     LossFn,
     Penalties,
     Penalty,
+    ShadowGradients,
     ShadowLoss,
-    _largest_entry,
-    _penalty_items,
-    _ShadowGradients,
+    largest_entry,
+    penalty_items,
     untouched_model,
 )
 from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
@@ -30,13 +30,13 @@ from gradwatch.integrations._shadow.model import (
     NATIVE_DTYPES,
     Precision,
     RngState,
-    _dtype_name,
-    _floating_dtype,
-    _Shadow,
-    _untouched_globals,
+    Shadow,
     check_precision,
+    dtype_name,
+    floating_dtype,
     module_gradients,
     trainable_parameters,
+    untouched_globals,
 )
 from torch import nn
 
@@ -158,7 +158,7 @@ def check_module(
         extra = [*notes, *(weight_decay_notes(optimizer) if optimizer is not None else [])]
         return finish(result, notes=extra)
     ranks = Ranks.current()
-    with _across(ranks), _untouched_globals(model) as rng:
+    with _across(ranks), untouched_globals(model) as rng:
         run = _ShadowCheck(
             model, loss_fn, batch, penalties, rng, analytic, batched, dict(check_options), ranks
         )
@@ -200,7 +200,7 @@ def _validated_penalties(
         raise OptionError(f"analytic: expected 'recompute' or 'live', received {analytic!r}")
     if not isinstance(batched, bool):
         raise OptionError(f"batched: expected True or False, received {batched!r}")
-    penalties = _penalty_items(regularization)
+    penalties = penalty_items(regularization)
     if not trainable_parameters(model):
         raise ParameterError(
             f"model: expected at least one parameter with requires_grad=True, "
@@ -243,7 +243,7 @@ class _ShadowCheck:
 
     def can_fall_back(self, precision: Precision) -> bool:
         """True when a float64 check of a float32/float16 model could run natively instead."""
-        native = _floating_dtype(self.model)
+        native = floating_dtype(self.model)
         return precision == "float64" and native != torch.float64 and native in NATIVE_DTYPES
 
     def in_trusted_precision(self, precision: Precision) -> CheckResult:
@@ -285,14 +285,14 @@ class _ShadowCheck:
             raise
         self.notes.insert(
             0,
-            f"{fallback}; checked in the model's own {_dtype_name(self.shadow.dtype)} "
+            f"{fallback}; checked in the model's own {dtype_name(self.shadow.dtype)} "
             "instead, with that dtype's step and thresholds",
         )
         return result
 
     def check(self, precision: Precision) -> CheckResult:
         """One check on a new shadow in ``precision``; `notes` says what it found."""
-        self.shadow = shadow = _Shadow(self.model, precision)
+        self.shadow = shadow = Shadow(self.model, precision)
         without_checkpointing(shadow.module)
         self.mode = ShadowMode(shadow.dtype, shadow.held_padding_rows(), shadow.native_dtype)
         objective = ShadowLoss(
@@ -305,13 +305,13 @@ class _ShadowCheck:
                 "own batch) and its gradient the mean of theirs; every rank checked the same "
                 "components and reached this verdict"
             )
-        grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]]
+        grads: ShadowGradients | dict[str, npt.NDArray[np.floating]]
         if self.analytic == "recompute":
-            grads = _ShadowGradients(objective)
+            grads = ShadowGradients(objective)
             largest: Mapping[str, int] = grads.largest
         else:
             grads, grad_notes = module_gradients(self.model, shadow.arrays_dtype())
-            largest = {name: _largest_entry(g) for name, g in grads.items()}
+            largest = {name: largest_entry(g) for name, g in grads.items()}
             notes.append(
                 "live: analytic gradient is the model's .grad (after accumulation and any "
                 "clipping done before this point), numeric gradient is of J on this batch"
@@ -321,11 +321,11 @@ class _ShadowCheck:
         loss = VmappedLoss(objective, largest) if self.batched else objective
         with untouched_model(self.model), self.mode, torch.inference_mode():
             result, grads = self._check_until_trusted(objective, loss, grads, notes)
-            if isinstance(grads, _ShadowGradients):
+            if isinstance(grads, ShadowGradients):
                 _refuse_a_flat_objective(grads, result)
             self.penalty_values = objective.penalty_values()
         notes.extend(_mode_notes(self.mode, shadow))
-        if isinstance(grads, _ShadowGradients):
+        if isinstance(grads, ShadowGradients):
             notes.extend(grads.notes)
             kept = (
                 "the whole gradient held until each pass ends"
@@ -344,9 +344,9 @@ class _ShadowCheck:
         self,
         objective: ShadowLoss,
         loss: ShadowLoss | VmappedLoss,
-        grads: _ShadowGradients | dict[str, npt.NDArray[np.floating]],
+        grads: ShadowGradients | dict[str, npt.NDArray[np.floating]],
         notes: list[str],
-    ) -> tuple[CheckResult, _ShadowGradients | dict[str, npt.NDArray[np.floating]]]:
+    ) -> tuple[CheckResult, ShadowGradients | dict[str, npt.NDArray[np.floating]]]:
         """Run ``gradwatch.check`` again while the last run cannot be trusted, and say why.
 
         Two findings make a run untrustworthy; each changes how J or its gradient is
@@ -361,9 +361,9 @@ class _ShadowCheck:
         """
         while True:
             result = gradwatch.check(loss, self.shadow.arrays, grads, **self._options())
-            parts = grads.arrived_in_parts if isinstance(grads, _ShadowGradients) else None
-            if parts is not None and isinstance(grads, _ShadowGradients):
-                grads = _ShadowGradients(objective, hold=True, largest=grads.largest)
+            parts = grads.arrived_in_parts if isinstance(grads, ShadowGradients) else None
+            if parts is not None and isinstance(grads, ShadowGradients):
+                grads = ShadowGradients(objective, hold=True, largest=grads.largest)
                 notes.append(
                     f"the gradient of {parts} arrived in parts (reentrant checkpointing?): "
                     "checked again holding the whole gradient until each backward pass ends"
@@ -397,7 +397,7 @@ class _ShadowCheck:
 
     def coarse_reason(self) -> str | None:
         """Why J of the last check was coarser than its shadow, or None."""
-        native = _floating_dtype(self.model)
+        native = floating_dtype(self.model)
         if not self.can_fall_back("float64") or self.shadow.dtype != torch.float64:
             return None
         if self.mode.coarse_ops:
@@ -408,7 +408,7 @@ class _ShadowCheck:
                 "float64 check would read its rounding as a bug"
             )
         if _rounded_to(self.loss, native):
-            name = _dtype_name(native)
+            name = dtype_name(native)
             return (
                 f"J came out rounded to {name} (its value is exact in {name}: computed "
                 "outside torch, or by a kernel gradwatch cannot see into), so a float64 check "
@@ -417,7 +417,7 @@ class _ShadowCheck:
         return None
 
 
-def _refuse_a_flat_objective(grads: _ShadowGradients, result: CheckResult) -> None:
+def _refuse_a_flat_objective(grads: ShadowGradients, result: CheckResult) -> None:
     """Zeros against zeros check nothing: J that does not move as the parameters move,
     with a gradient exactly zero, is an error, never ``ok``."""
     flat = not grads.nonzero and not any(c.numeric for c in result.worst)
@@ -437,7 +437,7 @@ def _rounded_to(value: float, dtype: torch.dtype) -> bool:
     return float(torch.tensor(value, dtype=torch.float64).to(dtype).double()) == value
 
 
-def _mode_notes(mode: ShadowMode, shadow: _Shadow) -> list[str]:
+def _mode_notes(mode: ShadowMode, shadow: Shadow) -> list[str]:
     notes = []
     if shadow.held_ranges:
         notes.append(
@@ -450,17 +450,17 @@ def _mode_notes(mode: ShadowMode, shadow: _Shadow) -> list[str]:
         )
     if mode.replaced_ops:
         notes.append(
-            f"no {_dtype_name(shadow.dtype)} kernel for {', '.join(mode.replaced_ops)}: "
-            f"ran as gradwatch's reference implementation in {_dtype_name(shadow.dtype)}"
+            f"no {dtype_name(shadow.dtype)} kernel for {', '.join(mode.replaced_ops)}: "
+            f"ran as gradwatch's reference implementation in {dtype_name(shadow.dtype)}"
         )
     if mode.fallback_ops:
         notes.append(
-            f"no {_dtype_name(shadow.dtype)} kernel for {', '.join(mode.fallback_ops)}: "
+            f"no {dtype_name(shadow.dtype)} kernel for {', '.join(mode.fallback_ops)}: "
             "ran in float32"
         )
     if mode.coarse_ops:
         notes.append(
-            f"J is partly coarser than {_dtype_name(shadow.dtype)} (made by "
+            f"J is partly coarser than {dtype_name(shadow.dtype)} (made by "
             f"{', '.join(mode.coarse_ops)}): its roundoff limits the resolution of the check"
         )
     return notes
@@ -470,10 +470,10 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:200]
 
 
-def _precision_notes(shadow: _Shadow) -> list[str]:
+def _precision_notes(shadow: Shadow) -> list[str]:
     """Say which precision J was evaluated in (the core scales warn/threshold by dtype)."""
     if shadow.dtype == torch.float64:
         if shadow.native_dtype != torch.float64:
-            return [f"float64 shadow of a {_dtype_name(shadow.native_dtype)} model"]
+            return [f"float64 shadow of a {dtype_name(shadow.native_dtype)} model"]
         return []
-    return [f"native precision {_dtype_name(shadow.dtype)}: step and thresholds from the dtype"]
+    return [f"native precision {dtype_name(shadow.dtype)}: step and thresholds from the dtype"]

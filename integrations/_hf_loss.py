@@ -2,7 +2,7 @@
 
 `model_loss` is J as the Trainer's default ``compute_loss`` takes it (the model's ``loss``
 output); `projected_logits` stands in where the model computes none and the Trainer's
-loss is out of reach; `_label_count` counts the step's tokens as the Trainer does.
+loss is out of reach; `label_count` counts the step's tokens as the Trainer does.
 
 With ``label_smoothing_factor > 0`` the Trainer pops ``labels`` before the forward (the
 model computes no loss) and optimizes its ``label_smoother`` on the model's logits and
@@ -104,16 +104,16 @@ def model_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
     ``inputs`` is the dict of keyword arguments the Trainer passed to ``model.forward``
     (or ``(args, kwargs)`` when positional arguments were captured too).
     """
-    return _loss_output(_forward(model, inputs))
+    return loss_output(hf_forward(model, inputs))
 
 
-def _forward(model: nn.Module, inputs: Any) -> Any:
+def hf_forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
         return model(*inputs[0], **inputs[1])
     return model(**inputs)
 
 
-def _loss_output(outputs: Any) -> torch.Tensor:
+def loss_output(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, Mapping):
         loss = outputs.get("loss")
         if loss is None:
@@ -158,7 +158,7 @@ def projected_logits(outputs: Any) -> torch.Tensor | None:
     return None
 
 
-def _takes_loss_kwargs(model: nn.Module) -> bool:
+def takes_loss_kwargs(model: nn.Module) -> bool:
     """True when ``model.forward`` passes extra keyword arguments on to its loss."""
     if getattr(model, "accepts_loss_kwargs", None) is False:
         return False
@@ -166,7 +166,7 @@ def _takes_loss_kwargs(model: nn.Module) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _label_count(model: nn.Module, inputs: list[dict[str, Any]]) -> torch.Tensor | None:
+def label_count(model: nn.Module, inputs: list[dict[str, Any]]) -> torch.Tensor | None:
     """The step's predicted tokens, counted as the Trainer counts ``num_items_in_batch``."""
     labels = [kwargs.get("labels") for kwargs in inputs]
     tensors = [label for label in labels if isinstance(label, torch.Tensor)]

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 from gradwatch.integrations._parallel.ranks import Ranks, unwrap_data_parallel
-from gradwatch.integrations._shadow.loss import LossFn, _scalar, untouched_model
+from gradwatch.integrations._shadow.loss import LossFn, scalar_of, untouched_model
 from gradwatch.integrations._shadow.mode import ShadowMode, without_checkpointing
 from gradwatch.integrations._shadow.model import (
     RngState,
-    _map_tensors,
-    _Shadow,
-    _untouched_globals,
+    Shadow,
+    map_tensors,
     trainable_parameters,
+    untouched_globals,
 )
 from torch import nn
 
@@ -111,8 +111,8 @@ def _compare_step(
     dtypes = [next(iter(sources.values())).dtype]
     dtypes += [micro.autocast for micro in micro_batches if micro.autocast is not None]
     warn, threshold = max(STEP_TOLERANCES.get(d, STEP_TOLERANCES[torch.float32]) for d in dtypes)
-    with _untouched_globals(model):
-        shadow = _Shadow(model, "float64")
+    with untouched_globals(model):
+        shadow = Shadow(model, "float64")
         without_checkpointing(shadow.module)
         mode = ShadowMode(torch.float64, training_dtype=shadow.native_dtype)
         with untouched_model(model), mode, torch.enable_grad():
@@ -120,10 +120,10 @@ def _compare_step(
             for micro in micro_batches:
                 if micro.rng is not None:
                     micro.rng.restore()
-                batch = _map_tensors(
+                batch = map_tensors(
                     micro.batch, lambda t: t.double() if t.is_floating_point() else t
                 )
-                term = micro.weight * _scalar(
+                term = micro.weight * scalar_of(
                     loss_fn(shadow.module, batch), "loss_fn(model, batch)"
                 )
                 total = term if total is None else total + term
@@ -139,7 +139,9 @@ def _compare_step(
         if clip_factor is None:
             clip_factor = _measured_clip(sources, shadow.params)
         sums = _compare(sources, shadow.params, clip_factor)
-    return _link(sums, warn, threshold, len(micro_batches), clip_factor, mode.draws.unreplayed)
+    return judged_link(
+        sums, warn, threshold, len(micro_batches), clip_factor, mode.draws.unreplayed
+    )
 
 
 def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parameter]) -> float:
@@ -157,7 +159,7 @@ def _measured_clip(sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parame
 
 
 @dataclass
-class _Sums:
+class LinkSums:
     """Per tensor: ||g_opt - g_J||^2, ||g_opt||^2, ||g_J||^2 and g_opt . g_J."""
 
     difference: dict[str, float]
@@ -168,8 +170,8 @@ class _Sums:
 
 def _compare(
     sources: dict[str, nn.Parameter], shadow: dict[str, nn.Parameter], clip_factor: float
-) -> _Sums:
-    sums = _Sums({}, {}, {}, {})
+) -> LinkSums:
+    sums = LinkSums({}, {}, {}, {})
     with torch.no_grad():
         for name, parameter in sources.items():
             reference = shadow[name]
@@ -198,8 +200,8 @@ def _ratio(difference: float, first: float, second: float, floor: float = 0.0) -
     return math.sqrt(difference) / denominator if denominator > 0 else 0.0
 
 
-def _link(
-    sums: _Sums,
+def judged_link(
+    sums: LinkSums,
     warn: float,
     threshold: float,
     count: int,
@@ -240,7 +242,7 @@ def _link(
     )
 
 
-def _explain(sums: _Sums, tensors: dict[str, float], scale: float, threshold: float) -> str:
+def _explain(sums: LinkSums, tensors: dict[str, float], scale: float, threshold: float) -> str:
     """What the disagreement looks like: a factor on everything, a few tensors, or a mix."""
     total_opt = sum(sums.optimizer.values())
     residual = total_opt - 2 * scale * sum(sums.dot.values())

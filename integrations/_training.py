@@ -19,7 +19,7 @@ from gradwatch.integrations._local.blocks import (
 )
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._parallel.sharded import is_sharded
-from gradwatch.integrations._shadow.loss import LossFn, Penalties, _penalty_items
+from gradwatch.integrations._shadow.loss import LossFn, Penalties, penalty_items
 from gradwatch.integrations._shadow.model import (
     Precision,
     RngState,
@@ -273,8 +273,9 @@ STATUS_CODES: dict[str, int] = {
 def result_metrics(result: CheckResult) -> dict[str, float]:
     """The scalars a trainer logs after a check (TensorBoard, W&B, CSV...).
 
-    Besides the global ratio: each failing tensor's own ratio
-    (``gradwatch/tensor/<name>``), and the step link's ratio and failing tensors
+    Besides the global ratio: the local ratio of each module the module-local search
+    names (``gradwatch/module/<path>``), each failing tensor's own ratio where it was
+    measured (``gradwatch/tensor/<name>``), and the step link's ratio and failing tensors
     (``gradwatch/step_ratio``, ``gradwatch/step_tensor/<name>``), so a dashboard shows
     where, not only that.
     """
@@ -285,6 +286,9 @@ def result_metrics(result: CheckResult) -> dict[str, float]:
         "gradwatch/checked": float(result.checked),
         "gradwatch/seconds": float(result.seconds),
     }
+    if result.localization is not None:
+        for suspect in result.localization.suspects:
+            metrics[f"gradwatch/module/{suspect.module or 'loss_fn'}"] = float(suspect.ratio)
     for name, tensor in result.tensors.items():
         if tensor.status == "fail" and tensor.ratio is not None:
             metrics[f"gradwatch/tensor/{name}"] = float(tensor.ratio)
@@ -348,7 +352,7 @@ class TrainingWatch:
                 f"received {type(loss_fn).__name__}"
             )
         check_precision(precision)
-        _penalty_items(regularization)
+        penalty_items(regularization)
         self.loss_fn = loss_fn
         self.regularization = regularization
         self.precision: Precision = precision

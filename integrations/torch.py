@@ -6,7 +6,7 @@ in *recompute* mode: it never touches ``model``. It deep-copies the model into a
 ``gradwatch.check`` as numpy arrays that share memory with the shadow's tensors, so
 the core's in-place perturbation of one component is what the shadow's next forward
 sees. The analytic gradient is autograd on the shadow, streamed to the check one
-tensor at a time (`_ShadowGradients`), and moved tensors are restored from the
+tensor at a time (`ShadowGradients`), and moved tensors are restored from the
 model's own values: the shadow is the only copy of the parameters a check holds.
 Every evaluation of J (and the analytic pass) starts from the same forked state of
 the generators J draws from, so dropout draws the same mask every time; afterwards

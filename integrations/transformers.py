@@ -72,13 +72,13 @@ from gradwatch.integrations._hf_loss import (
     COUNT,
     PROJECTION_NOTE,
     SmoothedLoss,
-    _forward,
-    _label_count,
-    _loss_output,
-    _takes_loss_kwargs,
+    hf_forward,
+    label_count,
+    loss_output,
     model_loss,
     projected_logits,
     smoothing_applies,
+    takes_loss_kwargs,
 )
 from gradwatch.integrations._shadow.model import RngState
 from gradwatch.integrations._step import MicroBatch
@@ -350,8 +350,8 @@ class TrainerGradWatch(TrainingWatch, TrainerCallback, ExportableState):
         if any(d.startswith(("label smoothing", "compute_loss_func")) for d in self._differences):
             return None
         inputs = [kwargs for _, kwargs, _ in forwards]
-        if "num_items_in_batch" not in inputs[0] and _takes_loss_kwargs(model):
-            count = _label_count(model, inputs)
+        if "num_items_in_batch" not in inputs[0] and takes_loss_kwargs(model):
+            count = label_count(model, inputs)
             if count is not None:
                 inputs = [{**kwargs, "num_items_in_batch": count} for kwargs in inputs]
         if "num_items_in_batch" in forwards[0][1]:
@@ -382,9 +382,9 @@ class TrainerGradWatch(TrainingWatch, TrainerCallback, ExportableState):
         """`model_loss`; where the Trainer computes its loss otherwise and the model gives
         none (labels popped), the `projected_logits` J, which still checks the model's
         backprop."""
-        outputs = _forward(model, inputs)
+        outputs = hf_forward(model, inputs)
         try:
-            return _loss_output(outputs)
+            return loss_output(outputs)
         except LossError as error:
             if not self._differences:
                 raise

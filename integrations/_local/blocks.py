@@ -26,6 +26,7 @@ not checked in this mode: `resolve_mode` keeps the whole-model check below
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -41,18 +42,18 @@ from gradwatch.integrations._local.capture import (
     fresh_arguments,
     tensor_leaves,
 )
-from gradwatch.integrations._local.search import _suspect, search
+from gradwatch.integrations._local.search import search, suspect_of
 from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._parallel.sharded import is_sharded
-from gradwatch.integrations._shadow.loss import LossFn, _scalar
+from gradwatch.integrations._shadow.loss import LossFn, scalar_of
 from gradwatch.integrations._shadow.mode import ShadowMode
 from gradwatch.integrations._shadow.model import (
     RngState,
-    _Shadow,
-    _untouched_globals,
+    Shadow,
     trainable_parameters,
+    untouched_globals,
 )
-from gradwatch.integrations._step import STEP_TOLERANCES, MicroBatch, _link, _Sums
+from gradwatch.integrations._step import STEP_TOLERANCES, LinkSums, MicroBatch, judged_link
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -87,13 +88,13 @@ __all__ = [
 CheckMode = Literal["auto", "whole", "local"]
 MODES: tuple[CheckMode, ...] = ("auto", "whole", "local")
 
-AUTO_LOCAL_MIN_PARAMETERS = 20_000_000
+AUTO_LOCAL_MIN_PARAMETERS = 2_000_000
 """``mode="auto"`` checks the whole model in float64 below this many trainable
-parameters and module by module from it. Measured (`benchmarks.scaling`, GPT-2, HF
-Trainer, batch 4 x 128, CPU): the whole-model check costs 10-14 training steps at every
-size and 3.4 float64 copies of the parameters at its peak; below about 20M parameters
-those copies are under 15% of the run's own memory (torch and the activations dominate)
-and the whole-model J also covers the loss and the glue no block holds."""
+parameters and module by module from it. Measured (`benchmarks.scaling`, GPT-2 under the
+HF Trainer, batch 4 x 128, CPU, one thread): a whole-model check costs 10-12 training
+steps at every size and its peak RSS grows to 1.57x the run's at 10M parameters (1.91x
+at 42M); at 0.7M it is 0.5 s of CPU and +76 MB (1.17x, mostly gradwatch's own imports).
+There it stays cheap, and its J also covers the loss and the glue no block holds."""
 
 BLOCK_SHARE = 8
 """A module holding more than 1/BLOCK_SHARE of the parameters is split into its
@@ -111,6 +112,10 @@ model's head outputs batch x sequence x vocabulary) a fraction of the batch's.""
 COMPACT_ROWS = 1024
 """A vocabulary-sized embedding or head is checked on at most about this many rows (see
 `_compact`)."""
+
+LINK_LARGEST = 4_000_000
+"""The step link of a module-local check leaves out a tensor larger than this and than
+1/`BLOCK_SHARE` of the parameters (a GPT-2's 38.6M-entry embedding), noted."""
 
 MAX_CALLS_PER_BLOCK = 60
 """Module calls the search inside one failing block checks at most."""
@@ -191,6 +196,8 @@ class _Captured:
     calls: dict[str, list[ModuleCall]]
     gradients: dict[str, torch.Tensor | None]
     loss: float
+    left_out: list[str]
+    """Parameters of the chosen blocks the step link leaves out (vocabulary-sized)."""
 
 
 def capture_blocks(
@@ -214,7 +221,13 @@ def capture_blocks(
         name: p.detach().requires_grad_(p.requires_grad) for name, p in model.named_parameters()
     }
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    chosen_names = [name for name in names if any(_inside(name, path) for path in blocks)]
+    inside = [name for name in names if any(_inside(name, path) for path in blocks)]
+    sizes = dict(model.named_parameters())
+    large = max(sum(sizes[n].numel() for n in names) / BLOCK_SHARE, LINK_LARGEST)
+    # A vocabulary-sized tensor's gradient (a tied embedding sums two dense ones) would be
+    # the capture pass's largest allocation, held with every activation: left out.
+    chosen_names = [name for name in inside if sizes[name].numel() <= large]
+    left_out = [name for name in inside if name not in chosen_names]
     calls: dict[str, list[ModuleCall]] = {path: [] for path in blocks}
     outputs: list[tuple[ModuleCall, int, torch.Tensor]] = []
     recording = [False]
@@ -259,7 +272,7 @@ def capture_blocks(
     total: torch.Tensor | None = None
     try:
         with (
-            _untouched_globals(model),
+            untouched_globals(model),
             _reparametrize_module(model, {**leaves, **buffers}, tie_weights=True),
             torch.enable_grad(),
         ):
@@ -271,7 +284,7 @@ def capture_blocks(
                 with torch.autocast(device, dtype=micro.autocast, enabled=autocast):
                     term = (
                         micro.weight
-                        * _scalar(loss_fn(model, micro.batch), "loss_fn(model, batch)").float()
+                        * scalar_of(loss_fn(model, micro.batch), "loss_fn(model, batch)").float()
                     )
                 total = term if total is None else total + term
             assert total is not None
@@ -289,7 +302,7 @@ def capture_blocks(
     for path_calls in calls.values():
         for call in path_calls:
             call.calls = len(path_calls)
-    return _Captured(calls, gradients, float(total.detach()))
+    return _Captured(calls, gradients, float(total.detach()), left_out)
 
 
 def _inside(name: str, path: str) -> bool:
@@ -329,7 +342,7 @@ def _check_block(
     examples checked."""
     args, kwargs, cotangents, examples = _examples(call, LOCAL_EXAMPLES)
     module, args, cotangents, compacted = _compact(call.module, args, cotangents, seed)
-    shadow = _Shadow(module, "float64")
+    shadow = Shadow(module, "float64")
     mode = ShadowMode(torch.float64, shadow.held_padding_rows(), shadow.native_dtype)
 
     def backward() -> None:
@@ -356,7 +369,7 @@ def _check_block(
                 p.grad = None
         checker = LocalChecker(mode, threshold, seed)
         found, verdicts, notes = search(tops, checker, MAX_CALLS_PER_BLOCK)
-        suspects = [_suspect(c, v, mode) for c, v in found]
+        suspects = [suspect_of(c, v, mode) for c, v in found]
     prefix = call.path
 
     def full(path: str) -> str:
@@ -474,12 +487,13 @@ def check_blocks(
     # The step link first: J's gradient for the chosen blocks is freed before the float64 work.
     link = _block_link(model, captured, micro, clip_factor) if step_batches else None
     captured.gradients.clear()
+    gc.collect()
     suspects: list[ModuleSuspect] = []
     verdicts: list[ModuleVerdict] = []
     search_notes: list[str] = []
     evaluations = 0
     examples: int | None = None
-    with _untouched_globals(model):
+    with untouched_globals(model):
         for path in chosen:
             for index, call in enumerate(captured.calls[path]):
                 found, checked, spent, more, cut = _check_block(
@@ -490,6 +504,9 @@ def check_blocks(
                 evaluations += spent
                 search_notes += more
                 examples = cut if cut is not None else examples
+                # The block's float64 copy sits in reference cycles (captured calls point
+                # at their parents): freed now, not at some later collection.
+                gc.collect()
     ratio = max((_largest(v) for v in verdicts), default=0.0)
     failed = bool(suspects) or any(v.status == "fail" for v in verdicts)
     unreached = [p for p in chosen if not captured.calls[p]]
@@ -503,6 +520,11 @@ def check_blocks(
     ]
     if unreached:
         result_notes.append(f"not called in the step's forward: {', '.join(unreached)}")
+    if step_batches and captured.left_out:
+        result_notes.append(
+            "step link: vocabulary-sized tensors left out (their gradient would be the "
+            f"check's largest allocation): {', '.join(captured.left_out)}"
+        )
     localization = Localization(
         suspects=suspects,
         modules=verdicts,
@@ -602,7 +624,7 @@ def _block_link(
         ours = sum(_dot(captured.gradients[n], captured.gradients[n]) for n in names)
         theirs = sum(_dot(sources[n].grad, sources[n].grad) for n in names)
         clip_factor = math.sqrt(theirs / ours) if ours > 0 else 1.0
-    sums = _Sums({}, {}, {}, {})
+    sums = LinkSums({}, {}, {}, {})
     for name in names:
         got, want = sources[name].grad, captured.gradients[name]
         if got is not None and got.layout != torch.strided:
@@ -611,7 +633,7 @@ def _block_link(
         gg, gw = gg / clip_factor**2, gw / clip_factor
         sums.optimizer[name], sums.objective[name], sums.dot[name] = gg, ww, gw
         sums.difference[name] = _distance(got, want, clip_factor)
-    return _link(sums, warn, threshold, len(micro), clip_factor)
+    return judged_link(sums, warn, threshold, len(micro), clip_factor)
 
 
 def run_local(

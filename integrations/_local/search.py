@@ -29,10 +29,10 @@ from gradwatch.integrations._shadow.loss import (
     Penalties,
     Penalty,
     ShadowLoss,
-    _penalty_items,
+    penalty_items,
 )
 from gradwatch.integrations._shadow.mode import ShadowMode
-from gradwatch.integrations._shadow.model import RngState, _Shadow, _untouched_globals
+from gradwatch.integrations._shadow.model import RngState, Shadow, untouched_globals
 from torch import nn
 
 from gradwatch.errors import OptionError
@@ -50,7 +50,7 @@ class FailedRun(Protocol):
     """What `localize_failure` needs of ``check_module``'s run: its shadow and its J."""
 
     @property
-    def shadow(self) -> _Shadow: ...
+    def shadow(self) -> Shadow: ...
     @property
     def loss_fn(self) -> LossFn: ...
     @property
@@ -115,9 +115,9 @@ def check_modules(
         raise OptionError(f"scope: expected 'search' or 'all', received {scope!r}")
     if not isinstance(model, nn.Module):
         raise OptionError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
-    penalties = _penalty_items(regularization)
-    with _untouched_globals(model) as rng:
-        shadow = _Shadow(model, "float64")
+    penalties = penalty_items(regularization)
+    with untouched_globals(model) as rng:
+        shadow = Shadow(model, "float64")
         objective = ShadowLoss(shadow, loss_fn, batch, penalties, rng)
         return _localize(shadow, objective, scope, seed, threshold)
 
@@ -144,8 +144,8 @@ def check_local(
     """
     if not isinstance(module, nn.Module):
         raise OptionError(f"module: expected a torch.nn.Module, received {type(module).__name__}")
-    with _untouched_globals(module):
-        shadow = _Shadow(module, "float64")
+    with untouched_globals(module):
+        shadow = Shadow(module, "float64")
         args, kwargs = _float64((args, kwargs))
         mode = ShadowMode(torch.float64, shadow.held_padding_rows())
         generator = torch.Generator().manual_seed(seed)
@@ -201,7 +201,7 @@ def _cotangents(
 
 
 def _localize(
-    shadow: _Shadow,
+    shadow: Shadow,
     objective: ShadowLoss,
     scope: Scope,
     seed: int,
@@ -230,7 +230,7 @@ def _localize(
         found, verdicts, notes = search(
             tops, checker, MAX_CHECKS, every=scope == "all", failing=failing
         )
-        suspects = [_suspect(call, verdict, mode) for call, verdict in found]
+        suspects = [suspect_of(call, verdict, mode) for call, verdict in found]
     top_paths = {top.path for top in tops}
     top_verdicts = [v for v in verdicts if v.module in top_paths]
     if (
@@ -322,7 +322,7 @@ def _dominant_child(call: ModuleCall) -> ModuleCall | None:
     return call.children[index] if 2 * largest > sum(n for n, _ in sizes) else None
 
 
-def _suspect(
+def suspect_of(
     call: ModuleCall, verdict: ModuleVerdict, mode: AbstractContextManager[Any]
 ) -> ModuleSuspect:
     functions = custom_functions(call, mode) if not call.children else []

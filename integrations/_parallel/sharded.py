@@ -36,13 +36,13 @@ import numpy.typing as npt
 import torch
 from gradwatch.integrations._parallel.merge import merge_shard_results
 from gradwatch.integrations._parallel.ranks import Ranks
-from gradwatch.integrations._shadow.loss import LossFn, Penalty, _is_immutable, j_terms
+from gradwatch.integrations._shadow.loss import LossFn, Penalty, is_immutable, j_terms
 from gradwatch.integrations._shadow.model import (
     GENERATORS,
     NATIVE_DTYPES,
     RngState,
-    _untouched_globals,
     trainable_parameters,
+    untouched_globals,
 )
 from torch import nn
 
@@ -124,7 +124,7 @@ def check_sharded(
             "model: expected an FSDP2 model inside its process group, received one whose "
             "process group has a single rank or is not initialized"
         )
-    with ranks.together(), _untouched_globals(model) as rng, _fsdp_state_kept(model):
+    with ranks.together(), untouched_globals(model) as rng, _fsdp_state_kept(model):
         shards = {name: _Shard(name, p, ranks) for name, p in trainable_parameters(model).items()}
         evaluate = _LocalJ(model, loss_fn, batch, penalties, rng, list(shards.values()))
         results = []
@@ -230,7 +230,7 @@ class _LocalJ:
 
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.penalties, self.rng = penalties, rng
-        self._fresh_batch = not _is_immutable(batch)
+        self._fresh_batch = not is_immutable(batch)
         self.shards = [shard for shard in shards if not shard.on_cpu]
         self._fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
 

@@ -2,7 +2,7 @@
 
 `ShadowLoss` is J(shadow) = ``loss_fn(shadow, batch)`` + penalties, every evaluation
 (and the analytic pass) starting from the same forked state of the generators J
-draws from, so dropout draws the same mask every time. `_ShadowGradients` is the
+draws from, so dropout draws the same mask every time. `ShadowGradients` is the
 autograd gradient of that J, streamed to the check one tensor at a time.
 """
 
@@ -19,10 +19,10 @@ from gradwatch.integrations._parallel.ranks import Ranks
 from gradwatch.integrations._shadow.model import (
     Generator,
     RngState,
-    _map_tensors,
-    _Shadow,
-    _to_numpy,
+    Shadow,
+    map_tensors,
     missing_gradients_note,
+    to_numpy,
 )
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -53,7 +53,7 @@ def untouched_model(model: nn.Module) -> Iterator[None]:
     run it (BatchNorm statistics move) and backpropagate into its ``.grad``, while J on
     the copy stays flat: a check of nothing that reads ``ok``. Here any call of one of
     the model's modules raises `LossError` before it runs, and its parameters stop
-    requiring gradients (so J through them has none, and `_ShadowGradients` says so);
+    requiring gradients (so J through them has none, and `ShadowGradients` says so);
     everything is put back on exit.
     """
     modules = {id(module) for module in model.modules()}
@@ -83,7 +83,7 @@ def untouched_model(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
+def penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
     if isinstance(regularization, Mapping):
         items = list(regularization.items())
     else:
@@ -100,7 +100,7 @@ def _penalty_items(regularization: Penalties) -> list[tuple[str, Penalty]]:
     return items
 
 
-def _scalar(value: Any, where: str) -> torch.Tensor:
+def scalar_of(value: Any, where: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise LossError(f"{where}: expected a scalar torch.Tensor, received {type(value).__name__}")
     if value.numel() != 1:
@@ -110,10 +110,10 @@ def _scalar(value: Any, where: str) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
-def _is_immutable(value: Any) -> bool:
+def is_immutable(value: Any) -> bool:
     """A tensor, a scalar, or tuples of them: nothing a loss_fn could pop from or append to."""
     if isinstance(value, tuple):
-        return all(_is_immutable(item) for item in value)
+        return all(is_immutable(item) for item in value)
     return isinstance(value, torch.Tensor | int | float | str | bytes | bool | None)
 
 
@@ -130,10 +130,10 @@ def j_terms(
     ``fresh_batch``: hand ``loss_fn`` a new container each time (it may pop from its dict).
     """
     if fresh_batch:
-        batch = _map_tensors(batch, lambda t: t)
-    loss = _scalar(loss_fn(model, batch), "loss_fn(model, batch)")
+        batch = map_tensors(batch, lambda t: t)
+    loss = scalar_of(loss_fn(model, batch), "loss_fn(model, batch)")
     terms = {
-        name: _scalar(penalty(model), f"regularization[{name!r}](model)")
+        name: scalar_of(penalty(model), f"regularization[{name!r}](model)")
         for name, penalty in penalties
     }
     return loss, terms
@@ -150,7 +150,7 @@ class ShadowLoss:
 
     def __init__(
         self,
-        shadow: _Shadow,
+        shadow: Shadow,
         loss_fn: LossFn,
         batch: Any,
         penalties: list[tuple[str, Penalty]],
@@ -162,11 +162,11 @@ class ShadowLoss:
         self.ranks = ranks
         """The job's ranks when J is the mean of theirs (a distributed check), else None."""
         dtype = shadow.dtype
-        self._batch = _map_tensors(
+        self._batch = map_tensors(
             batch,
             lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t,
         )
-        self._batch_is_immutable = _is_immutable(self._batch)
+        self._batch_is_immutable = is_immutable(self._batch)
         self._plain = self._batch_is_immutable and not penalties and not shadow.needs_sync
         self.penalties = penalties
         self.rng = rng
@@ -206,7 +206,7 @@ class ShadowLoss:
         self.shadow.sync()
         with torch.no_grad():
             return {
-                name: float(_scalar(penalty(self.shadow.module), f"regularization[{name!r}]"))
+                name: float(scalar_of(penalty(self.shadow.module), f"regularization[{name!r}]"))
                 for name, penalty in self.penalties
             }
 
@@ -240,11 +240,11 @@ class ShadowLoss:
         return float(self.total())  # check_module runs the check under inference_mode
 
     def restore_tensor(self, name: str) -> None:
-        """The core's exact restore of a moved tensor (see `_Shadow.restore_tensor`)."""
+        """The core's exact restore of a moved tensor (see `Shadow.restore_tensor`)."""
         self.shadow.restore_tensor(name)
 
 
-class _ShadowGradients:
+class ShadowGradients:
     """The autograd gradient of J on the shadow, as a `gradwatch.params.GradientSource`.
 
     Each visit runs one backward pass from the same RNG state as every evaluation; a
@@ -290,8 +290,8 @@ class _ShadowGradients:
         dtype = shadow.arrays_dtype()
 
         def hand_over(name: str, gradient: torch.Tensor) -> None:
-            array = _to_numpy(gradient).astype(dtype, copy=False)
-            self.largest[name] = _largest_entry(array)
+            array = to_numpy(gradient).astype(dtype, copy=False)
+            self.largest[name] = largest_entry(array)
             if self.visits == 0 and not self.nonzero:
                 self.nonzero = bool(array.reshape(-1)[self.largest[name]] != 0)
             delivered.add(name)
@@ -358,7 +358,7 @@ class _ShadowGradients:
                 yield name, ranks.mean_tensor(gradient)
 
 
-def _largest_entry(gradient: npt.NDArray[np.floating]) -> int:
+def largest_entry(gradient: npt.NDArray[np.floating]) -> int:
     """Flat index of the entry largest in magnitude (no temporary |gradient|)."""
     if gradient.size == 0:
         return 0

@@ -1,10 +1,10 @@
 """The float64 shadow of a model and the restore of every global a check touches.
 
-A check never touches the model: `_Shadow` deep-copies it (float64 by default) with
+A check never touches the model: `Shadow` deep-copies it (float64 by default) with
 trainable parameters that are views of numpy arrays, so the core's in-place
 perturbation of one component is what the shadow's next forward sees, and a moved
 tensor is restored exactly from the model's own values. `RngState` forks every
-global random generator and puts it back; `_untouched_globals` also restores torch's
+global random generator and puts it back; `untouched_globals` also restores torch's
 process-wide settings (`_SETTINGS`: default dtype, grad mode, threads, deterministic
 algorithms, anomaly detection, matmul precision, backend flags) and the modules'
 train/eval modes, also when an interrupt ends the check.
@@ -83,7 +83,7 @@ def module_gradients(
             missing.append(name)
             grads[name] = np.zeros(tuple(p.shape), dtype=dtype)
         else:
-            grads[name] = _to_numpy(p.grad).astype(dtype)
+            grads[name] = to_numpy(p.grad).astype(dtype)
     return grads, [missing_gradients_note(missing)] if missing else []
 
 
@@ -226,7 +226,7 @@ def _restore_settings(captured: _Captured) -> None:
 
 
 @contextmanager
-def _untouched_globals(model: nn.Module) -> Iterator[RngState]:
+def untouched_globals(model: nn.Module) -> Iterator[RngState]:
     """Fork the RNGs; on exit put back every generator, every torch setting of `_SETTINGS`,
     the modules' train modes and the function-mode stack.
 
@@ -284,7 +284,7 @@ def _shadow_parameters(model: nn.Module, precision: Precision) -> dict[int, Any]
     return memo
 
 
-class _Shadow:
+class Shadow:
     """A deep copy of the model whose trainable parameters are views of numpy arrays."""
 
     def __init__(self, model: nn.Module, precision: Precision) -> None:
@@ -297,7 +297,7 @@ class _Shadow:
                 f"whose copy failed: {error}"
             ) from error
         object.__setattr__(shadow, _SHADOW_FLAG, True)
-        self.native_dtype = _floating_dtype(model)
+        self.native_dtype = floating_dtype(model)
         if precision == "float64":
             shadow.to(torch.float64)  # the buffers; the parameters are float64 already
             self.dtype = torch.float64
@@ -362,7 +362,7 @@ class _Shadow:
         exact, so the model is the backup; it is only read.
         """
         source = self._source_views.get(name)
-        self.arrays[name][...] = _to_numpy(self._sources[name]) if source is None else source
+        self.arrays[name][...] = to_numpy(self._sources[name]) if source is None else source
 
     def arrays_dtype(self) -> npt.DTypeLike:
         """The numpy dtype of the checked arrays (float64, or the native dtype)."""
@@ -383,14 +383,14 @@ class _Shadow:
                 tensor.copy_(torch.from_numpy(array))
 
 
-def _floating_dtype(model: nn.Module) -> torch.dtype:
+def floating_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()
 
 
-def _to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+def to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
     if tensor.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True))
         tensor = tensor.to_dense()
     if tensor.dtype == torch.bfloat16:
@@ -398,22 +398,22 @@ def _to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
     return tensor.detach().cpu().numpy()
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor in a nested batch; containers are rebuilt (never mutated)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, Mapping):
-        items = {key: _map_tensors(item, fn) for key, item in value.items()}
+        items = {key: map_tensors(item, fn) for key, item in value.items()}
         try:
             return type(value)(items)  # type: ignore[call-arg]
         except Exception:
             return items
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_tensors(item, fn) for item in value))
+        return type(value)(*(map_tensors(item, fn) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(item, fn) for item in value)
+        return type(value)(map_tensors(item, fn) for item in value)
     return value
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

@@ -8,6 +8,7 @@ import pytest
 
 import gradwatch
 from gradwatch.engine import auto
+from gradwatch.engine.directions import screen as real_screen
 from gradwatch.engine.sampling import screen_directions
 from gradwatch.errors import OptionError
 from tests.engine.test_screen import scalars_next_to_a_large_tensor
@@ -36,9 +37,8 @@ def test_a_correct_gradient_is_ok_after_one_screen_either_way() -> None:
 
 def test_an_unconfirmed_screen_is_checked_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the second screen sees no error, each tensor is checked along its own direction."""
-    real_screen = auto.screen
 
-    def second_screen_clean(*args: Any, **kwargs: Any) -> tuple[float, None]:
+    def second_screen_clean(*args: Any, **kwargs: Any) -> tuple[float, tuple[float, float] | None]:
         ratio, below = real_screen(*args, **kwargs)
         return (0.0, None) if args[-1] == auto.CONFIRMING_SCREEN else (ratio, below)
 

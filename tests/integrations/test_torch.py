@@ -268,7 +268,7 @@ def test_analytic_gradient_is_handed_over_one_tensor_at_a_time(
     float64 copy of the whole gradient is never held (the memory target of a check)."""
     from gradwatch.integrations._shadow import loss as integration
 
-    visit = integration._ShadowGradients.visit
+    visit = integration.ShadowGradients.visit
     held: list[int] = []
 
     def counting_visit(self: Any, names: Any, consume: Any) -> None:
@@ -280,7 +280,7 @@ def test_analytic_gradient_is_handed_over_one_tensor_at_a_time(
 
         visit(self, names, count)
 
-    monkeypatch.setattr(integration._ShadowGradients, "visit", counting_visit)
+    monkeypatch.setattr(integration.ShadowGradients, "visit", counting_visit)
     model = mlp(nn.Tanh())
     result = check_module(model, cross_entropy, make_batch())
     assert result.status == "ok"

@@ -104,7 +104,7 @@ def test_bf16_mixed_under_lightning_sets_the_step_tolerances(tmp_path: Path) -> 
 def test_a_scale_of_one_is_never_blamed_on_accumulation() -> None:
     """A step link whose optimizer gradient is 0.998x J's (bf16 noise) and one tensor off is
     explained by that tensor, not by a loss divided twice."""
-    from gradwatch.integrations._step import _link, _Sums
+    from gradwatch.integrations._step import LinkSums, judged_link
 
     optimizer, objective = {"a": [0.998, 0.0], "b": [0.02]}, {"a": [1.0, 0.0], "b": [0.01]}
 
@@ -114,14 +114,14 @@ def test_a_scale_of_one_is_never_blamed_on_accumulation() -> None:
             for k in optimizer
         }
 
-    sums = _Sums(
+    sums = LinkSums(
         difference=total(lambda x, y: (x - y) ** 2),
         optimizer=total(lambda x, y: x * x),
         objective=total(lambda x, y: y * y),
         dot=total(lambda x, y: x * y),
     )
     warn, threshold = STEP_TOLERANCES[torch.bfloat16]
-    link = _link(sums, warn, threshold, 1, 1.0)
+    link = judged_link(sums, warn, threshold, 1, 1.0)
     assert link.status == "fail"
     assert "divided" not in link.explanation and "accumulation" not in link.explanation
     assert "differs in b only" in link.explanation
