@@ -109,8 +109,7 @@ def check_module(
     Args:
         model: the module; never modified (parameters, ``.grad``, buffers, modes).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the data part of J.
-        batch: whatever ``loss_fn`` takes; floating tensors in it are cast to the
-            shadow's dtype.
+        batch: whatever ``loss_fn`` takes (floating tensors cast to the shadow's dtype).
         regularization: penalties ``(model) -> scalar tensor`` (a sequence, or a
             mapping name -> penalty), part of J on both sides: in the autograd pass
             and in every numeric evaluation. Recorded in the result by name and value.
@@ -131,7 +130,8 @@ def check_module(
             say why. False always runs one by one.
         notes: extra lines for the result's notes (e.g. from a framework callback).
         **check_options: passed to `gradwatch.check` (``eps``, ``sample``, ``seed``,
-            ``top_k``, ``warn``, ``threshold``, ``diagnose``).
+            ``top_k``, ``warn``, ``threshold``, ``diagnose``, ``per_tensor``: False when
+            the module search follows a float64 check, unless given).
 
     Returns:
         The `CheckResult`; its ``regularization`` holds the penalties' values and its
@@ -140,8 +140,7 @@ def check_module(
     Example:
         >>> import torch
         >>> from gradwatch.integrations.torch import check_module
-        >>> net = torch.nn.Linear(3, 2)
-        >>> x = torch.randn(4, 3)
+        >>> net, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
         >>> result = check_module(net, lambda m, x: m(x).square().mean(), x)
         >>> result.status, result.size
         ('ok', 8)
