@@ -245,7 +245,9 @@ class CheckResult(BaseModel):
     verdict: str | None = None
     """Which rule set ``status`` (global ratio or a tensor's own ratio), with its number,
     e.g. ``"fail by the per-tensor rule: act2.beta (ratio 0.0476) >= threshold 0.001; the
-    global ratio 0.0004 is below it ..."``. None in reports written before it existed."""
+    global ratio 0.0004 is below it ..."``. With ``rule="step"`` (the training step's link
+    failed while backprop passed) it is backprop's sentence; the link's numbers are in
+    ``step_link``. None in reports written before it existed."""
     rule: Rule | None = None
     """The rule behind ``verdict``, as data; ``rule_ratio`` is its number (the global
     ratio, or the largest flagged tensor's ratio). None in reports written before it."""

@@ -68,22 +68,16 @@ def judge_step_link(backprop: Verdict, link: StepLink) -> Verdict:
     A failing link fails the check and a warning one warns, unless backprop already
     reached that status (its rule then stands: the bug may be in backprop itself) or the
     check has no verdict to raise (``error``, ``nondeterministic``). A link that sets the
-    status gets the rule ``"step"``, its own number, and a sentence that still says what
-    backprop's verdict was.
+    status gets the rule ``"step"`` and its own number (the larger of its global and its
+    worst tensor's ratio); the sentence stays backprop's (what the views print after the
+    link's own numbers, ``backprop: ...``), since the link's are in ``step_link``.
     """
     if backprop.status in ("error", "nondeterministic") or link.status not in ("warn", "fail"):
         return backprop
     if STATUS_ORDER[link.status] <= STATUS_ORDER[backprop.status]:
         return backprop
-    name, value = ("threshold", link.threshold) if link.status == "fail" else ("warn", link.warn)
     worst = link.tensors.get(link.worst_tensor, 0.0) if link.worst_tensor else 0.0
-    rule_ratio = max(link.ratio, worst)
-    sentence = (
-        f"{link.status} by the step link (the optimizer's gradient against the gradient of "
-        f"the step's loss): ratio {rule_ratio:.3g} >= {name} {value:g}; backprop: "
-        f"{backprop.sentence or 'not judged'}"
-    )
-    return Verdict(link.status, sentence, "step", rule_ratio)
+    return Verdict(link.status, backprop.sentence, "step", max(link.ratio, worst))
 
 
 def step_link_note(link: StepLink) -> str:

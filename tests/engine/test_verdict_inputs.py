@@ -43,9 +43,7 @@ def test_a_failing_link_fails_a_passing_backprop_by_the_step_rule() -> None:
     finished = finish(core, step_link=_link(0.2, "fail", worst=0.3))
     assert finished.status == "fail" and finished.rule == "step"
     assert finished.rule_ratio == 0.3  # the larger of the link's global and worst tensor ratio
-    assert finished.verdict is not None
-    assert finished.verdict.startswith("fail by the step link")
-    assert finished.verdict.endswith(f"backprop: {core.verdict}")
+    assert finished.verdict == core.verdict  # backprop's: the link's numbers are its own
     assert finished.notes[-1].startswith("step link: ") and "ratio 0.2 (fail)" in finished.notes[-1]
     assert core.status == "ok" and core.step_link is None  # the core's result is not changed
 
@@ -111,3 +109,18 @@ def test_no_layer_sets_a_check_status_after_the_verdict(folder: str) -> None:
         if str(path.relative_to(ROOT)) not in allowed and writes.search(path.read_text())
     ]
     assert offenders == []
+
+
+def test_show_names_the_step_link_and_backprops_own_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gradwatch show` on a step-only failure: the link's rule, then backprop's "ok" verdict."""
+    from gradwatch.cli import main as cli
+
+    with gradwatch.GradWatch(every=1, report_dir=tmp_path) as watch:
+        watch.record(finish(_core(), step_link=_link(0.2, "fail")), 0)
+    capsys.readouterr()
+    assert cli(["show", str(tmp_path)]) == 1
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "rule: fail by the step link" in shown
+    assert "backprop: ok:" in shown and "backprop: fail" not in shown
