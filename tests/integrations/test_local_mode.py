@@ -233,3 +233,24 @@ def test_vocabulary_sized_blocks_are_checked_on_a_few_rows(embedding: type[nn.Em
     assert any(n.startswith("embed: checked on the") and "(of 5000)" in n for n in notes)
     assert "head: checked on 1024 random output rows (of 5000)" in notes
     assert suspects == (["embed"] if embedding is WrongEmbedding else [])
+
+
+def test_the_trainer_callback_takes_mode(tmp_path: Any) -> None:
+    """GradWatch(mode="local") under the HF Trainer runs module-local checks (coverage
+    rotating over the blocks) and training ends bit-identical to the run without it."""
+    pytest.importorskip("accelerate")
+    from gradwatch.integrations.transformers import GradWatch
+
+    from benchmarks.architectures import train as hf_train
+
+    plain = hf_train(*build("gpt2"), steps=3, seed=0)
+    callback = GradWatch(every=1, mode="local", report_dir=tmp_path)
+    watched = hf_train(*build("gpt2"), steps=3, seed=0, callback=callback)
+    assert plain.crash is None and watched.crash is None
+    assert all(torch.equal(a, watched.weights[k]) for k, a in plain.weights.items())
+    results = callback.results
+    assert [r.mode for r in results] == ["local"] * 3 and all(r.status == "ok" for r in results)
+    assert all(r.step_link is not None and r.step_link.status == "ok" for r in results)
+    assert len({tuple(r.coverage.modules) for r in results if r.coverage is not None}) == 3
+    with pytest.raises(OptionError, match="mode: expected one of"):
+        GradWatch(every=1, mode="everything")
