@@ -25,7 +25,7 @@ def _core(bug: float = 1.0) -> CheckResult:
 def _link(ratio: float, status: str, worst: float | None = None) -> StepLink:
     return StepLink(
         ratio=ratio,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         warn=1e-4,
         threshold=1e-2,
         scale=2.0,

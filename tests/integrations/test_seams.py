@@ -5,17 +5,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 
-import torch.distributed as dist  # noqa: E402
-from gradwatch.integrations._parallel.ranks import Ranks  # noqa: E402
-from gradwatch.integrations._shadow.mode import ShadowMode  # noqa: E402
+import torch.distributed as dist
+from gradwatch.integrations._parallel.ranks import Ranks
+from gradwatch.integrations._shadow.mode import ShadowMode
 
-from gradwatch.errors import GradwatchError, PeerCheckError  # noqa: E402
-from gradwatch.watch.recording import writer_rank  # noqa: E402
+from gradwatch.errors import GradwatchError, PeerCheckError
+from gradwatch.watch.recording import writer_rank
 
 pytestmark = pytest.mark.torch
 

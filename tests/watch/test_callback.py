@@ -269,7 +269,7 @@ def test_bad_options_fail_at_construction(
 def test_bad_step_is_refused(step: object) -> None:
     """A step that is not an int >= 0 is an OptionError, not a silent skip."""
     watch = GradWatch(every=1, report_dir=None)
-    bad: Callable[..., bool] = watch.due
+    bad: Callable[..., object] = watch.due
     with pytest.raises(OptionError, match="step: expected an int >= 0"):
         bad(step)
 

@@ -63,7 +63,8 @@ def test_a_callable_on_alert_is_recorded_by_name() -> None:
 
 def test_numpy_integers_and_the_messages_are_the_models() -> None:
     """numpy integers are taken as ints; a bad option names argument, expected, received."""
-    options = WatchOptions(every=np.int64(5), seed=np.int32(3), top_k=np.int64(2))
+    given: dict[str, object] = {"every": np.int64(5), "seed": np.int32(3), "top_k": np.int64(2)}
+    options = WatchOptions(**given)  # type: ignore[arg-type]
     assert (type(options.every), type(options.seed), type(options.top_k)) == (int, int, int)
     with pytest.raises(OptionError, match=r"every: expected an int >= 1 .* received 0"):
         WatchOptions(every=0)
