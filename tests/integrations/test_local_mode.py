@@ -28,7 +28,7 @@ from gradwatch.integrations.torch import RngState, after_backward
 from torch import nn
 
 import gradwatch
-from benchmarks.hf_models import ARCHITECTURES, build
+from benchmarks.hf_models import build
 from benchmarks.local_bugs import LOCAL_BUGS, batch_of, model_loss
 from gradwatch.errors import OptionError
 
@@ -65,7 +65,7 @@ def test_a_rotation_names_the_planted_module(name: str) -> None:
     assert set(suspects) == {bug.expected}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm", "t5", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm", "t5", "vit", "mixtral"])
 def test_every_block_of_a_correct_model_passes(name: str) -> None:
     """No false alarm: every block of a correct swept architecture passes (train mode,
     dropout replayed), over a whole rotation."""
@@ -169,15 +169,6 @@ def test_auto_picks_by_size_and_bad_modes_are_refused(monkeypatch: pytest.Monkey
     assert resolve_mode(model, "whole") == "whole"
     with pytest.raises(OptionError, match="mode: expected one of 'auto', 'whole', 'local'"):
         resolve_mode(model, "fast")  # type: ignore[arg-type]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_swept_architecture_passes_in_local_mode(name: str) -> None:
-    """Every block of every model of the first sweep passes over a rotation (0 false alarms)."""
-    model, data = build(name)
-    statuses, suspects, _ = rotate(model.train(), batch_of(data))
-    assert "fail" not in statuses and suspects == []
 
 
 class _WrongLookup(torch.autograd.Function):
