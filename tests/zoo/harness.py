@@ -34,8 +34,9 @@ class Outcome:
     """What one checker said about one entry.
 
     ``alert``: the checker raised an alarm (gradwatch: a check with status "fail";
-    gradcheck: it raised). ``tensor``: the tensor it blames (gradwatch: the worst
-    component's; gradcheck: the input its Jacobian mismatch names), None if none.
+    gradcheck: it raised). ``tensor``: what it blames (gradwatch: the worst component's
+    tensor, else the module its module-local search names; gradcheck: the input its
+    Jacobian mismatch names), None if none.
     """
 
     alert: bool
@@ -45,7 +46,7 @@ class Outcome:
     note: str = ""
 
     def localized(self, entry: ZooEntry) -> bool:
-        return self.alert and self.tensor in entry.buggy
+        return self.alert and blames(self.tensor, entry.buggy)
 
 
 def default_sample() -> object:
@@ -89,6 +90,8 @@ def run_gradwatch(entry: ZooEntry, sample: object, *, bug: bool | None = None) -
     result = check_problem(problem, sample)
     seconds = time.perf_counter() - started
     tensor = result.worst[0].tensor if result.worst else None
+    if tensor is None and result.localization is not None and result.localization.suspects:
+        tensor = result.localization.suspects[0].module  # no tensor measured: the module
     return Outcome(result.failed, tensor, result.loss_evals, seconds, result.mode)
 
 
@@ -294,3 +297,10 @@ def _objective_module() -> Any:
 
 def _Objective(model: Any, problem: TorchProblem) -> Any:
     return _objective_module()(model, problem)
+
+
+def blames(pointer: str | None, buggy: tuple[str, ...]) -> bool:
+    """True when ``pointer`` is a buggy tensor or the module that owns one."""
+    return pointer is not None and any(
+        pointer in (tensor, tensor.rpartition(".")[0]) for tensor in buggy
+    )
