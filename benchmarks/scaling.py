@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.scaling                       # 1M..124M, ~15 min
     OMP_NUM_THREADS=1 python -m benchmarks.scaling --sizes 774M --modes none,auto --steps 4
+    OMP_NUM_THREADS=1 python -m benchmarks.scaling --failing 124M     # a failing local check
 
 Each (size, mode) runs in a subprocess of its own (peak RSS is a process's): the real
 `transformers.Trainer` trains a GPT-2 built from a config (dropout 0.1 as GPT-2 has it;
@@ -121,6 +122,56 @@ def child(size: str, mode: str, steps: int, every: int, threads: int) -> dict[st
     }
 
 
+def failing(size: str, threads: int) -> None:
+    """A failing module-local check: layer 4's GELU backward wrong (the last layer's in a
+    smaller model; it drops the product rule), checked with `check_blocks` after a
+    training step over one rotation; prints each check's cost in training steps."""
+    import torch
+    from gradwatch.integrations._local.blocks import check_blocks
+    from gradwatch.integrations._step import MicroBatch
+    from gradwatch.integrations.torch import RngState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from benchmarks.hf_bugs import BuggyTanhGELU
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SIZES[size])).train()
+    layer = min(4, SIZES[size]["n_layer"] - 1)
+    model.transformer.h[layer].mlp.act = BuggyTanhGELU()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, SIZES[size]["vocab_size"], (BATCH, SEQUENCE))
+    batch = {"input_ids": ids, "labels": ids}
+
+    def loss_fn(m: Any, b: Any) -> Any:
+        return m(**b).loss
+
+    seconds = []
+    for _ in range(4):
+        started = time.process_time()
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        seconds.append(time.process_time() - started)
+    step = statistics.median(seconds[1:])
+    optimizer.zero_grad()
+    rng = RngState.capture()
+    loss_fn(model, batch).backward()
+    for done in range(4):
+        started = time.process_time()
+        result, _ = check_blocks(
+            model, loss_fn, batch, done=done, step_batches=[MicroBatch(batch, 1.0, rng)]
+        )
+        cpu = time.process_time() - started
+        assert result.coverage is not None and result.localization is not None
+        print(
+            f"blocks {', '.join(result.coverage.modules)}: {result.status}, suspects "
+            f"{[s.module for s in result.localization.suspects]}, {result.localization.checks} "
+            f"calls, {result.loss_evals} module evaluations, {cpu:.1f} s CPU = "
+            f"{cpu / step:.1f} steps (a step: {step:.2f} s)"
+        )
+
+
 def run(size: str, mode: str, steps: int, every: int, threads: int) -> dict[str, Any]:
     """`child` in a fresh interpreter (its own peak RSS)."""
     command = [sys.executable, "-m", "benchmarks.scaling", "--child", size, mode]
@@ -169,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="also write the measurements")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--failing", metavar="SIZE", help="a failing local check's cost instead")
     options = parser.parse_args(argv)
+    if options.failing:
+        failing(options.failing, options.threads)
+        return 0
     if options.child:
         size, mode = options.child
         print(json.dumps(child(size, mode, options.steps, options.every, options.threads)))

@@ -117,6 +117,9 @@ LINK_LARGEST = 4_000_000
 """The step link of a module-local check leaves out a tensor larger than this and than
 1/`BLOCK_SHARE` of the parameters (a GPT-2's 38.6M-entry embedding), noted."""
 
+COLLECT_PARAMETERS = 1_000_000
+"""A block larger than this (8 MB in float64) is garbage-collected right after its check."""
+
 MAX_CALLS_PER_BLOCK = 60
 """Module calls the search inside one failing block checks at most."""
 
@@ -487,7 +490,6 @@ def check_blocks(
     # The step link first: J's gradient for the chosen blocks is freed before the float64 work.
     link = _block_link(model, captured, micro, clip_factor) if step_batches else None
     captured.gradients.clear()
-    gc.collect()
     suspects: list[ModuleSuspect] = []
     verdicts: list[ModuleVerdict] = []
     search_notes: list[str] = []
@@ -505,8 +507,10 @@ def check_blocks(
                 search_notes += more
                 examples = cut if cut is not None else examples
                 # The block's float64 copy sits in reference cycles (captured calls point
-                # at their parents): freed now, not at some later collection.
-                gc.collect()
+                # at their parents): a large one is freed now, not at a later collection
+                # (a full collection costs about 0.1 s: not worth it for a small block).
+                if sum(p.numel() for p in call.module.parameters()) > COLLECT_PARAMETERS:
+                    gc.collect()
     ratio = max((_largest(v) for v in verdicts), default=0.0)
     failed = bool(suspects) or any(v.status == "fail" for v in verdicts)
     unreached = [p for p in chosen if not captured.calls[p]]
