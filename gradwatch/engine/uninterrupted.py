@@ -168,18 +168,20 @@ class Region:
     signal through at once; if its handler raises, every region is restored first.
     """
 
-    __slots__ = ("_finish", "_generation", "_restore", "_was_closed")
+    __slots__ = ("_finish", "_generation", "_restore", "_state", "_was_closed")
 
     def __init__(
         self, restore: Callable[[], None], finish: Callable[[], None] | None = None
     ) -> None:
         self._restore = restore
         self._finish = finish
+        # Held here: a generator closed at interpreter exit finds module globals gone.
+        self._state = _state
         self._generation = -1
         self._was_closed = False
 
     def __enter__(self) -> Region:
-        state = _state
+        state = self._state
         if not state.restores:  # the outermost region: a fresh state, the handler in
             state.closed = True
             state.pending = []
@@ -194,7 +196,7 @@ class Region:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        state = _state
+        state = self._state
         if self._generation != state.generation:
             # Unguarded, or an interrupt put everything back already: again (it is the same
             # values, unless the interrupt was swallowed and the check went on).
@@ -218,10 +220,10 @@ class Region:
         at the wrong moment into a RuntimeError, which a fallback then catches): the
         user's Ctrl-C must still end the check.
         """
-        interrupt = _state.interrupt
+        interrupt = self._state.interrupt
         if interrupt is None or interrupt[0] != self._generation or self._restore is _nothing:
             return
-        _state.interrupt = None
+        self._state.interrupt = None
         if current is not interrupt[1]:
             raise interrupt[1]
 
@@ -232,13 +234,13 @@ class Region:
 
     def abandon(self) -> None:
         """Restore nothing on exit if an interrupt already did (a generator closed late)."""
-        if self._generation != _state.generation and self._generation != -1:
+        if self._generation != self._state.generation and self._generation != -1:
             self._restore = _nothing
             self._finish = None
 
     def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` (an evaluation of J) with signals delivered at once."""
-        state = _state
+        state = self._state
         if self._generation != state.generation:
             return function(*args)
         was_closed, state.closed = state.closed, False
@@ -269,8 +271,9 @@ class _Opened:
                 _deliver_pending()
 
     def __exit__(self, *exc: object) -> None:
-        if self._region._generation == _state.generation:
-            _state.closed = self._was_closed
+        state = self._region._state  # not the module's: gone when closed at exit
+        if self._region._generation == state.generation:
+            state.closed = self._was_closed
 
 
 class _Unguarded(Region):
