@@ -176,7 +176,8 @@ def test_regularization_is_part_of_j(tmp_path: Path) -> None:
 
 
 def test_budget_skips_due_checks_while_checks_dominate(tmp_path: Path) -> None:
-    """With a 50% budget and near-instant steps, only the first due check runs."""
+    """With a 50% budget and near-instant steps, due checks are skipped, never more than
+    two in a row (the third runs the cheapest check: no starvation)."""
     w = np.ones(3)
 
     def slow_loss() -> float:
@@ -189,9 +190,9 @@ def test_budget_skips_due_checks_while_checks_dominate(tmp_path: Path) -> None:
             for step in range(8)
             if watch.after_backward(step, loss=slow_loss, params={"w": w}, grads={"w": 2 * w})
         ]
-    assert checked == [0]
+    assert checked == [0, 3, 6]
     report = load_report(tmp_path)
-    assert [skip.step for skip in report.skipped] == list(range(1, 8))
+    assert [skip.step for skip in report.skipped] == [1, 2, 4, 5, 7]
     assert report.skipped[0].share > 0.5
 
 
