@@ -222,7 +222,11 @@ def check_due(
     def compute() -> CheckResult:
         precision = module_options.get("precision", "float64")
         analytic = module_options.get("analytic", "recompute")
-        if resolve_mode(model, mode, precision=precision, analytic=analytic) == "local":
+        penalties = bool(module_options.get("regularization"))
+        if (
+            resolve_mode(model, mode, precision=precision, analytic=analytic, penalties=penalties)
+            == "local"
+        ):
             result, link = run_local(
                 watch,
                 due,

@@ -272,7 +272,10 @@ class LocalChecker:
         )
 
     def _sides(self, run: _Call) -> dict[str, SideResult]:
-        generator = torch.Generator().manual_seed(self.seed + 7919 * self.checked)
+        # On the device of the call's tensors: directions drawn where they are used.
+        tensors = [t for t in (*run.params, *run.leaves) if isinstance(t, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * self.checked)
         with torch.inference_mode(False), torch.enable_grad():
             leaves = {i: run.leaves[i].detach().clone().requires_grad_(True) for i in run.inputs}
 

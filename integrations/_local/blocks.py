@@ -94,15 +94,21 @@ COLLECT_PARAMETERS = 1_000_000
 
 
 def resolve_mode(
-    model: nn.Module, mode: CheckMode, *, precision: str = "float64", analytic: str = "recompute"
+    model: nn.Module,
+    mode: CheckMode,
+    *,
+    precision: str = "float64",
+    analytic: str = "recompute",
+    penalties: bool = False,
 ) -> Literal["whole", "local"]:
     """Which check runs: ``mode`` as given, or for ``"auto"`` local from
     `AUTO_LOCAL_MIN_PARAMETERS` parameters (whole for a distributed or sharded model, a
-    native-precision or ``analytic="live"`` check: the local mode does neither)."""
+    native-precision or ``analytic="live"`` check: the local mode does neither; and
+    whole when regularization penalties were given: they are outside every block)."""
     checked = checked_mode(mode)
     if checked != "auto":
         return checked
-    if precision != "float64" or analytic != "recompute":
+    if precision != "float64" or analytic != "recompute" or penalties:
         return "whole"
     if Ranks.current() is not None or is_sharded(model):
         return "whole"

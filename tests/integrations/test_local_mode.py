@@ -160,12 +160,14 @@ def test_the_step_link_names_a_hooked_gradient() -> None:
 
 def test_auto_picks_by_size_and_bad_modes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """'auto' checks the whole model below AUTO_LOCAL_MIN_PARAMETERS and module by module
-    from it; an unknown mode is an OptionError saying what is expected."""
+    from it, unless penalties are in J; an unknown mode is an OptionError saying what is
+    expected."""
     model = Net()
     assert resolve_mode(model, "auto") == "whole"
     monkeypatch.setattr(blocks, "AUTO_LOCAL_MIN_PARAMETERS", 10)
     assert resolve_mode(model, "auto") == "local"
     assert resolve_mode(model, "auto", precision="native") == "whole"
+    assert resolve_mode(model, "auto", penalties=True) == "whole"  # outside every block
     assert resolve_mode(model, "whole") == "whole"
     with pytest.raises(OptionError, match="mode: expected one of 'auto', 'whole', 'local'"):
         resolve_mode(model, "fast")  # type: ignore[arg-type]
