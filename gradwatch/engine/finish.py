@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradwatch.engine.verdict import Verdict, judge_step_link, step_link_note
-from gradwatch.result import CheckResult, StepLink
+from gradwatch.result import CheckResult, Localization, StepLink
 
 __all__ = ["finish"]
 
@@ -25,6 +25,8 @@ def finish(
     notes: Sequence[str] = (),
     regularization: Mapping[str, float] | None = None,
     step: int | None = None,
+    localization: Localization | None = None,
+    seconds: float | None = None,
 ) -> CheckResult:
     """``result`` with the findings of the layers above the core, as one new result.
 
@@ -35,6 +37,8 @@ def finish(
         notes: lines appended to ``result.notes``, in order.
         regularization: penalty values merged into ``result.regularization``.
         step: the due step it belongs to.
+        localization: where the module-local search says the bug is (never a status).
+        seconds: the whole check's wall time, copies, step link and search included.
 
     Returns:
         A new `CheckResult`; ``result`` itself is never changed.
@@ -51,4 +55,8 @@ def finish(
         update["regularization"] = {**result.regularization, **regularization}
     if step is not None:
         update["step"] = int(step)
+    if localization is not None:
+        update["localization"] = localization
+    if seconds is not None:
+        update["seconds"] = float(seconds)
     return result.model_copy(update=update) if update else result

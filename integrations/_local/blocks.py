@@ -44,6 +44,7 @@ from gradwatch.integrations._shadow.model import trainable_parameters, untouched
 from gradwatch.integrations._step import MicroBatch
 from torch import nn
 
+from gradwatch.engine.finish import finish
 from gradwatch.errors import OptionError
 from gradwatch.result import (
     CheckResult,
@@ -369,7 +370,7 @@ def timed(compute: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
     def run() -> CheckResult:
         started = time.perf_counter()
         result = compute()
-        return result.model_copy(update={"seconds": time.perf_counter() - started})
+        return finish(result, seconds=time.perf_counter() - started)
 
     return run
 

@@ -35,6 +35,7 @@ from gradwatch.integrations._shadow.mode import ShadowMode
 from gradwatch.integrations._shadow.model import RngState, Shadow, untouched_globals
 from torch import nn
 
+from gradwatch.engine.finish import finish
 from gradwatch.errors import OptionError
 from gradwatch.result import CheckResult, Localization, ModuleSuspect, ModuleVerdict, SuspectKind
 
@@ -75,16 +76,14 @@ def localize_failure(result: CheckResult, run: FailedRun) -> CheckResult:
         return result  # the step link's own alert; backprop may be right
     if run.ranks is not None or run.shadow.dtype != torch.float64:
         why = "a distributed check" if run.ranks is not None else "not a float64 check"
-        return result.model_copy(
-            update={"notes": [*result.notes, f"module-local search not run: {why}"]}
-        )
+        return finish(result, notes=[f"module-local search not run: {why}"])
     try:
         objective = ShadowLoss(run.shadow, run.loss_fn, run.batch, run.penalties, run.rng)
         found = _localize(run.shadow, objective, "search", 0, LOCAL_THRESHOLD, failing=True)
     except Exception as error:
         note = f"module-local search could not run: {type(error).__name__}: {error}"
-        return result.model_copy(update={"notes": [*result.notes, note[:300]]})
-    return result.model_copy(update={"localization": found})
+        return finish(result, notes=[note[:300]])
+    return finish(result, localization=found)
 
 
 def check_modules(

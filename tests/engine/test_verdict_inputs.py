@@ -124,3 +124,29 @@ def test_show_names_the_step_link_and_backprops_own_verdict(
     shown = " ".join(capsys.readouterr().out.split())
     assert "rule: fail by the step link" in shown
     assert "backprop: ok:" in shown and "backprop: fail" not in shown
+
+
+def test_the_module_search_and_the_whole_time_join_without_touching_the_verdict() -> None:
+    """finish adds where the bug is and the whole check's seconds; status and rule stay."""
+    from gradwatch.result import Localization, ModuleSuspect
+
+    core = _core(bug=1.5)
+    found = Localization(
+        suspects=[
+            ModuleSuspect(module="act", class_name="GELU", kind="leaf", ratio=0.4, side="input")
+        ],
+        modules=[],
+        evaluations=12,
+        checks=3,
+        seconds=0.5,
+        threshold=1e-4,
+        notes=[],
+    )
+    finished = finish(core, localization=found, seconds=7.25)
+    assert (finished.status, finished.rule, finished.verdict) == (
+        core.status,
+        core.rule,
+        core.verdict,
+    )
+    assert finished.localization == found and finished.seconds == 7.25
+    assert core.localization is None and core.seconds != 7.25  # the core's result unchanged
