@@ -17,11 +17,10 @@ import torch
 from gradwatch.integrations._local.adjoint import LocalChecker
 from gradwatch.integrations._local.capture import (
     ModuleCall,
-    capture_calls,
     fresh_arguments,
     tensor_leaves,
 )
-from gradwatch.integrations._local.search import search, suspect_of
+from gradwatch.integrations._local.search import captured_and_searched
 from gradwatch.integrations._shadow.mode import ShadowMode
 from gradwatch.integrations._shadow.model import Shadow
 from torch import nn
@@ -72,15 +71,10 @@ def check_block(
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
-    with torch.inference_mode(False):
-        try:
-            tops = capture_calls(shadow.module, backward)
-        finally:
-            for p in shadow.module.parameters():
-                p.grad = None
-        checker = LocalChecker(mode, threshold, seed)
-        found, verdicts, notes = search(tops, checker, MAX_CALLS_PER_BLOCK)
-        suspects = [suspect_of(c, v, mode) for c, v in found]
+    checker = LocalChecker(mode, threshold, seed)
+    _, suspects, verdicts, notes = captured_and_searched(
+        shadow.module, backward, mode, checker, MAX_CALLS_PER_BLOCK
+    )
     prefix = call.path
 
     def full(path: str) -> str:

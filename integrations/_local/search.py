@@ -12,7 +12,7 @@ check; `check_modules` and `check_local` are the on-demand checks.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
@@ -219,21 +219,20 @@ def _localize(
             if total.requires_grad:
                 total.backward()  # type: ignore[no-untyped-call]
 
-    with torch.inference_mode(False):
-        try:
-            tops = capture_calls(shadow.module, backward)
-        finally:
-            for p in shadow.module.parameters():
-                p.grad = None
-        checker = LocalChecker(mode, threshold, seed)
-        found, verdicts, notes = search(
-            tops, checker, MAX_CHECKS, every=scope == "all", failing=failing
-        )
-        suspects = [suspect_of(call, verdict, mode) for call, verdict in found]
+    checker = LocalChecker(mode, threshold, seed)
+    tops, suspects, verdicts, notes = captured_and_searched(
+        shadow.module,
+        backward,
+        mode,
+        checker,
+        MAX_CHECKS,
+        every=scope == "all",
+        failing=failing,
+    )
     top_paths = {top.path for top in tops}
     top_verdicts = [v for v in verdicts if v.module in top_paths]
     if (
-        not found
+        not suspects
         and scope == "search"
         and top_verdicts
         and all(v.status == "ok" for v in top_verdicts)
@@ -250,6 +249,30 @@ def _localize(
         threshold=threshold,
         notes=notes,
     )
+
+
+def captured_and_searched(
+    module: nn.Module,
+    backward: Callable[[], None],
+    mode: AbstractContextManager[Any],
+    checker: LocalChecker,
+    max_checks: int,
+    *,
+    every: bool = False,
+    failing: bool = False,
+) -> tuple[list[ModuleCall], list[ModuleSuspect], list[ModuleVerdict], list[str]]:
+    """The module calls of ``backward``'s pass over ``module`` (its parameters' ``.grad``
+    dropped after), searched with ``checker`` (`search`): the top calls, the suspects
+    described, every verdict, and the notes."""
+    with torch.inference_mode(False):
+        try:
+            tops = capture_calls(module, backward)
+        finally:
+            for p in module.parameters():
+                p.grad = None
+        found, verdicts, notes = search(tops, checker, max_checks, every=every, failing=failing)
+        suspects = [suspect_of(call, verdict, mode) for call, verdict in found]
+    return tops, suspects, verdicts, notes
 
 
 def search(
